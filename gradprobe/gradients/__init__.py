@@ -1,0 +1,1 @@
+"""The gradient stage: per-unit gradients with torch.func, and estimators over their Gram matrix."""

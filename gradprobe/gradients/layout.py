@@ -1,0 +1,108 @@
+"""From scored rollouts to the engine's units, and back: which unit is which task, prompt, sign.
+
+Each prompt p of task t gives two units, its completions with positive and with negative
+advantage (zero-advantage completions have zero gradient). The token coefficients are chosen so
+that the two units' gradients add up to the per-prompt contribution u_p of metrics.md:
+
+    g_t = grad L_t = (1/m) sum_p u_p,  u_p = m * grad(prompt p's part of L_t),
+
+so a completion i of prompt p gets coefficient -A_i * c_i * m on each of its tokens' log pi,
+where c_i is the loss aggregation's coefficient over the task's completions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from gradprobe.errors import UserInputError
+from gradprobe.gradients.engine import UnitBatch
+from gradprobe.objective import Aggregation
+from gradprobe.rollouts import Rollout
+from gradprobe.scoring import group_indices
+
+POSITIVE, NEGATIVE = 1, -1
+
+
+@dataclass(frozen=True)
+class UnitLayout:
+    """Index maps between units, prompts and tasks, and the mixed-batch task weights."""
+
+    tasks: list[str]
+    prompt_keys: list[tuple[str, str]]
+    prompt_task: np.ndarray
+    unit_prompt: np.ndarray
+    unit_sign: np.ndarray
+    task_weights: np.ndarray
+    prompt_rollouts: list[list[int]]
+
+    @property
+    def prompts_per_task(self) -> np.ndarray:
+        return np.bincount(self.prompt_task, minlength=len(self.tasks))
+
+    def prompt_matrix(self) -> torch.Tensor:
+        """[P, U]: row p sums prompt p's units into u_p."""
+        matrix = torch.zeros(len(self.prompt_keys), len(self.unit_prompt), dtype=torch.float64)
+        matrix[torch.as_tensor(self.unit_prompt), torch.arange(len(self.unit_prompt))] = 1.0
+        return matrix
+
+    def task_matrix(self, sign: int | None = None) -> torch.Tensor:
+        """[T, U]: row t gives g_t = (1/m_t) sum_p u_p, or its part from one advantage sign."""
+        m = self.prompts_per_task
+        unit_task = self.prompt_task[self.unit_prompt]
+        matrix = torch.zeros(len(self.tasks), len(self.unit_prompt), dtype=torch.float64)
+        for u, t in enumerate(unit_task):
+            if sign is None or self.unit_sign[u] == sign:
+                matrix[t, u] = 1.0 / m[t]
+        return matrix
+
+
+def build_units(
+    rollouts: list[Rollout], aggregation: Aggregation, max_new_tokens: int
+) -> tuple[UnitBatch, UnitLayout]:
+    """The engine's input (sequences, coefficients, units) and the layout that names the units."""
+    groups = group_indices(rollouts)
+    tasks = list(dict.fromkeys(task for task, _ in groups))
+    keys = sorted(groups, key=lambda key: tasks.index(key[0]))  # stable: by task, then file order
+    coefficient = np.zeros(len(rollouts))
+    n_completions = np.zeros(len(tasks))
+    n_tokens = np.zeros(len(tasks))
+    for t, task in enumerate(tasks):
+        members = [i for key in keys if key[0] == task for i in groups[key]]
+        lengths = np.array([rollouts[i].n_tokens for i in members])
+        if (lengths == 0).any():
+            bad = rollouts[members[int(np.argmin(lengths))]]
+            raise UserInputError(
+                f"task {task!r}, prompt {bad.prompt_id!r}: a completion has no tokens; "
+                "every completion needs at least its EOS token"
+            )
+        m = sum(1 for key in keys if key[0] == task)
+        c = aggregation.coefficients(lengths, max_new_tokens)
+        for i, ci in zip(members, c):
+            coefficient[i] = -rollouts[i].advantage * ci * m
+        n_completions[t], n_tokens[t] = len(members), lengths.sum()
+    sequences, coefficients, units, unit_prompt, unit_sign = [], [], [], [], []
+    for p, key in enumerate(keys):
+        for sign in (POSITIVE, NEGATIVE):
+            members = [i for i in groups[key] if np.sign(rollouts[i].advantage) == sign]
+            unit = []
+            for i in members:
+                r = rollouts[i]
+                unit.append(len(sequences))
+                sequences.append(r.prompt_token_ids + r.completion_token_ids)
+                coefficients.append([0.0] * len(r.prompt_token_ids) + [coefficient[i]] * r.n_tokens)
+            units.append(unit)
+            unit_prompt.append(p)
+            unit_sign.append(sign)
+    layout = UnitLayout(
+        tasks=tasks,
+        prompt_keys=keys,
+        prompt_task=np.array([tasks.index(task) for task, _ in keys]),
+        unit_prompt=np.array(unit_prompt),
+        unit_sign=np.array(unit_sign),
+        task_weights=aggregation.mix_weights(n_completions, n_tokens),
+        prompt_rollouts=[groups[key] for key in keys],
+    )
+    return UnitBatch(sequences, coefficients, units), layout

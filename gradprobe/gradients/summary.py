@@ -1,0 +1,135 @@
+"""The gradient stage's plain-data result: per-task, per-prompt and per-module figures.
+
+Turns the engine's unit Gram matrices into every "Task gradients" quantity of metrics.md, with
+the estimator formulas in `estimators`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from gradprobe.gradients import estimators as est
+from gradprobe.gradients.engine import UnitGradients
+from gradprobe.gradients.layout import NEGATIVE, POSITIVE, UnitLayout
+
+CI_METHOD = "delete-one-prompt jackknife, normal 95% interval"
+
+
+@dataclass
+class GradientSummary:
+    """Per-task figures (dicts keyed by task), cosines, per-prompt norms, per-module parts."""
+
+    tasks: dict[str, dict[str, Any]]
+    cosine: list[list[float | None]]
+    cosine_unbiased: list[list[float | None]]
+    mixed: dict[str, float]
+    prompt_grad_norm: np.ndarray
+    prompt_gram: dict[str, np.ndarray]
+    modules: dict[str, dict[str, Any]]
+
+
+def _finite(value: float) -> float | None:
+    value = float(value)
+    return value if np.isfinite(value) else None
+
+
+def _matrix(values: torch.Tensor) -> list[list[float | None]]:
+    return [[_finite(v) for v in row] for row in values.tolist()]
+
+
+def _task_blocks(prompt_dots: torch.Tensor, layout: UnitLayout) -> list[torch.Tensor]:
+    return [prompt_dots[np.flatnonzero(layout.prompt_task == t)][:, np.flatnonzero(layout.prompt_task == t)]
+            for t in range(len(layout.tasks))]
+
+
+def _core_figures(gram: torch.Tensor, layout: UnitLayout) -> dict[str, Any]:
+    """Norms, U-statistics, cosines and shares of one Gram matrix (total or one module group)."""
+    task_coef = layout.task_matrix()
+    task_dots = est.dot_matrix(gram, task_coef)
+    prompt_dots = est.dot_matrix(gram, layout.prompt_matrix())
+    blocks = _task_blocks(prompt_dots, layout)
+    task_norms = est.norms(task_dots)
+    return {
+        "task_dots": task_dots,
+        "prompt_dots": prompt_dots,
+        "blocks": blocks,
+        "grad_sq_norm": task_dots.diagonal(),
+        "grad_norm": task_norms,
+        "norm_ratio": est.norm_ratios(task_norms),
+        "unbiased": [est.u_statistic(b) for b in blocks],
+    }
+
+
+def summarise_gradients(result: UnitGradients, layout: UnitLayout) -> GradientSummary:
+    """Every per-task, per-prompt and per-module gradient figure of a scan."""
+    core = _core_figures(result.total_gram, layout)
+    weights = torch.as_tensor(layout.task_weights, dtype=torch.float64)
+    shares = est.update_shares(core["task_dots"], weights)
+    pos_coef, neg_coef = layout.task_matrix(POSITIVE), layout.task_matrix(NEGATIVE)
+    pos_dots = est.dot_matrix(result.total_gram, pos_coef)
+    neg_dots = est.dot_matrix(result.total_gram, neg_coef)
+    pos_neg = est.dot_matrix(result.total_gram, pos_coef, neg_coef).diagonal()
+    tasks: dict[str, dict[str, Any]] = {}
+    for t, name in enumerate(layout.tasks):
+        block = core["blocks"][t]
+        se, _ = est.u_statistic_jackknife(block)
+        unbiased = core["unbiased"][t]
+        pos, neg = float(pos_dots[t, t].clamp_min(0).sqrt()), float(neg_dots[t, t].clamp_min(0).sqrt())
+        tasks[name] = {
+            "grad_norm": _finite(core["grad_norm"][t]),
+            "grad_sq_norm": _finite(core["grad_sq_norm"][t]),
+            "norm_ratio": _finite(core["norm_ratio"][t]),
+            "share": _finite(shares[t]),
+            "mix_weight": float(weights[t]),
+            "grad_sq_norm_unbiased": _finite(unbiased),
+            "grad_sq_norm_unbiased_se": _finite(se),
+            "grad_sq_norm_unbiased_ci": [_finite(unbiased - est.Z_95 * se), _finite(unbiased + est.Z_95 * se)],
+            "noise_trace": _finite(est.noise_trace(block)),
+            "noise_scale": _finite(est.noise_scale(block)),
+            "pos_grad_norm": pos,
+            "neg_grad_norm": neg,
+            "pos_neg_ratio": _finite(pos / neg) if neg > 0 else None,
+            "pos_neg_cosine": _finite(pos_neg[t] / (pos * neg)) if pos > 0 and neg > 0 else None,
+        }
+    n_tasks = len(layout.tasks)
+    corrected = torch.full((n_tasks, n_tasks), float("nan"), dtype=torch.float64)
+    for s in range(n_tasks):
+        for t in range(n_tasks):
+            if s != t:
+                corrected[s, t] = est.corrected_cosine(
+                    float(core["task_dots"][s, t]), core["unbiased"][s], core["unbiased"][t]
+                )
+    mixed_sq = float(weights @ core["task_dots"] @ weights)
+    return GradientSummary(
+        tasks=tasks,
+        cosine=_matrix(est.cosine_matrix(core["task_dots"])),
+        cosine_unbiased=_matrix(corrected),
+        mixed={"grad_norm": float(np.sqrt(max(mixed_sq, 0.0))), "grad_sq_norm": mixed_sq},
+        prompt_grad_norm=est.norms(core["prompt_dots"]).numpy(),
+        prompt_gram={name: core["blocks"][t].numpy() for t, name in enumerate(layout.tasks)},
+        modules=_module_breakdown(result, layout),
+    )
+
+
+def _module_breakdown(result: UnitGradients, layout: UnitLayout) -> dict[str, dict[str, Any]]:
+    """Per module group: its size and each task's norms restricted to it."""
+    out = {}
+    for g, group in enumerate(result.groups):
+        core = _core_figures(result.gram[g], layout)
+        out[group] = {
+            "n_parameters": result.group_sizes[g],
+            "tasks": {
+                name: {
+                    "grad_norm": _finite(core["grad_norm"][t]),
+                    "grad_sq_norm": _finite(core["grad_sq_norm"][t]),
+                    "norm_ratio": _finite(core["norm_ratio"][t]),
+                    "grad_sq_norm_unbiased": _finite(core["unbiased"][t]),
+                }
+                for t, name in enumerate(layout.tasks)
+            },
+        }
+    return out

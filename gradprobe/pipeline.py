@@ -1,0 +1,301 @@
+"""scan(): the stages in order, and the only place that knows the order.
+
+mix -> rollouts -> rewards/advantages -> gradients -> statistics -> scan directory.
+Each stage is a function over plain data in its own module; this file wires them, times them,
+and assembles scan.json. Printing is the caller's: progress goes through a `Progress` object.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+import gradprobe
+from gradprobe import artifacts
+from gradprobe.advantages import ADVANTAGES
+from gradprobe.errors import UserInputError
+from gradprobe.objective import LOSSES
+from gradprobe.rewards import parse_reward_options
+from gradprobe.rollouts import Rollout, rollout_to_json
+
+
+@dataclass
+class ScanConfig:
+    """Every setting of a scan; saved in scan.json as `config`."""
+
+    model: str
+    mix: str | None = None
+    rollouts: str | None = None
+    out: str = "gradprobe-scan"
+    overwrite: bool = False
+    task_field: str = "task"
+    prompt_field: str = "prompt"
+    answer_field: str = "answer"
+    prompts_per_task: int | None = None
+    group_size: int = 8
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+    rewards: list[str] = field(default_factory=list)
+    default_reward: str = "exact"
+    advantage: str = "grpo"
+    loss: str = "grpo"
+    params: list[str] = field(default_factory=lambda: ["all"])
+    device: str = "auto"
+    dtype: str = "auto"
+    chunk_size: int = 8
+    generate_batch_size: int = 16
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+
+
+class Progress(Protocol):
+    """How the pipeline reports long work: a named stage with a total, advanced in steps."""
+
+    def stage(self, name: str, total: int) -> Any: ...
+
+
+class SilentProgress:
+    """A `Progress` that shows nothing (library use and tests)."""
+
+    @contextmanager
+    def stage(self, name: str, total: int) -> Iterator[Callable[[int], None]]:
+        yield lambda n: None
+
+
+@dataclass
+class ScanResult:
+    document: dict[str, Any]
+    out: Path
+
+
+def validate(config: ScanConfig) -> None:
+    """Reject bad settings before any expensive work."""
+    estimator = ADVANTAGES.get(config.advantage)
+    LOSSES.get(config.loss)
+    if config.rollouts is None:
+        if config.group_size < 1:
+            raise UserInputError("--group-size must be at least 1")
+        if config.group_size < 2 and estimator.needs_group:
+            raise UserInputError(
+                f"--group-size 1 with --advantage {config.advantage}: that estimator compares "
+                "completions of a prompt; use --group-size 2 or more, or --advantage none"
+            )
+        if not config.temperature > 0:
+            raise UserInputError("--temperature must be positive (sampling needs it)")
+        if not 0 < config.top_p <= 1:
+            raise UserInputError("--top-p must be in (0, 1]")
+    if config.max_new_tokens < 1:
+        raise UserInputError("--max-new-tokens must be at least 1")
+    if config.chunk_size < 1:
+        raise UserInputError("--chunk-size must be at least 1")
+
+
+@contextmanager
+def _timed(timings: dict[str, float], key: str) -> Iterator[None]:
+    start = time.perf_counter()
+    yield
+    timings[key] = round(time.perf_counter() - start, 4)
+
+
+def scan(config: ScanConfig, progress: Progress | None = None) -> ScanResult:
+    """Run a whole scan and write its directory; raises UserInputError for bad input."""
+    import torch
+
+    from gradprobe.gradients.engine import GradientEngine, NonFiniteGradientError
+    from gradprobe.gradients.layout import build_units
+    from gradprobe.gradients.params import select_parameters
+    from gradprobe.gradients.summary import summarise_gradients
+    from gradprobe.mix import load_mix, render_prompt, select_prompts
+    from gradprobe.model_loading import load_model
+    from gradprobe.rollouts import read_rollouts, sample_rollouts
+    from gradprobe.scoring import assign_advantages, score_rollouts
+
+    progress = progress or SilentProgress()
+    validate(config)
+    out = Path(config.out)
+    artifacts.check_output_dir(out, config.overwrite)
+    timings: dict[str, float] = {}
+    total_start = time.perf_counter()
+    mix = None
+    if config.rollouts is None:
+        if config.mix is None:
+            raise UserInputError("give a MIX file (or --rollouts FILE, or --demo)")
+        with _timed(timings, "mix_s"):
+            mix = load_mix(Path(config.mix), config.task_field, config.prompt_field, config.answer_field)
+            prompts = select_prompts(mix, config.prompts_per_task, config.seed)
+            reward_specs = parse_reward_options(config.rewards, mix.tasks, config.default_reward)
+    with _timed(timings, "load_model_s"):
+        loaded = load_model(config.model, config.device, config.dtype, config.allow_pickle,
+                            config.trust_remote_code)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    if config.rollouts is None:
+        rendered = [render_prompt(tokenizer, p.prompt) for p in prompts]
+        with _timed(timings, "generate_s"), progress.stage("sampling", len(prompts)) as advance:
+            rollouts = sample_rollouts(
+                model, tokenizer, prompts, rendered, config.group_size, config.max_new_tokens,
+                config.temperature, config.top_p, config.seed, config.generate_batch_size, advance,
+            )
+        with _timed(timings, "rewards_s"), progress.stage("rewards", len(rollouts)) as advance:
+            rollouts = score_rollouts(rollouts, reward_specs, advance)
+    else:
+        with _timed(timings, "rollouts_s"):
+            rollouts = read_rollouts(Path(config.rollouts), tokenizer, model)
+        _check_rollout_tasks(rollouts)
+    rollouts = assign_advantages(rollouts, ADVANTAGES.get(config.advantage))
+
+    param_names = select_parameters(model, config.params)
+    batch, layout = build_units(rollouts, LOSSES.get(config.loss), config.max_new_tokens)
+    engine = GradientEngine(model, param_names, config.temperature, pad_token_id=tokenizer.pad_token_id or 0)
+    task_sums = torch.as_tensor(layout.task_matrix(), dtype=torch.float64)
+    active = sum(batch.is_active(u) for u in range(len(batch.units)))
+    with _timed(timings, "gradients_s"), progress.stage("gradients", active) as advance:
+        try:
+            result = engine.run(batch, task_sums, config.chunk_size, on_chunk=advance)
+        except NonFiniteGradientError as exc:
+            bad = sorted({layout.tasks[layout.prompt_task[layout.unit_prompt[u]]] for u in exc.units})
+            raise UserInputError(
+                f"non-finite gradients in task(s) {', '.join(bad)}; try --dtype float32 or "
+                "check those tasks' completions"
+            ) from None
+    summary = summarise_gradients(result, layout)
+    document = _scan_document(config, loaded, mix, rollouts, layout, summary, result, timings)
+    timings["total_s"] = round(time.perf_counter() - total_start, 4)
+    with artifacts.staged_directory(out, config.overwrite) as staging:
+        artifacts.write_json(staging / artifacts.SCAN_FILE, document)
+        _write_rollouts(staging / artifacts.ROLLOUTS_FILE, rollouts, layout, summary)
+    return ScanResult(document, out)
+
+
+def _check_rollout_tasks(rollouts: list[Rollout]) -> None:
+    prompts: dict[str, set[str]] = {}
+    for r in rollouts:
+        prompts.setdefault(r.task, set()).add(r.prompt_id)
+    for task, ids in prompts.items():
+        if len(ids) < 2:
+            raise UserInputError(
+                f"task {task!r} has {len(ids)} prompt in the rollouts; every task needs at least 2"
+            )
+
+
+def _mean(values: list[float]) -> float:
+    return float(np.mean(values)) if values else float("nan")
+
+
+def _prompt_rows(rollouts: list[Rollout], layout: Any, summary: Any) -> list[dict[str, Any]]:
+    """One row per prompt: its gradient norm and the covariates the statistics test against."""
+    rows = []
+    for p, (task, prompt_id) in enumerate(layout.prompt_keys):
+        group = [rollouts[i] for i in layout.prompt_rollouts[p]]
+        rewards = np.array([r.reward for r in group], dtype=float)
+        rows.append({
+            "task": task,
+            "prompt_id": prompt_id,
+            "prompt_grad_norm": float(summary.prompt_grad_norm[p]),
+            "n_rollouts": len(group),
+            "mean_reward": float(rewards.mean()),
+            "reward_std": float(rewards.std()),
+            "mean_abs_advantage": _mean([abs(r.advantage) for r in group]),
+            "mean_completion_length": _mean([r.n_tokens for r in group]),
+            "prompt_length": len(group[0].prompt_token_ids),
+            "degenerate": bool(np.all(rewards == rewards[0])),
+        })
+    return rows
+
+
+def _task_table(rows: list[dict[str, Any]], summary: Any, layout: Any) -> dict[str, dict[str, Any]]:
+    """Per task: rollout statistics beside its gradient figures (scan.json `tasks`)."""
+    table = {}
+    for task in layout.tasks:
+        mine = [row for row in rows if row["task"] == task]
+        table[task] = {
+            "n_prompts": len(mine),
+            "n_rollouts": sum(row["n_rollouts"] for row in mine),
+            "mean_reward": float(np.average([row["mean_reward"] for row in mine],
+                                            weights=[row["n_rollouts"] for row in mine])),
+            "reward_std": _mean([row["reward_std"] for row in mine]),
+            "degenerate_groups": sum(row["degenerate"] for row in mine),
+            "degenerate_fraction": sum(row["degenerate"] for row in mine) / len(mine),
+            "mean_abs_advantage": _mean([row["mean_abs_advantage"] for row in mine]),
+            "mean_completion_length": _mean([row["mean_completion_length"] for row in mine]),
+            **summary.tasks[task],
+        }
+    return table
+
+
+def dominance_verdict(tasks: dict[str, dict[str, Any]]) -> str:
+    """One sentence naming the dominant task, its norm ratio and its share of the update."""
+    norms = {t: v["grad_norm"] for t, v in tasks.items() if v["grad_norm"]}
+    if len(tasks) < 2:
+        return "One task only: nothing to compare."
+    if len(norms) < 2:
+        return "Fewer than two tasks have a nonzero gradient: no imbalance to measure."
+    top = max(norms, key=norms.get)
+    low = min(norms, key=norms.get)
+    ratio = norms[top] / norms[low]
+    share = tasks[top]["share"]
+    share_text = f", and takes {share:.0%} of the mixed update" if share is not None else ""
+    return f"{top} dominates: its gradient norm is {ratio:.1f}x that of {low}{share_text}."
+
+
+def _scan_document(config, loaded, mix, rollouts, layout, summary, result, timings) -> dict[str, Any]:
+    import datasets
+    import torch
+    import transformers
+
+    rows = _prompt_rows(rollouts, layout, summary)
+    tasks = _task_table(rows, summary, layout)
+    estimator = ADVANTAGES.get(config.advantage)
+    return {
+        "schema_version": artifacts.SCHEMA_VERSION,
+        "gradprobe_version": gradprobe.__version__,
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "datasets": datasets.__version__,
+        },
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "config": asdict(config),
+        "model": {
+            "path": str(loaded.path),
+            "fingerprint": loaded.fingerprint,
+            "dtype": loaded.dtype,
+            "device": loaded.device,
+            "n_parameters": sum(p.numel() for p in loaded.model.parameters()),
+            "n_selected_parameters": int(sum(result.group_sizes)),
+        },
+        "mix": None if mix is None else {
+            "path": str(mix.source), "sha256": mix.sha256, "format": mix.format, "fields": mix.fields,
+        },
+        "rollouts_source": config.rollouts,
+        "advantage": {"name": config.advantage, "formula": estimator.convention},
+        "loss": {"name": config.loss, "formula": LOSSES.get(config.loss).formula,
+                 "mix_weight_by": LOSSES.get(config.loss).weight_by},
+        "tasks": tasks,
+        "cosine": {"tasks": layout.tasks, "matrix": summary.cosine},
+        "cosine_unbiased": {"tasks": layout.tasks, "matrix": summary.cosine_unbiased},
+        "mixed": summary.mixed,
+        "modules": summary.modules,
+        "estimators": {"grad_sq_norm_unbiased_ci": "delete-one-prompt jackknife, normal 95% interval"},
+        "verdict": dominance_verdict(tasks),
+        "prompts": rows,
+        "engine": {"chunk_size": result.chunk_size, "passes": result.passes},
+        "timings": timings,
+    }
+
+
+def _write_rollouts(path: Path, rollouts: list[Rollout], layout: Any, summary: Any) -> None:
+    prompt_norm = {key: float(summary.prompt_grad_norm[p]) for p, key in enumerate(layout.prompt_keys)}
+    lines = [rollout_to_json(r, {"prompt_grad_norm": prompt_norm[(r.task, r.prompt_id)]})
+             for r in rollouts]
+    artifacts.write_text(path, "\n".join(lines) + "\n")

@@ -1,0 +1,97 @@
+"""The reward registry and how `--reward` specs resolve to functions.
+
+A reward function scores one completion: ``fn(completion, answer, **context) -> float``. The
+context holds ``prompt``, ``task``, the options of the spec (``regex:PATTERN`` gives
+``pattern=PATTERN``) and any extra columns of the mix row, as TRL hands them to its reward
+functions. Functions must accept ``**context`` and ignore what they do not use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from gradprobe.errors import UserInputError
+from gradprobe.registry import Registry
+
+RewardFn = Callable[..., float]
+
+REWARDS: Registry[RewardFn] = Registry("reward")
+
+# The option name the text after "NAME:" fills, per reward that takes one.
+SPEC_ARGUMENT: dict[str, str] = {}
+
+
+@dataclass(frozen=True)
+class RewardSpec:
+    """A parsed reward spec: the function, its display name and its options."""
+
+    name: str
+    fn: RewardFn
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __call__(self, completion: str, answer: str | None, **context: Any) -> float:
+        return float(self.fn(completion, answer, **self.options, **context))
+
+
+def register_reward(name: str, argument: str | None = None) -> Callable[[RewardFn], RewardFn]:
+    """Decorator: register a reward; `argument` names the option that ``NAME:VALUE`` sets."""
+    if argument is not None:
+        SPEC_ARGUMENT[name] = argument
+    return REWARDS.register(name)
+
+
+def resolve_reward(spec: str) -> RewardSpec:
+    """Turn ``NAME``, ``NAME:VALUE`` or ``package.module:function`` into a callable reward."""
+    name, _, value = spec.partition(":")
+    if name in REWARDS:
+        options: dict[str, Any] = {}
+        if name in SPEC_ARGUMENT:
+            if not value:
+                raise UserInputError(
+                    f"reward {name!r} needs a value: write {name}:{SPEC_ARGUMENT[name].upper()}"
+                )
+            options[SPEC_ARGUMENT[name]] = value
+        elif value:
+            raise UserInputError(f"reward {name!r} takes no value, got {spec!r}")
+        return RewardSpec(spec, REWARDS.get(name), options)
+    if "." in name and value:
+        return RewardSpec(spec, _import_function(name, value))
+    REWARDS.get(name)  # raises with the list of known rewards
+    raise AssertionError("unreachable")
+
+
+def _import_function(module_name: str, attribute: str) -> RewardFn:
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise UserInputError(
+            f"cannot import reward module {module_name!r} ({exc}); is it on PYTHONPATH?"
+        ) from None
+    fn = getattr(module, attribute, None)
+    if not callable(fn):
+        raise UserInputError(f"{module_name!r} has no function {attribute!r}")
+    return fn
+
+
+def parse_reward_options(
+    specs: list[str], tasks: list[str], default: str
+) -> dict[str, RewardSpec]:
+    """Map every task to its reward from ``--reward TASK=SPEC`` items and a default spec.
+
+    An item without ``TASK=`` sets the default. Unknown tasks and rewards are user errors.
+    """
+    chosen: dict[str, str] = {}
+    for item in specs:
+        task, sep, spec = item.partition("=")
+        if not sep:
+            default = item
+            continue
+        if task not in tasks:
+            raise UserInputError(
+                f"--reward names unknown task {task!r}; tasks in the mix: {', '.join(tasks)}"
+            )
+        chosen[task] = spec
+    return {task: resolve_reward(chosen.get(task, default)) for task in tasks}

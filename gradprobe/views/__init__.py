@@ -1,0 +1,1 @@
+"""Views of a scan: console (rich), markdown, JSON, HTML and plots. Computing stays elsewhere."""

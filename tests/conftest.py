@@ -1,0 +1,59 @@
+"""Shared fixtures: tiny causal LMs with a char tokenizer, saved like real checkpoints, and mixes."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+torch.set_num_threads(2)
+
+
+def save_tiny_model(path: Path, arch: str = "llama", seed: int = 0, **overrides) -> Path:
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    from gradprobe.demo.charlm import build_char_tokenizer, tiny_llama_config, tiny_qwen2_config
+
+    tokenizer = build_char_tokenizer()
+    make = tiny_llama_config if arch == "llama" else tiny_qwen2_config
+    config = make(len(tokenizer), **overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    model.generation_config = GenerationConfig(eos_token_id=2, pad_token_id=0, bos_token_id=1)
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("llama"), "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tmp_path_factory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("qwen2"), "qwen2")
+
+
+MIX_ROWS = (
+    [{"task": "add", "prompt": f"{a}+{b}=", "answer": str(a + b)} for a, b in
+     [(1, 2), (3, 4), (5, 1), (2, 2), (7, 1), (4, 4)]]
+    + [{"task": "echo", "prompt": f"say {w}:", "answer": w} for w in ["ab", "cd", "ef", "gh", "ij", "kl"]]
+    + [{"task": "chat", "prompt": [{"role": "user", "content": f"count {w}"}], "answer": str(len(w))}
+       for w in ["aa", "bbb", "c", "dddd", "ee", "f"]]
+)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture()
+def tiny_mix(tmp_path) -> Path:
+    return write_jsonl(tmp_path / "mix.jsonl", MIX_ROWS)

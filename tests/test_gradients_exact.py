@@ -1,0 +1,200 @@
+"""Per-task and per-prompt gradients against plain float64 autograd, one backward per task.
+
+The reference below recomputes everything from metrics.md's definitions without any gradprobe
+code path: advantages by hand, the aggregation's formula, one unpadded forward per completion.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from gradprobe.advantages import ADVANTAGES
+from gradprobe.demo.charlm import tiny_llama_config, tiny_qwen2_config
+from gradprobe.gradients.engine import GradientEngine
+from gradprobe.gradients.layout import build_units
+from gradprobe.gradients.summary import summarise_gradients
+from gradprobe.objective import LOSSES
+from gradprobe.rollouts import Rollout
+from gradprobe.scoring import assign_advantages
+
+VOCAB = 40
+MAX_NEW = 7
+TEMPERATURE = 0.7
+
+
+def make_model(arch: str) -> torch.nn.Module:
+    torch.manual_seed(1)
+    config = (tiny_llama_config if arch == "llama" else tiny_qwen2_config)(
+        VOCAB, hidden_size=16, intermediate_size=32, num_attention_heads=2, num_key_value_heads=1
+    )
+    return AutoModelForCausalLM.from_config(config).double().eval()
+
+
+def make_rollouts(seed: int = 0, tasks=("a", "b", "c"), prompts=3, k=3) -> list[Rollout]:
+    rng = np.random.default_rng(seed)
+    rollouts = []
+    for t_index, task in enumerate(tasks):
+        for p in range(prompts + t_index):  # unequal prompt counts per task
+            prompt = rng.integers(3, VOCAB, rng.integers(2, 5)).tolist()
+            rewards = rng.integers(0, 2, k).astype(float) + (0.5 if p == 0 else 0.0) * rng.random(k)
+            if task == "b" and p == 1:
+                rewards[:] = 1.0  # a degenerate group
+            for s in range(k):
+                completion = rng.integers(3, VOCAB, rng.integers(1, MAX_NEW + 1)).tolist()
+                rollouts.append(Rollout(task, f"{task}{p}", s, "", "", prompt, completion,
+                                        reward=float(rewards[s])))
+    return rollouts
+
+
+def reference_advantages(rewards: np.ndarray, name: str) -> np.ndarray:
+    k = len(rewards)
+    if name == "grpo":
+        return (rewards - rewards.mean()) / (np.std(rewards, ddof=1) + 1e-4)
+    if name == "dr_grpo":
+        return rewards - rewards.mean()
+    if name == "rloo":
+        return np.array([rewards[i] - np.delete(rewards, i).mean() for i in range(k)])
+    return rewards.copy()
+
+
+def completion_logprob_sum(model, rollout: Rollout) -> torch.Tensor:
+    ids = torch.tensor([rollout.prompt_token_ids + rollout.completion_token_ids])
+    logits = model(ids, use_cache=False).logits[0] / TEMPERATURE
+    logp = torch.log_softmax(logits, -1)
+    n_prompt = len(rollout.prompt_token_ids)
+    return sum(logp[n_prompt + j - 1, tok] for j, tok in enumerate(rollout.completion_token_ids))
+
+
+def reference_loss(model, rollouts: list[Rollout], advantages: dict, loss: str) -> torch.Tensor:
+    """The aggregation's formula, term by term (metrics.md)."""
+    n = [r.n_tokens for r in rollouts]
+    total = 0.0
+    for r in rollouts:
+        token_loss_sum = -advantages[id(r)] * completion_logprob_sum(model, r)
+        if loss == "grpo":
+            total = total + token_loss_sum / (len(rollouts) * r.n_tokens)
+        elif loss in ("bnpo", "dapo"):
+            total = total + token_loss_sum / sum(n)
+        else:
+            total = total + token_loss_sum / (len(rollouts) * MAX_NEW)
+    return total
+
+
+def flat_grad(model, loss: torch.Tensor) -> torch.Tensor:
+    params = [p for p in model.parameters()]
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for p, g in zip(params, grads)])
+
+
+def reference(model, rollouts, advantage: str, loss: str):
+    model.requires_grad_(True)
+    advantages = {}
+    tasks = list(dict.fromkeys(r.task for r in rollouts))
+    by_prompt = {}
+    for r in rollouts:
+        by_prompt.setdefault((r.task, r.prompt_id), []).append(r)
+    for group in by_prompt.values():
+        for r, a in zip(group, reference_advantages(np.array([r.reward for r in group]), advantage)):
+            advantages[id(r)] = a
+    task_grads, prompt_norms = {}, {}
+    for task in tasks:
+        mine = [r for r in rollouts if r.task == task]
+        task_grads[task] = flat_grad(model, reference_loss(model, mine, advantages, loss))
+        keys = [k for k in by_prompt if k[0] == task]
+        for key in keys:
+            # u_p = m * gradient of prompt p's part of the task loss (aggregation over the task).
+            part = sum(reference_loss_part(model, mine, by_prompt[key], advantages, loss))
+            prompt_norms[key] = float((len(keys) * flat_grad(model, part)).norm())
+    return task_grads, prompt_norms
+
+
+def reference_loss_part(model, task_rollouts, members, advantages, loss):
+    n_all = [r.n_tokens for r in task_rollouts]
+    for r in members:
+        term = -advantages[id(r)] * completion_logprob_sum(model, r)
+        if loss == "grpo":
+            yield term / (len(task_rollouts) * r.n_tokens)
+        elif loss in ("bnpo", "dapo"):
+            yield term / sum(n_all)
+        else:
+            yield term / (len(task_rollouts) * MAX_NEW)
+
+
+def gradprobe_run(model, rollouts, advantage, loss, chunk_size=3, retained=1 << 30):
+    scored = assign_advantages(rollouts, ADVANTAGES.get(advantage))
+    batch, layout = build_units(scored, LOSSES.get(loss), MAX_NEW)
+    names = [n for n, _ in model.named_parameters()]
+    engine = GradientEngine(model, names, TEMPERATURE, accumulate_dtype=torch.float64)
+    result = engine.run(batch, layout.task_matrix(), chunk_size=chunk_size, max_retained_bytes=retained)
+    return layout, result, summarise_gradients(result, layout)
+
+
+def rel(a, b) -> float:
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-300))
+
+
+@pytest.mark.parametrize("advantage,loss", list(itertools.product(
+    ["grpo", "dr_grpo", "rloo", "none"], ["grpo", "bnpo", "dapo", "dr_grpo"])))
+def test_task_gradients_match_float64_autograd(advantage, loss):
+    model = make_model("llama")
+    rollouts = make_rollouts()
+    layout, result, summary = gradprobe_run(model, rollouts, advantage, loss)
+    ref_grads, ref_prompt_norms = reference(model, rollouts, advantage, loss)
+    tasks = layout.tasks
+    ref = torch.stack([ref_grads[t] for t in tasks])
+    # Task gradients themselves (engine sums, in parameter order of model.named_parameters()).
+    by_name = [result.unflatten(row) for row in result.sums]
+    ours = torch.stack([torch.cat([g[n].flatten() for n, _ in model.named_parameters()]) for g in by_name])
+    assert rel(ours, ref) < 1e-6
+    dots = ref @ ref.T
+    assert rel([summary.tasks[t]["grad_sq_norm"] for t in tasks], dots.diagonal()) < 1e-6
+    norms = dots.diagonal().sqrt()
+    cos = dots / (norms[:, None] * norms[None, :])
+    ours_cos = np.array([[np.nan if v is None else v for v in row] for row in summary.cosine])
+    mask = np.isfinite(cos.numpy())
+    assert np.abs(ours_cos[mask] - cos.numpy()[mask]).max() < 1e-6
+    weights = torch.as_tensor(layout.task_weights)
+    g = weights @ ref
+    shares = weights * (ref @ g) / (g @ g)
+    assert rel([summary.tasks[t]["share"] for t in tasks], shares) < 1e-6
+    assert abs(sum(summary.tasks[t]["share"] for t in tasks) - 1) < 1e-9
+    ref_norms = [ref_prompt_norms[key] for key in layout.prompt_keys]
+    assert rel(summary.prompt_grad_norm, ref_norms) < 1e-6
+
+
+def test_mixed_weights_follow_the_aggregation():
+    rollouts = assign_advantages(make_rollouts(), ADVANTAGES.get("grpo"))
+    _, by_completions = build_units(rollouts, LOSSES.get("grpo"), MAX_NEW)
+    _, by_tokens = build_units(rollouts, LOSSES.get("bnpo"), MAX_NEW)
+    counts = {t: sum(1 for r in rollouts if r.task == t) for t in "abc"}
+    tokens = {t: sum(r.n_tokens for r in rollouts if r.task == t) for t in "abc"}
+    assert np.allclose(by_completions.task_weights, [counts[t] / sum(counts.values()) for t in "abc"])
+    assert np.allclose(by_tokens.task_weights, [tokens[t] / sum(tokens.values()) for t in "abc"])
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_tied_and_untied_models(arch):
+    model = make_model(arch)
+    assert model.config.tie_word_embeddings == (arch == "llama")
+    rollouts = make_rollouts(seed=3)
+    layout, _, summary = gradprobe_run(model, rollouts, "grpo", "grpo")
+    ref_grads, _ = reference(model, rollouts, "grpo", "grpo")
+    ref = torch.stack([ref_grads[t] for t in layout.tasks])
+    assert rel([summary.tasks[t]["grad_sq_norm"] for t in layout.tasks], (ref * ref).sum(1)) < 1e-6
+
+
+def test_results_do_not_depend_on_chunking_or_panels():
+    model = make_model("llama")
+    rollouts = make_rollouts(seed=5)
+    _, base, _ = gradprobe_run(model, rollouts, "grpo", "bnpo", chunk_size=64)
+    for chunk, retained in [(1, 1 << 30), (2, 1), (5, 1)]:  # retained=1 forces one chunk per panel
+        _, other, _ = gradprobe_run(model, rollouts, "grpo", "bnpo", chunk_size=chunk, retained=retained)
+        assert torch.allclose(other.gram, base.gram, rtol=1e-10, atol=1e-14)
+        assert torch.allclose(other.sums, base.sums, rtol=1e-10, atol=1e-14)
+    assert other.passes > 1
