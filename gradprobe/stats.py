@@ -107,7 +107,7 @@ def _is_constant(x: np.ndarray) -> bool:
 
 
 def format_p(p: float | None) -> str:
-    """'p<1e-6' below P_FLOOR, 'p=3.2e-04' below 0.001, else two significant digits ('p=0.012')."""
+    """'p<1e-6' below P_FLOOR, 'p=3.2e-04' below 0.001, else 2 significant digits ('p=0.012')."""
     if p is None:
         return "p=n/a"
     if p < P_FLOOR:
@@ -130,7 +130,7 @@ def _join(words: Sequence[str]) -> str:
 
 
 def holm(pvalues: Sequence[float]) -> list[float]:
-    """Holm step-down adjusted p-values, in input order.
+    """Holm step-down adjusted p-values, in input order (metrics.md: pairwise tests).
 
     p_holm(i) = max over j <= rank(i) of min(1, (m - j + 1) p_(j)), p_(j) the sorted p-values.
     """
@@ -168,7 +168,7 @@ def kruskal_test(groups: Mapping[str, np.ndarray]) -> dict:
 
 
 def pairwise_mannwhitney(groups: Mapping[str, np.ndarray]) -> list[dict]:
-    """Two-sided Mann-Whitney U for each task pair (a, b), Holm-adjusted over the pairs.
+    """Two-sided Mann-Whitney U for each task pair (a, b), Holm-adjusted over pairs (metrics.md).
 
     U is a's statistic; effect is the rank-biserial r = 2U/(n_a n_b) - 1 = P(a>b) - P(a<b).
     """
@@ -558,6 +558,8 @@ def verdicts(stats: dict) -> list[str]:
 
     Below MIN_PROMPTS_VERDICT prompts per task a sentence says "not enough prompts to tell".
     """
+    if stats["n_prompts"]["total"] == 0:
+        return ["No prompts to analyse."]
     out = _degenerate_sentences(stats)
     tasks = stats["tasks"]
     live = [t for t in tasks if t not in stats["tasks_all_degenerate"]]
@@ -576,8 +578,6 @@ def verdicts(stats: dict) -> list[str]:
 def _degenerate_sentences(stats: dict) -> list[str]:
     n, d = stats["n_prompts"], stats["n_excluded_degenerate"]
     out = []
-    if n["total"] == 0:
-        return ["No prompts to analyse."]
     if d["total"]:
         per = ", ".join(f"{t} {k}" for t, k in d["by_task"].items() if k)
         out.append(f"{d['total']} of {n['total']} prompts ({_pct(d['total'] / n['total'])}) "
@@ -588,7 +588,10 @@ def _degenerate_sentences(stats: dict) -> list[str]:
     return out
 
 
-def _few(stats: dict, tasks: Sequence[str], key: str = "n_usable") -> list[str]:
+def _few(stats: dict, tasks: Sequence[str] | None = None, key: str = "n_usable") -> list[str]:
+    """Tasks (default: all but the all-degenerate ones) below MIN_PROMPTS_VERDICT prompts."""
+    if tasks is None:
+        tasks = [t for t in stats["tasks"] if t not in stats["tasks_all_degenerate"]]
     return [t for t in tasks if stats[key]["by_task"][t] < MIN_PROMPTS_VERDICT]
 
 
@@ -614,7 +617,7 @@ def _ratio_sentence(stats: dict) -> str:
 
 def _kruskal_sentence(stats: dict) -> str:
     kw = stats["kruskal"]
-    few = _few(stats, stats["tasks_tested"])
+    few = _few(stats)
     if kw["H"] is None or few or len(stats["tasks_tested"]) < 2:
         why = kw["reason"] or f"fewer than {MIN_PROMPTS_VERDICT} usable prompts in {_join(few)}"
         return f"Not enough prompts to tell whether per-prompt norms differ across tasks ({why})."
@@ -633,7 +636,7 @@ def _kruskal_sentence(stats: dict) -> str:
 
 def _ols_sentence(stats: dict) -> str:
     o, alpha = stats["ols"], stats["alpha"]
-    few = _few(stats, stats["tasks_tested"]) if stats["tasks_tested"] else ["every task"]
+    few = _few(stats)
     if o["r2_covariates"] is None or few:
         why = o["reason"] or f"fewer than {MIN_PROMPTS_VERDICT} usable prompts in {_join(few)}"
         return f"Not enough prompts to tell what explains the per-prompt norms ({why})."

@@ -9,6 +9,8 @@ functions. Functions must accept ``**context`` and ignore what they do not use.
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,13 +59,15 @@ def resolve_reward(spec: str) -> RewardSpec:
         elif value:
             raise UserInputError(f"reward {name!r} takes no value, got {spec!r}")
         return RewardSpec(spec, REWARDS.get(name), options)
-    if "." in name and value:
+    if value and all(part.isidentifier() for part in name.split(".")):
         return RewardSpec(spec, _import_function(name, value))
     REWARDS.get(name)  # raises with the list of known rewards
     raise AssertionError("unreachable")
 
 
 def _import_function(module_name: str, attribute: str) -> RewardFn:
+    if os.getcwd() not in sys.path:  # console scripts do not put the working directory first
+        sys.path.append(os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:

@@ -6,6 +6,7 @@ import math
 import re
 from typing import Any
 
+from gradprobe.errors import UserInputError
 from gradprobe.rewards.registry import register_reward
 
 _NUMBER = re.compile(r"[-+]?(?:\d[\d,]*\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
@@ -55,6 +56,4 @@ def regex(completion: str, answer: str | None, pattern: str = "", **_: Any) -> f
     try:
         return float(re.search(pattern, completion) is not None)
     except re.error as exc:
-        from gradprobe.errors import UserInputError
-
         raise UserInputError(f"bad regex reward pattern {pattern!r}: {exc}") from None

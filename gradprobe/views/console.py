@@ -25,7 +25,7 @@ def fmt(value: Any, spec: str = ".3g") -> str:
     return str(value)
 
 
-TASK_COLUMNS: list[tuple[str, str, str]] = [
+ROLLOUT_COLUMNS: list[tuple[str, str, str]] = [
     ("prompts", "n_prompts", "d"),
     ("rollouts", "n_rollouts", "d"),
     ("mean reward", "mean_reward", ".3f"),
@@ -33,9 +33,11 @@ TASK_COLUMNS: list[tuple[str, str, str]] = [
     ("degenerate", "degenerate_groups", "d"),
     ("mean |A|", "mean_abs_advantage", ".3f"),
     ("mean length", "mean_completion_length", ".1f"),
+]
+GRADIENT_COLUMNS: list[tuple[str, str | None, str]] = [
     ("grad_norm", "grad_norm", ".4g"),
     ("grad_sq_norm", "grad_sq_norm", ".4g"),
-    ("unbiased sq (95% CI)", None, ""),
+    ("unbiased sq norm (95% CI)", None, ""),
     ("norm_ratio", "norm_ratio", ".2f"),
     ("share", "share", ".1%"),
 ]
@@ -50,21 +52,23 @@ def _unbiased_cell(task: dict[str, Any]) -> str:
     return f"{value:.3g}{interval}"
 
 
-def task_table(document: dict[str, Any]) -> Table:
-    table = Table(title="Per-task gradients", title_justify="left")
+def task_table(document: dict[str, Any], title: str, columns: list[tuple[str, str | None, str]]) -> Table:
+    """One row per task with the given (header, scan.json key, format) columns."""
+    table = Table(title=title, title_justify="left")
     table.add_column("task", style="bold")
-    for header, _, _ in TASK_COLUMNS:
+    for header, _, _ in columns:
         table.add_column(header, justify="right")
     for name, task in document["tasks"].items():
         cells = [_unbiased_cell(task) if key is None else fmt(task.get(key), spec)
-                 for _, key, spec in TASK_COLUMNS]
+                 for _, key, spec in columns]
         table.add_row(name, *cells)
     return table
 
 
 def cosine_table(cosine: dict[str, Any], title: str) -> Table | None:
     tasks = cosine["tasks"]
-    if len(tasks) < 2:
+    if len(tasks) < 2 or all(v is None for i, row in enumerate(cosine["matrix"])
+                             for j, v in enumerate(row) if i != j):
         return None
     table = Table(title=title, title_justify="left")
     table.add_column("")
@@ -99,7 +103,11 @@ def render_scan(document: dict[str, Any]) -> RenderableType:
         f"advantage {document['advantage']['name']}: {document['advantage']['formula']};  "
         f"loss {document['loss']['name']}: {document['loss']['formula']}",
     )
-    parts: list[RenderableType] = [header, task_table(document)]
+    parts: list[RenderableType] = [
+        header,
+        task_table(document, "Rollouts per task", ROLLOUT_COLUMNS),
+        task_table(document, "Per-task gradients", GRADIENT_COLUMNS),
+    ]
     for key, title in (("cosine", "Task-gradient cosines"),
                        ("cosine_unbiased", "Bias-corrected cosines g_s.g_t / sqrt(U_s U_t)")):
         table = cosine_table(document[key], title)
