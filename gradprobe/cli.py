@@ -77,6 +77,8 @@ def scan(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     dtype: Annotated[str, typer.Option(help="Model weights: auto (bf16 on GPU, else float32), float32 or bfloat16. Gradient sums are float32.")] = "auto",
     chunk_size: Annotated[int, typer.Option(help="Units (prompt x advantage sign) per vmapped gradient call; lower it to save memory.")] = 8,
+    stats: Annotated[bool, typer.Option("--stats/--no-stats", help="Test per-prompt norms against reward, advantage, length and task.")] = True,
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the norm-ratio intervals.")] = 1000,
     allow_pickle: Annotated[bool, typer.Option(help="Allow pickled (.bin) weights, which can run code: only for files you trust.")] = False,
     trust_remote_code: Annotated[bool, typer.Option(help="Allow a checkpoint's own Python code to run.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print scan.json instead of tables.")] = False,
@@ -122,6 +124,7 @@ def scan(
         task_field=task_field, prompt_field=prompt_field, answer_field=answer_field,
         top_p=top_p, seed=seed, rewards=rewards, advantage=advantage, loss=loss,
         params=list(params or ["all"]), device=device, dtype=dtype, chunk_size=chunk_size,
+        stats=stats, bootstrap=bootstrap,
         allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, **settings,
     )
     _quiet_libraries()

@@ -53,6 +53,8 @@ class ScanConfig:
     device: str = "auto"
     dtype: str = "auto"
     chunk_size: int = 8
+    stats: bool = True
+    bootstrap: int = 1000
     generate_batch_size: int = 16
     allow_pickle: bool = False
     trust_remote_code: bool = False
@@ -96,6 +98,8 @@ def validate(config: ScanConfig) -> None:
             raise UserInputError("--top-p must be in (0, 1]")
     if config.max_new_tokens < 1:
         raise UserInputError("--max-new-tokens must be at least 1")
+    if config.bootstrap < 0:
+        raise UserInputError("--bootstrap must be 0 or more")
     if config.chunk_size < 1:
         raise UserInputError("--chunk-size must be at least 1")
 
@@ -169,11 +173,36 @@ def scan(config: ScanConfig, progress: Progress | None = None) -> ScanResult:
             ) from None
     summary = summarise_gradients(result, layout)
     document = _scan_document(config, loaded, mix, rollouts, layout, summary, result, timings)
+    if config.stats:
+        with _timed(timings, "stats_s"):
+            document["stats"] = run_statistics(document["prompts"], summary.prompt_gram,
+                                               config.bootstrap, config.seed)
     timings["total_s"] = round(time.perf_counter() - total_start, 4)
     with artifacts.staged_directory(out, config.overwrite) as staging:
         artifacts.write_json(staging / artifacts.SCAN_FILE, document)
         _write_rollouts(staging / artifacts.ROLLOUTS_FILE, rollouts, layout, summary)
     return ScanResult(document, out)
+
+
+def run_statistics(rows: list[dict[str, Any]], prompt_gram: dict[str, np.ndarray], n_bootstrap: int,
+                   seed: int) -> dict[str, Any]:
+    """The statistics stage over the per-prompt rows of scan.json (metrics.md, "Statistics")."""
+    from gradprobe.stats import PromptTable, compute_stats
+
+    def column(key: str) -> np.ndarray:
+        return np.array([row[key] for row in rows], dtype=float)
+
+    table = PromptTable(
+        task=[row["task"] for row in rows],
+        grad_norm=column("prompt_grad_norm"),
+        mean_reward=column("mean_reward"),
+        reward_std=column("reward_std"),
+        mean_abs_advantage=column("mean_abs_advantage"),
+        mean_completion_length=column("mean_completion_length"),
+        prompt_length=column("prompt_length"),
+        degenerate=np.array([row["zero_advantage"] for row in rows], dtype=bool),
+    )
+    return compute_stats(table, prompt_gram, n_bootstrap=n_bootstrap, seed=seed)
 
 
 def _check_rollout_tasks(rollouts: list[Rollout]) -> None:
@@ -208,6 +237,7 @@ def _prompt_rows(rollouts: list[Rollout], layout: Any, summary: Any) -> list[dic
             "mean_completion_length": _mean([r.n_tokens for r in group]),
             "prompt_length": len(group[0].prompt_token_ids),
             "degenerate": bool(np.all(rewards == rewards[0])),
+            "zero_advantage": all(r.advantage == 0 for r in group),
         })
     return rows
 

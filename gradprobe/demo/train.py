@@ -33,7 +33,7 @@ from pathlib import Path
 from gradprobe.demo.tasks import TASKS, Example
 
 DEFAULT_SEED = 0
-TRAIN_PER_TASK = 20000
+TRAIN_PER_TASK = 8000
 VAL_PER_TASK = 160
 MIX_PER_TASK = 24
 
@@ -43,7 +43,7 @@ TOLERANCE = 0.07
 
 MAX_STEPS = 3000
 BATCH_SIZE = 96
-LEARNING_RATE = 2e-3
+LEARNING_RATE = 1e-3
 WARMUP_STEPS = 50
 EVAL_EVERY = 20
 
