@@ -76,7 +76,8 @@ def scan(
     params: Annotated[Optional[list[str]], typer.Option(help="Parameters to differentiate: all, last-block, attention, mlp, lora, or globs on names (repeatable).  [default: all]")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     dtype: Annotated[str, typer.Option(help="Model weights: auto (bf16 on GPU, else float32), float32 or bfloat16. Gradient sums are float32.")] = "auto",
-    chunk_size: Annotated[int, typer.Option(help="Units (prompt x advantage sign) per vmapped gradient call; lower it to save memory.")] = 8,
+    max_memory: Annotated[Optional[float], typer.Option(help="GiB the gradient stage may use [default: what the device has free]; sets the chunk size.")] = None,
+    chunk_size: Annotated[Optional[int], typer.Option(help="Units (prompt x advantage sign) per vmapped gradient call [default: from --max-memory]; halved automatically on out-of-memory.")] = None,
     stats: Annotated[bool, typer.Option("--stats/--no-stats", help="Test per-prompt norms against reward, advantage, length and task.")] = True,
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the norm-ratio intervals.")] = 1000,
     allow_pickle: Annotated[bool, typer.Option(help="Allow pickled (.bin) weights, which can run code: only for files you trust.")] = False,
@@ -123,7 +124,7 @@ def scan(
         rollouts=None if rollouts is None else str(rollouts), out=str(out), overwrite=overwrite,
         task_field=task_field, prompt_field=prompt_field, answer_field=answer_field,
         top_p=top_p, seed=seed, rewards=rewards, advantage=advantage, loss=loss,
-        params=list(params or ["all"]), device=device, dtype=dtype, chunk_size=chunk_size,
+        params=list(params or ["all"]), device=device, dtype=dtype, chunk_size=chunk_size, max_memory_gib=max_memory,
         stats=stats, bootstrap=bootstrap,
         allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, **settings,
     )

@@ -7,6 +7,7 @@ and assembles scan.json. Printing is the caller's: progress goes through a `Prog
 
 from __future__ import annotations
 
+import os
 import platform
 import time
 from collections.abc import Callable, Iterator
@@ -52,7 +53,8 @@ class ScanConfig:
     params: list[str] = field(default_factory=lambda: ["all"])
     device: str = "auto"
     dtype: str = "auto"
-    chunk_size: int = 8
+    chunk_size: int | None = None
+    max_memory_gib: float | None = None
     stats: bool = True
     bootstrap: int = 1000
     generate_batch_size: int = 16
@@ -100,8 +102,10 @@ def validate(config: ScanConfig) -> None:
         raise UserInputError("--max-new-tokens must be at least 1")
     if config.bootstrap < 0:
         raise UserInputError("--bootstrap must be 0 or more")
-    if config.chunk_size < 1:
+    if config.chunk_size is not None and config.chunk_size < 1:
         raise UserInputError("--chunk-size must be at least 1")
+    if config.max_memory_gib is not None and not config.max_memory_gib > 0:
+        raise UserInputError("--max-memory must be a positive number of GiB")
 
 
 @contextmanager
@@ -115,7 +119,7 @@ def scan(config: ScanConfig, progress: Progress | None = None) -> ScanResult:
     """Run a whole scan and write its directory; raises UserInputError for bad input."""
     import torch
 
-    from gradprobe.gradients.engine import GradientEngine, NonFiniteGradientError
+    from gradprobe.gradients.engine import EngineOutOfMemory, GradientEngine, NonFiniteGradientError
     from gradprobe.gradients.layout import build_units
     from gradprobe.gradients.params import select_parameters
     from gradprobe.gradients.summary import summarise_gradients
@@ -162,9 +166,16 @@ def scan(config: ScanConfig, progress: Progress | None = None) -> ScanResult:
     engine = GradientEngine(model, param_names, config.temperature, pad_token_id=tokenizer.pad_token_id or 0)
     task_sums = torch.as_tensor(layout.task_matrix(), dtype=torch.float64)
     active = sum(batch.is_active(u) for u in range(len(batch.units)))
+    budget = int(config.max_memory_gib * 2**30) if config.max_memory_gib else available_memory(engine.device)
+    chunk_size = config.chunk_size or engine.plan_chunk_size(batch, budget)
     with _timed(timings, "gradients_s"), progress.stage("gradients", active) as advance:
         try:
-            result = engine.run(batch, task_sums, config.chunk_size, on_chunk=advance)
+            result = engine.run_adaptive(batch, task_sums, chunk_size, budget // 3, advance)
+        except EngineOutOfMemory as exc:
+            raise UserInputError(
+                f"out of memory even with one prompt per chunk ({exc}); select fewer parameters "
+                "(--params last-block), or lower --max-new-tokens or --group-size"
+            ) from None
         except NonFiniteGradientError as exc:
             bad = sorted({layout.tasks[layout.prompt_task[layout.unit_prompt[u]]] for u in exc.units})
             raise UserInputError(
@@ -182,6 +193,23 @@ def scan(config: ScanConfig, progress: Progress | None = None) -> ScanResult:
         artifacts.write_json(staging / artifacts.SCAN_FILE, document)
         _write_rollouts(staging / artifacts.ROLLOUTS_FILE, rollouts, layout, summary)
     return ScanResult(document, out)
+
+
+def available_memory(device: Any) -> int:
+    """Free bytes on the device: CUDA's free memory, or the host's available RAM."""
+    import torch
+
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
 
 def run_statistics(rows: list[dict[str, Any]], prompt_gram: dict[str, np.ndarray], n_bootstrap: int,

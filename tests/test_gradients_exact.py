@@ -101,7 +101,7 @@ def reference(model, rollouts, advantage: str, loss: str):
     for group in by_prompt.values():
         for r, a in zip(group, reference_advantages(np.array([r.reward for r in group]), advantage)):
             advantages[id(r)] = a
-    task_grads, prompt_norms = {}, {}
+    task_grads, prompt_vectors = {}, {}
     for task in tasks:
         mine = [r for r in rollouts if r.task == task]
         task_grads[task] = flat_grad(model, reference_loss(model, mine, advantages, loss))
@@ -109,8 +109,8 @@ def reference(model, rollouts, advantage: str, loss: str):
         for key in keys:
             # u_p = m * gradient of prompt p's part of the task loss (aggregation over the task).
             part = sum(reference_loss_part(model, mine, by_prompt[key], advantages, loss))
-            prompt_norms[key] = float((len(keys) * flat_grad(model, part)).norm())
-    return task_grads, prompt_norms
+            prompt_vectors[key] = len(keys) * flat_grad(model, part)
+    return task_grads, prompt_vectors
 
 
 def reference_loss_part(model, task_rollouts, members, advantages, loss):
@@ -149,7 +149,7 @@ def test_task_gradients_match_float64_autograd(advantage, loss):
     tasks = layout.tasks
     ref = torch.stack([ref_grads[t] for t in tasks])
     # Task gradients themselves (engine sums, in parameter order of model.named_parameters()).
-    by_name = [result.unflatten(row) for row in result.sums]
+    by_name = [result.sum_of(k) for k in range(len(tasks))]
     ours = torch.stack([torch.cat([g[n].flatten() for n, _ in model.named_parameters()]) for g in by_name])
     assert rel(ours, ref) < 1e-6
     dots = ref @ ref.T
@@ -164,8 +164,17 @@ def test_task_gradients_match_float64_autograd(advantage, loss):
     shares = weights * (ref @ g) / (g @ g)
     assert rel([summary.tasks[t]["share"] for t in tasks], shares) < 1e-6
     assert abs(sum(summary.tasks[t]["share"] for t in tasks) - 1) < 1e-9
-    ref_norms = [ref_prompt_norms[key] for key in layout.prompt_keys]
+    ref_norms = [float(ref_prompt_norms[key].norm()) for key in layout.prompt_keys]
     assert rel(summary.prompt_grad_norm, ref_norms) < 1e-6
+    for task in tasks:  # U-statistic and its parts from the reference per-prompt vectors
+        u = torch.stack([ref_prompt_norms[key] for key in layout.prompt_keys if key[0] == task])
+        m = u.shape[0]
+        total, squares = float(u.sum(0).norm() ** 2), float((u * u).sum())
+        unbiased = (total - squares) / (m * (m - 1))
+        assert summary.tasks[task]["grad_sq_norm"] == pytest.approx(total / m**2, rel=1e-6)
+        assert summary.tasks[task]["grad_sq_norm_unbiased"] == pytest.approx(unbiased, rel=1e-6, abs=1e-12)
+        noise = (squares - m * float(u.mean(0).norm() ** 2)) / (m - 1)
+        assert summary.tasks[task]["noise_trace"] == pytest.approx(noise, rel=1e-6, abs=1e-12)
 
 
 def test_mixed_weights_follow_the_aggregation():
@@ -196,5 +205,6 @@ def test_results_do_not_depend_on_chunking_or_panels():
     for chunk, retained in [(1, 1 << 30), (2, 1), (5, 1)]:  # retained=1 forces one chunk per panel
         _, other, _ = gradprobe_run(model, rollouts, "grpo", "bnpo", chunk_size=chunk, retained=retained)
         assert torch.allclose(other.gram, base.gram, rtol=1e-10, atol=1e-14)
-        assert torch.allclose(other.sums, base.sums, rtol=1e-10, atol=1e-14)
+        for name in base.sums:
+            assert torch.allclose(other.sums[name], base.sums[name], rtol=1e-10, atol=1e-14)
     assert other.passes > 1

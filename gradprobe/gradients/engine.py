@@ -56,8 +56,8 @@ class UnitGradients:
     group_sizes: list[int]
     gram: torch.Tensor
     """[n_groups, n_units, n_units], float64 on the CPU."""
-    sums: torch.Tensor | None
-    """[n_sums, n_selected_parameters] flattened in `param_names` order, or None."""
+    sums: dict[str, torch.Tensor] | None
+    """Per parameter name, [n_sums, *shape]: the requested linear sums of unit gradients."""
     passes: int = 1
     chunk_size: int = 0
     nonfinite_units: list[int] = field(default_factory=list)
@@ -66,14 +66,23 @@ class UnitGradients:
     def total_gram(self) -> torch.Tensor:
         return self.gram.sum(0)
 
-    def unflatten(self, row: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Split one flattened sum back into named parameter tensors."""
-        out, offset = {}, 0
-        for name, shape in zip(self.param_names, self.param_shapes):
-            size = int(torch.Size(shape).numel())
-            out[name] = row[offset : offset + size].view(shape)
-            offset += size
-        return out
+    def sum_of(self, k: int) -> dict[str, torch.Tensor]:
+        """The k-th linear sum as named parameter tensors."""
+        assert self.sums is not None
+        return {name: value[k] for name, value in self.sums.items()}
+
+
+class EngineOutOfMemory(RuntimeError):
+    """Even one unit per chunk did not fit in memory."""
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, or the CPU allocator's failure message."""
+    text = str(error)
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError)
+        and ("can't allocate memory" in text or "not enough memory" in text)
+    )
 
 
 class NonFiniteGradientError(RuntimeError):
@@ -111,13 +120,11 @@ class GradientEngine:
         self.params = {n: named[n].detach() for n in self.names}
         self.shapes = [tuple(self.params[n].shape) for n in self.names]
         sizes = [self.params[n].numel() for n in self.names]
-        self.group_slices = []
-        offset = 0
-        for g in range(len(self.groups)):
-            size = sum(s for s, gi in zip(sizes, group_index) if gi == g)
-            self.group_slices.append(slice(offset, offset + size))
-            offset += size
-        self.n_selected = offset
+        self.group_members = [[n for n, gi in zip(self.names, group_index) if gi == g]
+                              for g in range(len(self.groups))]
+        self.group_sizes = [sum(s for s, gi in zip(sizes, group_index) if gi == g)
+                            for g in range(len(self.groups))]
+        self.n_selected = sum(sizes)
         self.temperature = temperature
         self.dtype = torch.promote_types(accumulate_dtype, next(iter(self.params.values())).dtype)
         self.pad_token_id = pad_token_id
@@ -140,16 +147,62 @@ class GradientEngine:
                 coef[i, k, :n] = torch.tensor(batch.coefficients[s], dtype=self.dtype)
         return ids.to(self.device), coef.to(self.device)
 
-    def unit_gradients(self, batch: UnitBatch, units: list[int]) -> torch.Tensor:
-        """Flattened gradients of `units`, one row each: [len(units), n_selected]."""
+    def unit_gradients(self, batch: UnitBatch, units: list[int]) -> dict[str, torch.Tensor]:
+        """Gradients of `units` per parameter name, [len(units), n_elements] each.
+
+        Kept per parameter (views, no concatenation): copying c x n_selected floats into one
+        matrix cost a third of the stage on CPU.
+        """
         ids, coef = self._pad_chunk(batch, units)
         grads = vmap(grad(self._unit_loss), in_dims=(None, 0, 0))(self.params, ids, coef)
-        return torch.cat([grads[n].reshape(len(units), -1).to(self.dtype) for n in self.names], 1)
+        return {n: grads[n].reshape(len(units), -1).to(self.dtype) for n in self.names}
 
-    def _gram_block(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return torch.stack([x[:, sl] @ y[:, sl].T for sl in self.group_slices]).to(
-            "cpu", torch.float64
-        )
+    def _gram_block(self, x: dict[str, torch.Tensor], y: dict[str, torch.Tensor]) -> torch.Tensor:
+        """[n_groups, len(x units), len(y units)]: per-group inner products of two chunks."""
+        blocks = []
+        for members in self.group_members:
+            block = sum(x[n] @ y[n].T for n in members)
+            blocks.append(block)
+        return torch.stack(blocks).to("cpu", torch.float64)
+
+    def plan_chunk_size(self, batch: UnitBatch, max_memory: int) -> int:
+        """Units per chunk so that per-unit gradients and activations use about half `max_memory`.
+
+        Per unit: its gradient (n_selected values, held about three times over by vmap, the
+        dtype cast and the Gram products) plus activations, estimated per token as
+        4 bytes x (3 x vocab + 24 x hidden x layers), which upper-bounds a decoder's saved tensors.
+        """
+        config = getattr(self.model, "config", None)
+        vocab = getattr(config, "vocab_size", 32000)
+        hidden = getattr(config, "hidden_size", 1024)
+        layers = getattr(config, "num_hidden_layers", 8)
+        width = max((len(u) for u in batch.units), default=1)
+        length = max((len(s) for s in batch.sequences), default=1)
+        element = torch.finfo(self.dtype).bits // 8
+        per_unit = 3 * self.n_selected * element + width * length * 4 * (3 * vocab + 24 * hidden * layers)
+        return int(max(1, min(64, (max_memory // 2) // per_unit)))
+
+    def run_adaptive(self, batch: UnitBatch, sum_weights: torch.Tensor | None, chunk_size: int,
+                     max_retained_bytes: int, on_chunk: Callable[[int], None] | None = None,
+                     on_retry: Callable[[int], None] | None = None) -> UnitGradients:
+        """`run`, halving the chunk size after an out-of-memory error, down to one unit.
+
+        Results do not depend on the chunk size (to rounding), so a retry changes only speed.
+        """
+        while True:
+            try:
+                return self.run(batch, sum_weights, chunk_size, max_retained_bytes, on_chunk)
+            except (RuntimeError, MemoryError) as error:
+                if not (isinstance(error, MemoryError) or is_out_of_memory(error)):
+                    raise
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                if chunk_size == 1:
+                    raise EngineOutOfMemory(str(error).splitlines()[0]) from None
+                chunk_size = max(1, chunk_size // 2)
+                max_retained_bytes //= 2
+                if on_retry is not None:
+                    on_retry(chunk_size)
 
     def run(
         self,
@@ -161,7 +214,7 @@ class GradientEngine:
     ) -> UnitGradients:
         """Gram matrices of all units and the sums ``sum_weights @ grads`` in one or more passes.
 
-        `on_chunk(n_units)` is called after each computed chunk (for progress bars).
+        `on_chunk(n_units)` is called after each chunk of the first pass (for progress bars).
         """
         n_units = len(batch.units)
         active = [u for u in range(n_units) if batch.is_active(u)]
@@ -171,24 +224,27 @@ class GradientEngine:
         gram = torch.zeros((len(self.groups), n_units, n_units), dtype=torch.float64)
         sums = None
         if sum_weights is not None:
-            sums = torch.zeros((sum_weights.shape[0], self.n_selected), dtype=self.dtype,
-                               device=self.device)
             sum_weights = sum_weights.to(self.device, self.dtype)
+            sums = {n: torch.zeros((sum_weights.shape[0], self.params[n].numel()), dtype=self.dtype,
+                                   device=self.device) for n in self.names}
         nonfinite: list[int] = []
         passes = 0
         for start in range(0, len(chunks), panel_len):
             passes += 1
-            panel: list[tuple[list[int], torch.Tensor]] = []
+            panel: list[tuple[list[int], dict[str, torch.Tensor]]] = []
             for ci in range(start, len(chunks)):
                 units = chunks[ci]
                 x = self.unit_gradients(batch, units)
-                if on_chunk is not None:
+                if on_chunk is not None and start == 0:
                     on_chunk(len(units))
                 if start == 0:
-                    bad = ~torch.isfinite(x).all(1)
+                    bad = torch.zeros(len(units), dtype=torch.bool, device=self.device)
+                    for value in x.values():
+                        bad |= ~torch.isfinite(value).all(1)
                     nonfinite += [units[i] for i in bad.nonzero().flatten().tolist()]
                     if sums is not None:
-                        sums += sum_weights[:, units] @ x
+                        for n, value in x.items():
+                            sums[n] += sum_weights[:, units] @ value
                 in_panel = ci < start + panel_len
                 if in_panel:
                     panel.append((units, x))
@@ -204,9 +260,11 @@ class GradientEngine:
             param_names=self.names,
             param_shapes=self.shapes,
             groups=self.groups,
-            group_sizes=[sl.stop - sl.start for sl in self.group_slices],
+            group_sizes=self.group_sizes,
             gram=gram,
-            sums=None if sums is None else sums.cpu(),
+            sums=None if sums is None else {
+                n: v.view(-1, *shape).cpu() for (n, v), shape in zip(sums.items(), self.shapes)
+            },
             passes=passes,
             chunk_size=chunk_size,
         )
