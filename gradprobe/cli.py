@@ -78,6 +78,7 @@ def scan(
     dtype: Annotated[str, typer.Option(help="Model weights: auto (bf16 on GPU, else float32), float32 or bfloat16. Gradient sums are float32.")] = "auto",
     max_memory: Annotated[Optional[float], typer.Option(help="GiB the gradient stage may use [default: what the device has free]; sets the chunk size.")] = None,
     chunk_size: Annotated[Optional[int], typer.Option(help="Units (prompt x advantage sign) per vmapped gradient call [default: from --max-memory]; halved automatically on out-of-memory.")] = None,
+    proxy_check: Annotated[bool, typer.Option("--proxy-check/--no-proxy-check", help="With a --params subset on a model of at most 50M parameters, also run all parameters and report how well the subset ranks the tasks.")] = True,
     stats: Annotated[bool, typer.Option("--stats/--no-stats", help="Test per-prompt norms against reward, advantage, length and task.")] = True,
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the norm-ratio intervals.")] = 1000,
     allow_pickle: Annotated[bool, typer.Option(help="Allow pickled (.bin) weights, which can run code: only for files you trust.")] = False,
@@ -125,7 +126,7 @@ def scan(
         task_field=task_field, prompt_field=prompt_field, answer_field=answer_field,
         top_p=top_p, seed=seed, rewards=rewards, advantage=advantage, loss=loss,
         params=list(params or ["all"]), device=device, dtype=dtype, chunk_size=chunk_size, max_memory_gib=max_memory,
-        stats=stats, bootstrap=bootstrap,
+        stats=stats, bootstrap=bootstrap, proxy_check=proxy_check,
         allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, **settings,
     )
     _quiet_libraries()

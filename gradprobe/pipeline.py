@@ -28,6 +28,10 @@ from gradprobe.rewards import parse_reward_options
 from gradprobe.rollouts import Rollout, rollout_to_json
 
 
+# A parameter subset is checked against the full model when the model is at most this large.
+PROXY_CHECK_MAX_PARAMETERS = 50_000_000
+
+
 @dataclass
 class ScanConfig:
     """Every setting of a scan; saved in scan.json as `config`."""
@@ -55,6 +59,7 @@ class ScanConfig:
     dtype: str = "auto"
     chunk_size: int | None = None
     max_memory_gib: float | None = None
+    proxy_check: bool = True
     stats: bool = True
     bootstrap: int = 1000
     generate_batch_size: int = 16
@@ -122,7 +127,7 @@ def scan(config: ScanConfig, progress: Progress | None = None) -> ScanResult:
     from gradprobe.gradients.engine import EngineOutOfMemory, GradientEngine, NonFiniteGradientError
     from gradprobe.gradients.layout import build_units
     from gradprobe.gradients.params import select_parameters
-    from gradprobe.gradients.summary import summarise_gradients
+    from gradprobe.gradients.summary import proxy_fidelity, summarise_gradients
     from gradprobe.mix import load_mix, render_prompt, select_prompts
     from gradprobe.model_loading import load_model
     from gradprobe.rollouts import read_rollouts, sample_rollouts
@@ -184,6 +189,21 @@ def scan(config: ScanConfig, progress: Progress | None = None) -> ScanResult:
             ) from None
     summary = summarise_gradients(result, layout)
     document = _scan_document(config, loaded, mix, rollouts, layout, summary, result, timings)
+    all_names = select_parameters(model, ["all"])
+    if len(param_names) < len(all_names) and config.proxy_check and (
+        sum(p.numel() for p in model.parameters()) <= PROXY_CHECK_MAX_PARAMETERS
+    ):
+        with _timed(timings, "proxy_check_s"):
+            full_engine = GradientEngine(model, all_names, config.temperature,
+                                         pad_token_id=tokenizer.pad_token_id or 0)
+            full = summarise_gradients(
+                full_engine.run_adaptive(batch, None, chunk_size, budget // 3), layout)
+        document["proxy_fidelity"] = {
+            "params": config.params,
+            **proxy_fidelity([summary.tasks[t]["grad_norm"] for t in layout.tasks],
+                             [full.tasks[t]["grad_norm"] for t in layout.tasks]),
+            "full_norm_ratio": {t: full.tasks[t]["norm_ratio"] for t in layout.tasks},
+        }
     if config.stats:
         with _timed(timings, "stats_s"):
             document["stats"] = run_statistics(document["prompts"], summary.prompt_gram,

@@ -195,3 +195,16 @@ def test_report_shows_a_saved_scan(tiny_llama, tiny_mix, tmp_path):
     result = run("report", tmp_path / "s")
     assert result.exit_code == 0 and "Per-task gradients" in result.output
     assert_user_error(run("report", tmp_path / "missing"), "no scan.json")
+
+
+def test_parameter_subset_reports_proxy_fidelity(tiny_llama, tiny_mix, tmp_path):
+    result = scan(tiny_llama, tiny_mix, tmp_path / "o", "--params", "last-block")
+    assert result.exit_code == 0, result.output
+    assert "Proxy fidelity" in result.output
+    document = json.loads((tmp_path / "o" / "scan.json").read_text())
+    assert document["model"]["n_selected_parameters"] < document["model"]["n_parameters"]
+    fidelity = document["proxy_fidelity"]
+    assert fidelity["params"] == ["last-block"] and fidelity["n_tasks"] >= 2
+    assert fidelity["max_ratio_error"] is not None
+    assert set(document["modules"]) == {"block1.attention", "block1.mlp", "norms"}
+    assert_user_error(scan(tiny_llama, tiny_mix, tmp_path / "p", "--params", "nothing.*"), "matches no")

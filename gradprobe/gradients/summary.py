@@ -115,13 +115,35 @@ def summarise_gradients(result: UnitGradients, layout: UnitLayout) -> GradientSu
     )
 
 
+def proxy_fidelity(proxy_norms: list[float | None], full_norms: list[float | None]) -> dict[str, Any]:
+    """How well a parameter subset ranks tasks like the full model (metrics.md, per-module).
+
+    `spearman`: rank correlation across tasks of the two grad_norm vectors (None below 3 tasks
+    or when either is constant); `max_ratio_error`: max_t |r_t(proxy) - r_t(full)| / r_t(full),
+    with r_t the norm_ratio (norm over the smallest nonzero norm) under each parameter set.
+    """
+    from scipy.stats import spearmanr
+
+    pairs = [(p, f) for p, f in zip(proxy_norms, full_norms) if p and f]
+    out: dict[str, Any] = {"n_tasks": len(pairs), "spearman": None, "max_ratio_error": None}
+    if len(pairs) >= 2:
+        proxy, full = np.array(pairs).T
+        proxy_ratio, full_ratio = proxy / proxy.min(), full / full.min()
+        out["max_ratio_error"] = float(np.max(np.abs(proxy_ratio - full_ratio) / full_ratio))
+    if len(pairs) >= 3 and np.ptp(np.array(pairs)[:, 0]) > 0 and np.ptp(np.array(pairs)[:, 1]) > 0:
+        out["spearman"] = float(spearmanr(*np.array(pairs).T).statistic)
+    return out
+
+
 def _module_breakdown(result: UnitGradients, layout: UnitLayout) -> dict[str, dict[str, Any]]:
-    """Per module group: its size and each task's norms restricted to it."""
+    """Per module group: its size, each task's norms restricted to it, and its proxy fidelity."""
     out = {}
+    full_norms = [_finite(v) for v in _core_figures(result.total_gram, layout)["grad_norm"]]
     for g, group in enumerate(result.groups):
         core = _core_figures(result.gram[g], layout)
         out[group] = {
             "n_parameters": result.group_sizes[g],
+            "proxy_fidelity": proxy_fidelity([_finite(v) for v in core["grad_norm"]], full_norms),
             "tasks": {
                 name: {
                     "grad_norm": _finite(core["grad_norm"][t]),

@@ -34,7 +34,8 @@ MAX_EXPRESSION_CHARS = 256
 # Literals above this are not countdown numbers (they would only make the arithmetic costly).
 MAX_LITERAL = 10**9
 
-_ANSWER_BLOCK = re.compile(r"<answer>(.*?)</answer>", re.IGNORECASE | re.DOTALL)
+_OPEN_TAG = re.compile(r"<answer>", re.IGNORECASE)
+_CLOSE_TAG = re.compile(r"</answer>", re.IGNORECASE)
 _ARITHMETIC = re.compile(r"[\d\s+\-*/().=]+")
 # Look-alike operators that models write; mapped to the ASCII the parser accepts.
 _OPERATORS = str.maketrans({"×": "*", "·": "*", "÷": "/", "−": "-", "–": "-"})
@@ -120,14 +121,24 @@ def _as_numbers(value: Any) -> list[int]:
 
 def extract_equation(completion: str) -> str | None:
     """The equation text: the last ``<answer>`` block, else the last arithmetic-looking line."""
-    blocks = _ANSWER_BLOCK.findall(completion)
-    if blocks:
-        return _expression_side(blocks[-1])
+    block = _last_answer_block(completion)
+    if block is not None:
+        return _expression_side(block)
     for line in reversed(completion.splitlines()):
         candidate = _expression_side(line)
         if candidate is not None and _looks_like_arithmetic(candidate):
             return candidate
     return None
+
+
+def _last_answer_block(text: str) -> str | None:
+    """Text of the last ``<answer>...</answer>``; two linear scans, where a lazy regex is
+    quadratic on a completion full of unclosed tags."""
+    closes = [match.start() for match in _CLOSE_TAG.finditer(text)]
+    if not closes:
+        return None
+    opens = [match.end() for match in _OPEN_TAG.finditer(text, 0, closes[-1])]
+    return text[opens[-1]:closes[-1]] if opens else None
 
 
 def _expression_side(text: str) -> str | None:

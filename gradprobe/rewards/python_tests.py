@@ -210,11 +210,11 @@ def _feed_and_wait(proc: subprocess.Popen[bytes], nonce: str, wall_s: float) -> 
         pass  # the child died before reading: its exit status tells
     try:
         proc.wait(timeout=wall_s)
-        timed_out = False
+        return False
     except subprocess.TimeoutExpired:
-        timed_out = True
-    _kill_group(proc)
-    return timed_out
+        return True
+    finally:
+        _kill_group(proc)  # also on KeyboardInterrupt: never leave the child running
 
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:
@@ -275,8 +275,13 @@ import posix, sys, _thread
 
 _lstat, _readlink, _getcwd, _ident = posix.lstat, posix.readlink, posix.getcwd, _thread.get_ident
 _OWN = globals()
+try:
+    raise ValueError
+except ValueError as error:
+    _TRACEBACK = type(error.__traceback__)
 _WRITE_FLAGS = posix.O_WRONLY | posix.O_RDWR | posix.O_APPEND | posix.O_CREAT | posix.O_TRUNC
 _BUSY = set()
+_DEVICES = {"/dev/null", "/dev/zero", "/dev/urandom", "/dev/random"}
 _REFUSED = {
     "os.system", "os.fork", "os.forkpty", "os.kill", "os.killpg", "os.chdir", "os.symlink",
     "os.link", "resource.setrlimit", "resource.prlimit",
@@ -347,11 +352,12 @@ def _under(path, roots):
     return False
 
 
-def _is_dir(path):
+def _kind(path):
+    """The file-type bits of a (symlink-free) path's mode; 0 if it does not exist."""
     try:
-        return _lstat(path).st_mode & 0o170000 == 0o040000
+        return _lstat(path).st_mode & 0o170000
     except OSError:
-        return False
+        return 0
 
 
 def _check_open(path, mode, flags):
@@ -363,12 +369,15 @@ def _check_open(path, mode, flags):
     inside = _under(resolved, (_ROOT,))
     writing = (type(mode) is str and ("w" in mode or "a" in mode or "x" in mode or "+" in mode)) \
         or (type(flags) is int and flags & _WRITE_FLAGS)
-    if writing and not inside and resolved != "/dev/null":
+    if writing and not inside and resolved not in _DEVICES:
         _refuse("writing outside the sandbox: " + resolved)
     if not inside and not _under(resolved, _READ_ROOTS):
         _refuse("reading outside the sandbox: " + resolved)
-    if mode is None and not inside and _is_dir(resolved):
+    kind = _kind(resolved)
+    if mode is None and not inside and kind == 0o040000:
         _refuse("a directory descriptor outside the sandbox")  # dir_fd would dodge these checks
+    if kind in (0o060000, 0o020000) and resolved not in _DEVICES:
+        _refuse("device files")  # root could mknod a disk device inside the sandbox
 
 
 def _check_write_paths(event, args):
@@ -377,10 +386,10 @@ def _check_write_paths(event, args):
         if type(path) is int and event == "os.truncate":
             continue  # truncating needs a descriptor opened for writing, vetted then
         if event == "sqlite3.connect":
-            if path in (":memory:", ""):
-                continue
             if type(path) is not str or path.startswith("file:"):
                 _refuse("sqlite URIs and odd database paths")
+            if path in (":memory:", ""):
+                continue
         resolved = _resolve(path)  # None for descriptors: chmod(fd) would reach any open file
         if resolved is None or not _under(resolved, (_ROOT,)):
             _refuse(event + " outside the sandbox")
@@ -401,6 +410,8 @@ def _check_frame(traceback):
 
 
 def _hook(event, args):
+    # Only exact str/int/bytes are touched: a method call on anything else would run the
+    # caller's code inside this frame, and from there it could reach this module's globals.
     if event in _REFUSED or event.startswith(_REFUSED_PREFIXES):
         _refuse(event)
     elif event == "import":
@@ -410,8 +421,9 @@ def _hook(event, args):
         _check_open(args[0], args[1], args[2])
     elif event in _WRITE_PATH_EVENTS:
         _check_write_paths(event, args)
-    elif event == "object.__getattr__" and args[1] == "tb_frame":
-        _check_frame(args[0])
+    elif event == "object.__getattr__" and type(args[1]) is str and args[1] == "tb_frame":
+        if type(args[0]) is _TRACEBACK:  # sys.audit() could pass a lookalike with a property
+            _check_frame(args[0])
 '''
 
 # The child's main program. Set-up (limits, defusing, hook) runs before a line of the untrusted

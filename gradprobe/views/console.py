@@ -118,6 +118,12 @@ def render_scan(document: dict[str, Any]) -> RenderableType:
         from gradprobe.views.stats_view import render_stats
 
         parts.extend(render_stats(document["stats"]))
+    fidelity = document.get("proxy_fidelity")
+    if fidelity:
+        parts.append(Text(
+            f"Proxy fidelity of --params {' '.join(fidelity['params'])} against all parameters: "
+            f"Spearman {fmt(fidelity['spearman'], '.2f')} across {fidelity['n_tasks']} tasks, "
+            f"max norm-ratio error {fmt(fidelity['max_ratio_error'], '.1%')}."))
     parts.append(Text(document["verdict"], style="bold yellow"))
     unbiased_negative = [t for t, v in document["tasks"].items()
                          if v.get("grad_sq_norm_unbiased") is not None and v["grad_sq_norm_unbiased"] <= 0]
