@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import threading
 import time
 import tracemalloc
@@ -203,6 +204,16 @@ def test_sandbox_cannot_write_outside_its_directory(tmp_path) -> None:
     for attempt in attempts:
         assert sandbox(attempt + "\ndef add(a, b):\n    return a + b") == 0.0, attempt
         assert not target.exists(), attempt
+    # A directory it may read (the Python installation) must not become a dir_fd to write via.
+    planted = os.path.join(sys.prefix, "gradprobe_planted.pth")
+    try:
+        code = (f"import os\nfd = os.open({sys.prefix!r}, os.O_RDONLY)\n"
+                "os.close(os.open('gradprobe_planted.pth', os.O_CREAT | os.O_WRONLY, dir_fd=fd))")
+        assert sandbox(code + "\ndef add(a, b):\n    return a + b") == 0.0
+        assert not os.path.exists(planted)
+    finally:
+        if os.path.exists(planted):
+            os.remove(planted)
     # Writing inside its own directory is fine.
     assert sandbox("open('scratch.txt', 'w').write('x')\ndef add(a, b):\n    return a + b") == 1.0
 

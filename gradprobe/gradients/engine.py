@@ -21,6 +21,7 @@ recomputed, so memory stays bounded and a model too large to retain everything c
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -93,6 +94,21 @@ class NonFiniteGradientError(RuntimeError):
         self.units = units
 
 
+def use_eager_attention(model: torch.nn.Module) -> None:
+    """Switch a Hugging Face model to eager attention for the vmapped gradient pass.
+
+    vmap has no batching rule for the backward of scaled_dot_product_attention and falls back to
+    a slow per-sample loop (engine-notes.md); eager attention is plain batched matmuls.
+    """
+    setter = getattr(model, "set_attn_implementation", None)
+    config = getattr(model, "config", None)
+    if setter is not None and getattr(config, "_attn_implementation", "eager") != "eager":
+        try:
+            setter("eager")
+        except (ValueError, NotImplementedError):
+            pass  # a model without an eager path keeps its own; it is still correct, only slower
+
+
 def _ordered_by_group(names: list[str]) -> tuple[list[str], list[str], list[int]]:
     """Parameter names sorted so each module group is one contiguous slice."""
     groups: list[str] = []
@@ -115,6 +131,7 @@ class GradientEngine:
         pad_token_id: int = 0,
     ) -> None:
         self.model = model.eval().requires_grad_(False)
+        use_eager_attention(model)
         self.names, self.groups, group_index = _ordered_by_group(param_names)
         named = dict(model.named_parameters())
         self.params = {n: named[n].detach() for n in self.names}
@@ -130,10 +147,18 @@ class GradientEngine:
         self.pad_token_id = pad_token_id
         self.device = next(iter(self.params.values())).device
 
-    def _unit_loss(self, params: dict[str, torch.Tensor], ids: torch.Tensor, coef: torch.Tensor):
-        logits = functional_call(self.model, params, (ids,), {"use_cache": False}).logits
-        logp = token_logprobs(logits.to(self.dtype), ids, self.temperature)
-        return (coef[..., 1:] * logp).sum()
+    def _unit_loss(self, params: dict[str, torch.Tensor], ids: torch.Tensor, coef: torch.Tensor,
+                   first: int) -> torch.Tensor:
+        """sum_j coef_j log pi(x_j | x_<j) over positions j >= first of a unit's sequences.
+
+        Only the logits that predict positions >= first are computed (`logits_to_keep`): prompt
+        positions carry no loss, and the vocabulary projection is a large part of the cost.
+        """
+        keep = ids.shape[-1] - first + 1
+        kwargs = {"use_cache": False, "logits_to_keep": keep}
+        logits = functional_call(self.model, params, (ids,), kwargs).logits
+        logp = token_logprobs(logits.to(self.dtype), ids[..., first - 1 :], self.temperature)
+        return (coef[..., first:] * logp).sum()
 
     def _pad_chunk(self, batch: UnitBatch, units: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(len(batch.units[u]) for u in units)
@@ -154,7 +179,10 @@ class GradientEngine:
         matrix cost a third of the stage on CPU.
         """
         ids, coef = self._pad_chunk(batch, units)
-        grads = vmap(grad(self._unit_loss), in_dims=(None, 0, 0))(self.params, ids, coef)
+        nonzero = (coef != 0).any(0).any(0).nonzero()
+        first = max(1, int(nonzero[0])) if len(nonzero) else 1
+        loss = functools.partial(self._unit_loss, first=first)
+        grads = vmap(grad(loss), in_dims=(None, 0, 0))(self.params, ids, coef)
         return {n: grads[n].reshape(len(units), -1).to(self.dtype) for n in self.names}
 
     def _gram_block(self, x: dict[str, torch.Tensor], y: dict[str, torch.Tensor]) -> torch.Tensor:
