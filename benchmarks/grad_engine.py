@@ -49,7 +49,8 @@ def build_model(name: str, device: str, dtype: torch.dtype):
         config = config_class(max_position_embeddings=4096, tie_word_embeddings=False, **spec)
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.config._attn_implementation = "eager"
+    # plain and naive keep the default attention (sdpa), as a trainer would; the engine switches
+    # itself to eager attention, which vmap batches (engine-notes.md).
     return model.to(device).eval()
 
 
@@ -130,19 +131,24 @@ def method_naive(model, batch, layout, args):
             loss_of(model, batch, seqs, args.device, args.micro_batch)
 
 
-def method_gradprobe(model, batch, layout, args):
+def method_gradprobe(model, batch, layout, args, checkpoint=False):
     from gradprobe.gradients.engine import GradientEngine
     from gradprobe.gradients.summary import summarise_gradients
 
     names = [n for n, _ in model.named_parameters()]
-    engine = GradientEngine(model, names, 1.0)
+    engine = GradientEngine(model, names, 1.0, checkpoint_activations=checkpoint)
     result = engine.run(batch, layout.task_matrix(), chunk_size=args.chunk_size,
                         max_retained_bytes=int(args.retain_gb * 2**30))
     summarise_gradients(result, layout)
     return {"passes": result.passes}
 
 
-METHODS = {"plain": method_plain, "naive": method_naive, "gradprobe": method_gradprobe}
+def method_gradprobe_checkpointed(model, batch, layout, args):
+    return method_gradprobe(model, batch, layout, args, checkpoint=True)
+
+
+METHODS = {"plain": method_plain, "naive": method_naive, "gradprobe": method_gradprobe,
+           "gradprobe-ckpt": method_gradprobe_checkpointed}
 
 
 def run_method(name, args, queue):
@@ -187,7 +193,8 @@ def main() -> None:
     parser.add_argument("--retain-gb", type=float, default=4.0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--methods", default="plain,naive,gradprobe")
+    parser.add_argument("--methods", default="plain,naive,gradprobe",
+                        help=f"comma-separated, of {', '.join(METHODS)}")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     context = mp.get_context("spawn")
@@ -204,7 +211,7 @@ def main() -> None:
           f"{args.tasks} tasks x {args.prompts} prompts x {args.group_size} completions, {args.device} {args.dtype}")
     for name, r in results.items():
         rate = flops / r["seconds"] / 1e12
-        print(f"  {name:<10} {r['seconds']:8.3f} s   peak {r['peak_mib']:9.1f} MiB   "
+        print(f"  {name:<15} {r['seconds']:8.3f} s   peak {r['peak_mib']:9.1f} MiB   "
               f"{rate:7.3f} TFLOP/s (6 x params x tokens)")
     if "gradprobe" in results and "plain" in results:
         print(f"  c/a = {results['gradprobe']['seconds'] / results['plain']['seconds']:.2f}", end="")

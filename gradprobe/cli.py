@@ -34,7 +34,7 @@ stdout = Console()
 stderr = Console(stderr=True)
 
 # Settings of the embedded demo: small enough for under a minute on two CPU cores.
-DEMO_SETTINGS = {"prompts_per_task": 16, "group_size": 8, "max_new_tokens": 10, "temperature": 1.0}
+DEMO_SETTINGS = {"prompts_per_task": 48, "group_size": 8, "max_new_tokens": 10, "temperature": 1.0}
 
 
 def fail(message: str) -> None:
@@ -78,6 +78,7 @@ def scan(
     dtype: Annotated[str, typer.Option(help="Model weights: auto (bf16 on GPU, else float32), float32 or bfloat16. Gradient sums are float32.")] = "auto",
     max_memory: Annotated[Optional[float], typer.Option(help="GiB the gradient stage may use [default: what the device has free]; sets the chunk size.")] = None,
     chunk_size: Annotated[Optional[int], typer.Option(help="Units (prompt x advantage sign) per vmapped gradient call [default: from --max-memory]; halved automatically on out-of-memory.")] = None,
+    checkpoint_activations: Annotated[bool, typer.Option("--checkpoint-activations", help="Recompute each layer's activations in backward: much less memory for long completions, about 1.5-3x slower.")] = False,
     proxy_check: Annotated[bool, typer.Option("--proxy-check/--no-proxy-check", help="With a --params subset on a model of at most 50M parameters, also run all parameters and report how well the subset ranks the tasks.")] = True,
     stats: Annotated[bool, typer.Option("--stats/--no-stats", help="Test per-prompt norms against reward, advantage, length and task.")] = True,
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the norm-ratio intervals.")] = 1000,
@@ -126,6 +127,7 @@ def scan(
         task_field=task_field, prompt_field=prompt_field, answer_field=answer_field,
         top_p=top_p, seed=seed, rewards=rewards, advantage=advantage, loss=loss,
         params=list(params or ["all"]), device=device, dtype=dtype, chunk_size=chunk_size, max_memory_gib=max_memory,
+        checkpoint_activations=checkpoint_activations,
         stats=stats, bootstrap=bootstrap, proxy_check=proxy_check,
         allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, **settings,
     )

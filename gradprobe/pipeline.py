@@ -59,6 +59,7 @@ class ScanConfig:
     dtype: str = "auto"
     chunk_size: int | None = None
     max_memory_gib: float | None = None
+    checkpoint_activations: bool = False
     proxy_check: bool = True
     stats: bool = True
     bootstrap: int = 1000
@@ -168,7 +169,8 @@ def scan(config: ScanConfig, progress: Progress | None = None) -> ScanResult:
 
     param_names = select_parameters(model, config.params)
     batch, layout = build_units(rollouts, LOSSES.get(config.loss), config.max_new_tokens)
-    engine = GradientEngine(model, param_names, config.temperature, pad_token_id=tokenizer.pad_token_id or 0)
+    engine = GradientEngine(model, param_names, config.temperature, pad_token_id=tokenizer.pad_token_id or 0,
+                            checkpoint_activations=config.checkpoint_activations)
     task_sums = torch.as_tensor(layout.task_matrix(), dtype=torch.float64)
     active = sum(batch.is_active(u) for u in range(len(batch.units)))
     budget = int(config.max_memory_gib * 2**30) if config.max_memory_gib else available_memory(engine.device)
@@ -195,7 +197,8 @@ def scan(config: ScanConfig, progress: Progress | None = None) -> ScanResult:
     ):
         with _timed(timings, "proxy_check_s"):
             full_engine = GradientEngine(model, all_names, config.temperature,
-                                         pad_token_id=tokenizer.pad_token_id or 0)
+                                         pad_token_id=tokenizer.pad_token_id or 0,
+                                         checkpoint_activations=config.checkpoint_activations)
             full = summarise_gradients(
                 full_engine.run_adaptive(batch, None, chunk_size, budget // 3), layout)
         document["proxy_fidelity"] = {

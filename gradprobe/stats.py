@@ -37,6 +37,7 @@ COVARIATE_LABELS = {
 MIN_GROUP_N = 3  # usable prompts for a task to enter Kruskal-Wallis, Mann-Whitney, OLS, bootstrap
 MIN_SPEARMAN_N = 5  # pairs for a Spearman rho and its Fisher-z interval (needs n > 3)
 MIN_OLS_RESID_DF = 5  # residual degrees of freedom an OLS model needs
+COLLINEAR_TOLERANCE = 1e-6  # a covariate whose 1 - R^2 on the earlier ones is below this is dropped
 MIN_PROMPTS_VERDICT = 10  # prompts per task before a verdict sentence commits to an answer
 INHERENT_PARTIAL_R2 = 0.25  # task partial R^2 (and p < alpha) to call the imbalance inherent
 SMALL_PARTIAL_R2 = 0.05  # task partial R^2 below this means "the task adds little"
@@ -320,20 +321,22 @@ def spearman_ci(x: np.ndarray, y: np.ndarray, alpha: float = 0.05) -> dict:
 # ---------------------------------------------------------------- explained or inherent
 
 
-def _scaled(x: np.ndarray) -> np.ndarray:
-    s = np.abs(x).max(axis=0)
-    return x / np.where(s > 0, s, 1.0)
-
-
 def _add_columns(
     x: np.ndarray, cols: Sequence[tuple[str, np.ndarray]]
 ) -> tuple[np.ndarray, list[str], list[str]]:
-    """Append each column that raises the rank of x; return x, kept names, dropped names."""
+    """Append each column not (nearly) a linear function of x; return x, kept names, dropped names.
+
+    A column is dropped when the columns before it explain all but `COLLINEAR_TOLERANCE` of its
+    variance (1 - R^2 below it, a variance inflation above 1/COLLINEAR_TOLERANCE): its coefficient
+    would be noise. With binary rewards and GRPO advantages, mean |A| is reward_std times a
+    constant up to the estimator's epsilon, which an exact rank test lets through.
+    """
     kept, dropped = [], []
     for name, c in cols:
-        cand = np.column_stack([x, c])
-        if np.linalg.matrix_rank(_scaled(cand)) > x.shape[1]:
-            x, kept = cand, kept + [name]
+        centred = c - c.mean()
+        residual = c - x @ np.linalg.lstsq(x, c, rcond=None)[0]
+        if float(residual @ residual) > COLLINEAR_TOLERANCE * float(centred @ centred):
+            x, kept = np.column_stack([x, c]), kept + [name]
         else:
             dropped.append(name)
     return x, kept, dropped

@@ -374,3 +374,14 @@ def test_json_and_views(mixed):
     for v in s["verdicts"]:
         assert v in md
     assert "| H | df | p |" in md
+
+
+def test_nearly_collinear_covariate_dropped():
+    """GRPO with binary rewards: mean |A| = c * reward_std up to the estimator's epsilon."""
+    table, grams, _ = synth(np.random.default_rng(9), {"a": 25, "b": 25}, effect={"b": 1.0})
+    std = table.reward_std
+    near = 2 * std / (std + 1e-4) * std  # what std-normalised advantages give, eps included
+    table = PromptTable(**{**table.__dict__, "mean_abs_advantage": near})
+    o = compute_stats(table, grams, n_bootstrap=20)["ols"]
+    assert o["dropped_collinear"] == ["mean_abs_advantage"]
+    assert all(abs(c["beta"]) < 1e3 for c in o["coefficients"].values())

@@ -11,12 +11,15 @@ rewards, with different levels per task.
 How it gets there: the probability that one temperature-1 sample is exactly the reference answer
 followed by EOS is ``exp(sum log p(answer + EOS | prompt))``, which one teacher-forced forward pass
 gives without sampling. Every `EVAL_EVERY` steps this is averaged over a held-out validation set
-per task; a task whose success probability has reached its target in `TARGETS` is left out of the
-next batches (and put back if it falls below), and training stops once every task lies within
-`TOLERANCE` of its target (or at ``--steps``). Everything is seeded (data, order, init), so the
+per task; a task whose success probability has reached its target in `TARGETS` gets only
+`REHEARSAL` of its normal share of the next batches (leaving it out entirely makes the tiny model
+forget it within a few dozen steps). Training stops once every task lies within `TOLERANCE` of its
+target, once no task is below its target, or at ``--steps``; the model kept is the evaluated one
+whose *least* mixed task is most mixed (the chance that a group of 8 samples of a prompt has both
+right and wrong answers, averaged over the task's prompts), so every task has a gradient. Everything is seeded (data, order, init), so the
 same seed gives the same model on the same software and thread count.
 
-The held-out demo mix (``mix.jsonl``: 24 prompts per task) is generated with a different random
+The held-out demo mix (``mix.jsonl``: 48 prompts per task) is generated with a different random
 stream and is disjoint from every training and validation prompt; `training_prompts(seed)`
 regenerates the training prompts so tests can check that.
 """
@@ -35,7 +38,7 @@ from gradprobe.demo.tasks import TASKS, Example
 DEFAULT_SEED = 0
 TRAIN_PER_TASK = 8000
 VAL_PER_TASK = 160
-MIX_PER_TASK = 24
+MIX_PER_TASK = 48
 
 # Target per-sample success probability of each task at temperature 1.0, and the band around it.
 TARGETS = {"add": 0.45, "solve": 0.3, "reverse": 0.65, "count": 0.5}
@@ -46,6 +49,7 @@ BATCH_SIZE = 96
 LEARNING_RATE = 1e-3
 WARMUP_STEPS = 50
 EVAL_EVERY = 20
+REHEARSAL = 0.25  # batch weight of a task already at its target, relative to one below it
 
 # The fields of the demo Llama that differ from `tiny_llama_config`'s defaults.
 MODEL_OVERRIDES: dict[str, object] = dict(
@@ -169,6 +173,21 @@ def success_probabilities(model, encoded) -> dict:
     return out
 
 
+def _batch_shares(weight: dict[str, float], size: int) -> dict[str, int]:
+    """Rows per task in a batch of `size`, proportional to `weight` (largest remainders)."""
+    total = sum(weight.values())
+    exact = {t: size * w / total for t, w in weight.items()}
+    share = {t: int(x) for t, x in exact.items()}
+    for t in sorted(exact, key=lambda t: share[t] - exact[t])[: size - sum(share.values())]:
+        share[t] += 1
+    return share
+
+
+def mixed_group_rate(success, group_size: int = 8) -> float:
+    """Mean over prompts of P(a group of `group_size` samples has both rewards), given P(right)."""
+    return float((1 - success**group_size - (1 - success) ** group_size).mean())
+
+
 def build_model(tokenizer, seed: int):
     import torch
     from transformers import LlamaForCausalLM
@@ -218,14 +237,15 @@ def train(seed: int, max_steps: int, log=print):
             picked.append(orders[task].pop())
         return picked
 
-    active = list(tasks)
+    weight = {t: 1.0 for t in tasks}
     accuracy: dict[str, float] = {}
+    best = (-1.0, 0, {})  # (least mixed-group rate, step, state dict)
     start = time.perf_counter()
     step = 0
     stopped = "max steps"
     for step in range(1, max_steps + 1):
-        share = [BATCH_SIZE // len(active) + (i < BATCH_SIZE % len(active)) for i in range(len(active))]
-        parts = [tuple(x[take(t, n)] for x in train_enc[t]) for t, n in zip(active, share)]
+        share = _batch_shares(weight, BATCH_SIZE)
+        parts = [tuple(x[take(t, n)] for x in train_enc[t]) for t, n in share.items() if n]
         width = max(p[0].shape[1] for p in parts)
         batch = []
         for k in range(3):
@@ -243,26 +263,31 @@ def train(seed: int, max_steps: int, log=print):
             probs = success_probabilities(model, val_enc)
             accuracy = {t: float(probs[t].mean()) for t in tasks}
             in_band = {t: abs(accuracy[t] - TARGETS[t]) <= TOLERANCE for t in tasks}
+            balance = min(mixed_group_rate(probs[t]) for t in tasks)
             log(f"step {step:5d}  loss {loss.item():.3f}  "
                 + "  ".join(f"{t} {accuracy[t]:.2f}{'*' if in_band[t] else ''}" for t in tasks)
-                + f"  [{time.perf_counter() - start:.0f}s]")
+                + f"  least mixed {balance:.2f}  [{time.perf_counter() - start:.0f}s]")
+            if balance > best[0]:
+                best = (balance, step, {k: v.clone() for k, v in model.state_dict().items()})
             if all(in_band.values()):
                 stopped = "every task in its band"
                 break
-            active = [t for t in tasks if accuracy[t] < TARGETS[t]]
-            if not active:
+            if all(accuracy[t] >= TARGETS[t] for t in tasks):
                 stopped = "every task at or above its target"
                 break
+            weight = {t: 1.0 if accuracy[t] < TARGETS[t] else REHEARSAL for t in tasks}
     elapsed = time.perf_counter() - start
+    if best[2]:
+        model.load_state_dict(best[2])
     probs = success_probabilities(model, val_enc)
     stats = {
         "steps": step,
+        "kept_step": best[1],
         "stopped": stopped,
         "seconds": elapsed,
         "parameters": n_params,
         "expected_accuracy": {t: float(probs[t].mean()) for t in tasks},
-        # Chance that a group of 8 samples of a prompt has mixed rewards, averaged per task.
-        "mixed_group_rate": {t: float((1 - probs[t] ** 8 - (1 - probs[t]) ** 8).mean()) for t in tasks},
+        "mixed_group_rate": {t: mixed_group_rate(probs[t]) for t in tasks},
     }
     return model, tokenizer, stats
 
@@ -340,7 +365,8 @@ def main(argv: list[str] | None = None) -> int:
     write_mix(args.mix, mix)
 
     size = (args.out / "model.safetensors").stat().st_size
-    print(f"stopped after {stats['steps']} steps ({stats['stopped']}) in {stats['seconds']:.0f}s; "
+    print(f"stopped after {stats['steps']} steps ({stats['stopped']}) in {stats['seconds']:.0f}s, "
+          f"kept step {stats['kept_step']}; "
           f"{stats['parameters']:,} parameters, model.safetensors {size / 1e6:.2f} MB")
     print("expected accuracy on validation prompts: "
           + ", ".join(f"{t} {v:.2f}" for t, v in stats["expected_accuracy"].items()))

@@ -17,12 +17,17 @@ mask is needed). Units with all-zero coefficients (degenerate groups) have a zer
 not computed. The Gram of all pairs needs all per-unit gradients at once; they are kept in
 "panels" of as many chunks as ``max_retained_bytes`` allows, and chunks outside the panel are
 recomputed, so memory stays bounded and a model too large to retain everything costs more passes.
+
+With ``checkpoint_activations`` the engine trades speed for memory on long completions: torch.func
+transforms cannot run through torch.utils.checkpoint, so each unit's gradient is then taken with
+plain autograd while every decoder layer recomputes its activations in the backward pass.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -109,6 +114,26 @@ def use_eager_attention(model: torch.nn.Module) -> None:
             pass  # a model without an eager path keeps its own; it is still correct, only slower
 
 
+@contextmanager
+def checkpointed_layers(model: torch.nn.Module) -> Iterator[int]:
+    """Within the block, each decoder layer keeps only its inputs and recomputes the rest in backward.
+
+    Works in eval mode (no dropout), unlike `gradient_checkpointing_enable`, which only acts while
+    training. Yields the number of layers wrapped.
+    """
+    from torch.utils.checkpoint import checkpoint
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for layer in layers:
+        layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
+    try:
+        yield len(layers)
+    finally:
+        for layer in layers:
+            del layer.forward  # back to the class's method
+
+
 def _ordered_by_group(names: list[str]) -> tuple[list[str], list[str], list[int]]:
     """Parameter names sorted so each module group is one contiguous slice."""
     groups: list[str] = []
@@ -129,8 +154,10 @@ class GradientEngine:
         temperature: float = 1.0,
         accumulate_dtype: torch.dtype = torch.float32,
         pad_token_id: int = 0,
+        checkpoint_activations: bool = False,
     ) -> None:
         self.model = model.eval().requires_grad_(False)
+        self.checkpoint_activations = checkpoint_activations
         use_eager_attention(model)
         self.names, self.groups, group_index = _ordered_by_group(param_names)
         named = dict(model.named_parameters())
@@ -147,16 +174,20 @@ class GradientEngine:
         self.pad_token_id = pad_token_id
         self.device = next(iter(self.params.values())).device
 
-    def _unit_loss(self, params: dict[str, torch.Tensor], ids: torch.Tensor, coef: torch.Tensor,
-                   first: int) -> torch.Tensor:
+    def _unit_loss(self, params: dict[str, torch.Tensor] | None, ids: torch.Tensor,
+                   coef: torch.Tensor, first: int) -> torch.Tensor:
         """sum_j coef_j log pi(x_j | x_<j) over positions j >= first of a unit's sequences.
 
         Only the logits that predict positions >= first are computed (`logits_to_keep`): prompt
         positions carry no loss, and the vocabulary projection is a large part of the cost.
+        With `params` None the model runs with its own parameters (the checkpointed path).
         """
         keep = ids.shape[-1] - first + 1
         kwargs = {"use_cache": False, "logits_to_keep": keep}
-        logits = functional_call(self.model, params, (ids,), kwargs).logits
+        if params is None:
+            logits = self.model(ids, **kwargs).logits
+        else:
+            logits = functional_call(self.model, params, (ids,), kwargs).logits
         logp = token_logprobs(logits.to(self.dtype), ids[..., first - 1 :], self.temperature)
         return (coef[..., first:] * logp).sum()
 
@@ -182,8 +213,32 @@ class GradientEngine:
         nonzero = (coef != 0).any(0).any(0).nonzero()
         first = max(1, int(nonzero[0])) if len(nonzero) else 1
         loss = functools.partial(self._unit_loss, first=first)
-        grads = vmap(grad(loss), in_dims=(None, 0, 0))(self.params, ids, coef)
+        if self.checkpoint_activations:
+            grads = self._checkpointed_gradients(loss, ids, coef)
+        else:
+            grads = vmap(grad(loss), in_dims=(None, 0, 0))(self.params, ids, coef)
         return {n: grads[n].reshape(len(units), -1).to(self.dtype) for n in self.names}
+
+    def _checkpointed_gradients(self, loss: Callable, ids: torch.Tensor, coef: torch.Tensor
+                                ) -> dict[str, torch.Tensor]:
+        """Per-unit gradients one unit at a time with plain autograd and recomputed activations.
+
+        The model runs with its own parameters (a recomputation in backward happens outside any
+        functional_call), the selected ones switched to requires_grad for the duration.
+        """
+        named = dict(self.model.named_parameters())
+        selected = [named[n] for n in self.names]
+        rows: list[tuple[torch.Tensor, ...]] = []
+        try:
+            for parameter in selected:
+                parameter.requires_grad_(True)
+            with checkpointed_layers(self.model), torch.enable_grad():
+                for i in range(ids.shape[0]):
+                    rows.append(torch.autograd.grad(loss(None, ids[i], coef[i]), selected,
+                                                    allow_unused=True, materialize_grads=True))
+        finally:
+            self.model.requires_grad_(False)
+        return {n: torch.stack([row[j] for row in rows]) for j, n in enumerate(self.names)}
 
     def _gram_block(self, x: dict[str, torch.Tensor], y: dict[str, torch.Tensor]) -> torch.Tensor:
         """[n_groups, len(x units), len(y units)]: per-group inner products of two chunks."""
@@ -207,7 +262,12 @@ class GradientEngine:
         width = max((len(u) for u in batch.units), default=1)
         length = max((len(s) for s in batch.sequences), default=1)
         element = torch.finfo(self.dtype).bits // 8
-        per_unit = 3 * self.n_selected * element + width * length * 4 * (3 * vocab + 24 * hidden * layers)
+        tokens = width * length
+        if self.checkpoint_activations:
+            # One unit's activations at a time: layer inputs plus one layer's worth and the logits.
+            activations = tokens * 4 * (3 * vocab + 24 * hidden + 2 * hidden * layers)
+            return int(max(1, min(64, (max_memory // 2 - activations) // (3 * self.n_selected * element))))
+        per_unit = 3 * self.n_selected * element + tokens * 4 * (3 * vocab + 24 * hidden * layers)
         return int(max(1, min(64, (max_memory // 2) // per_unit)))
 
     def run_adaptive(self, batch: UnitBatch, sum_weights: torch.Tensor | None, chunk_size: int,

@@ -1,0 +1,85 @@
+"""The embedded demo: what ships in the package, and `gradprobe scan --demo` end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from gradprobe.cli import app
+from gradprobe.demo import DEMO_MIX_PATH, DEMO_MODEL_DIR, DEMO_REWARDS, TASKS
+from gradprobe.demo.train import MIX_PER_TASK, mix_examples, training_prompts, validation_examples
+
+
+def _mix_rows() -> list[dict]:
+    return [json.loads(line) for line in DEMO_MIX_PATH.read_text().splitlines()]
+
+
+def test_demo_model_ships_small_safetensors_llama() -> None:
+    weights = DEMO_MODEL_DIR / "model.safetensors"
+    assert weights.is_file()
+    assert weights.stat().st_size <= 8 * 2**20
+    assert not list(DEMO_MODEL_DIR.glob("*.bin")), "only safetensors weights ship"
+    config = json.loads((DEMO_MODEL_DIR / "config.json").read_text())
+    assert config["model_type"] == "llama"
+    assert (DEMO_MODEL_DIR / "tokenizer.json").is_file()
+
+
+def test_demo_mix_is_the_seeded_held_out_set() -> None:
+    """mix.jsonl is what the training script regenerates, and no prompt in it was trained on."""
+    rows = _mix_rows()
+    train = training_prompts()
+    expected = mix_examples(0, train, validation_examples(0, train))
+    assert [(r["task"], r["prompt"], r["answer"]) for r in rows] == [
+        (task, prompt, answer) for task, examples in expected.items() for prompt, answer in examples
+    ]
+    assert {r["task"] for r in rows} == set(TASKS) == set(DEMO_REWARDS)
+    assert len(TASKS) >= 4
+    for task in TASKS:
+        assert sum(r["task"] == task for r in rows) == MIX_PER_TASK
+    assert not {r["prompt"] for r in rows} & train
+
+
+def test_demo_answers_are_correct() -> None:
+    """The references themselves: a wrong answer key would make every reward meaningless."""
+    for row in _mix_rows():
+        prompt, answer = row["prompt"], row["answer"]
+        body = prompt.split(" ", 1)[1].rstrip("=")
+        if row["task"] == "add":
+            a, b = body.split("+")
+            assert int(answer) == int(a) + int(b)
+        elif row["task"] == "solve":
+            equation = body.split(" ")[0]  # "17+x=42"
+            left, total = equation.split("=")
+            assert int(answer) == int(total) - int(left.split("+")[0])
+        elif row["task"] == "reverse":
+            assert answer == body[::-1]
+        elif row["task"] == "count":
+            letter, text = body.split(" in ")
+            assert int(answer) == text.count(letter)
+
+
+@pytest.fixture(scope="module")
+def demo_scan(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "scan"
+    result = CliRunner().invoke(app, ["scan", "--demo", "--out", str(out), "--bootstrap", "200"])
+    assert result.exit_code == 0, result.output
+    return json.loads((out / "scan.json").read_text()), result.output
+
+
+def test_demo_scan_every_task_learns_something(demo_scan) -> None:
+    document, output = demo_scan
+    assert set(document["tasks"]) == set(TASKS)
+    for task, row in document["tasks"].items():
+        assert row["grad_norm"] > 0, task
+        assert 0 < row["mean_reward"] < 1, task
+        assert row["degenerate_fraction"] < 1, task
+    assert "dominates" in document["verdict"]
+    assert "dominates" in output
+
+
+def test_demo_scan_shows_an_imbalance(demo_scan) -> None:
+    document, _ = demo_scan
+    ratios = [row["norm_ratio"] for row in document["tasks"].values()]
+    assert max(ratios) / min(ratios) > 1.5
