@@ -83,3 +83,55 @@ def test_demo_scan_shows_an_imbalance(demo_scan) -> None:
     document, _ = demo_scan
     ratios = [row["norm_ratio"] for row in document["tasks"].values()]
     assert max(ratios) / min(ratios) > 1.5
+
+
+def test_demo_scan_statistics_recomputed_from_its_rows(demo_scan) -> None:
+    """The stats section against scipy and numpy least squares on the rows scan.json holds."""
+    import numpy as np
+    from scipy import stats as sps
+
+    document, _ = demo_scan
+    s = document["stats"]
+    rows = [r for r in document["prompts"] if not r["zero_advantage"] and r["prompt_grad_norm"] > 0]
+    assert s["n_usable"]["total"] == len(rows)
+    tasks = list(document["tasks"])
+    by_task = [[r["prompt_grad_norm"] for r in rows if r["task"] == t] for t in tasks]
+    h, p = sps.kruskal(*by_task)
+    assert s["kruskal"]["H"] == pytest.approx(h) and s["kruskal"]["p"] == pytest.approx(p)
+    norm = np.array([r["prompt_grad_norm"] for r in rows])
+    for covariate in ["mean_reward", "reward_std", "mean_abs_advantage", "mean_completion_length"]:
+        rho, p = sps.spearmanr(norm, [r[covariate] for r in rows])
+        assert s["spearman"]["pooled"][covariate]["rho"] == pytest.approx(rho), covariate
+        assert s["spearman"]["pooled"][covariate]["p"] == pytest.approx(p), covariate
+    first = next(pair for pair in s["pairwise"] if pair["p"] is not None)
+    a = [r["prompt_grad_norm"] for r in rows if r["task"] == first["a"]]
+    b = [r["prompt_grad_norm"] for r in rows if r["task"] == first["b"]]
+    result = sps.mannwhitneyu(a, b, alternative="two-sided")
+    assert first["U"] == pytest.approx(result.statistic) and first["p"] == pytest.approx(result.pvalue)
+    # Nested OLS of log norm: covariates kept by gradprobe, then task indicators.
+    y = np.log(norm)
+    x = np.column_stack([np.ones(len(rows))] + [[r[c] for r in rows] for c in s["ols"]["covariates"]])
+    task_cols = [[float(r["task"] == t) for r in rows] for t in tasks[1:]]
+    full = np.column_stack([x] + task_cols)
+
+    def rss(m):
+        beta = np.linalg.lstsq(m, y, rcond=None)[0]
+        return float(((y - m @ beta) ** 2).sum())
+
+    tss = float(((y - y.mean()) ** 2).sum())
+    assert s["ols"]["r2_covariates"] == pytest.approx(1 - rss(x) / tss)
+    assert s["ols"]["r2_with_task"] == pytest.approx(1 - rss(full) / tss)
+    f = ((rss(x) - rss(full)) / len(task_cols)) / (rss(full) / (len(rows) - full.shape[1]))
+    assert s["ols"]["F"] == pytest.approx(f)
+
+
+def test_report_prints_the_same_statistics(demo_scan, tmp_path) -> None:
+    document, _ = demo_scan
+    scan_json = tmp_path / "scan.json"
+    scan_json.write_text(json.dumps(document))
+    result = CliRunner().invoke(app, ["report", str(scan_json)])
+    assert result.exit_code == 0, result.output
+    assert "Kruskal-Wallis" in result.output
+    for verdict in document["stats"]["verdicts"]:
+        assert verdict.split(" ")[0] in result.output
+    assert f"{document['stats']['kruskal']['H']:.3g}" in result.output
