@@ -136,11 +136,16 @@ def method_gradprobe(model, batch, layout, args, checkpoint=False):
     from gradprobe.gradients.summary import summarise_gradients
 
     names = [n for n, _ in model.named_parameters()]
+    from gradprobe.pipeline import available_memory
+
     engine = GradientEngine(model, names, 1.0, checkpoint_activations=checkpoint)
-    result = engine.run(batch, layout.task_matrix(), chunk_size=args.chunk_size,
-                        max_retained_bytes=int(args.retain_gb * 2**30))
+    # The same planning as `gradprobe scan` unless --chunk-size / --retain-gb say otherwise.
+    budget = available_memory(engine.device)
+    chunk_size = args.chunk_size or engine.plan_chunk_size(batch, budget)
+    retained = int(args.retain_gb * 2**30) if args.retain_gb else budget // 3
+    result = engine.run(batch, layout.task_matrix(), chunk_size=chunk_size, max_retained_bytes=retained)
     summarise_gradients(result, layout)
-    return {"passes": result.passes}
+    return {"passes": result.passes, "chunk_size": chunk_size}
 
 
 def method_gradprobe_checkpointed(model, batch, layout, args):
@@ -188,9 +193,10 @@ def main() -> None:
     parser.add_argument("--group-size", type=int, default=8)
     parser.add_argument("--prompt-len", type=int, default=16)
     parser.add_argument("--completion-len", type=int, default=32)
-    parser.add_argument("--chunk-size", type=int, default=8)
+    parser.add_argument("--chunk-size", type=int, default=None, help="default: planned as scan does")
     parser.add_argument("--micro-batch", type=int, default=64)
-    parser.add_argument("--retain-gb", type=float, default=4.0)
+    parser.add_argument("--retain-gb", type=float, default=None,
+                        help="GiB of unit gradients kept for the Gram (default: a third of free memory)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--methods", default="plain,naive,gradprobe",
@@ -211,8 +217,9 @@ def main() -> None:
           f"{args.tasks} tasks x {args.prompts} prompts x {args.group_size} completions, {args.device} {args.dtype}")
     for name, r in results.items():
         rate = flops / r["seconds"] / 1e12
+        plan = f"   chunk {r['chunk_size']}, {r['passes']} pass(es)" if "passes" in r else ""
         print(f"  {name:<15} {r['seconds']:8.3f} s   peak {r['peak_mib']:9.1f} MiB   "
-              f"{rate:7.3f} TFLOP/s (6 x params x tokens)")
+              f"{rate:7.3f} TFLOP/s (6 x params x tokens){plan}")
     if "gradprobe" in results and "plain" in results:
         print(f"  c/a = {results['gradprobe']['seconds'] / results['plain']['seconds']:.2f}", end="")
     if "gradprobe" in results and "naive" in results:

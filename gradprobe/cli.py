@@ -39,7 +39,9 @@ DEMO_SETTINGS = {"prompts_per_task": 48, "group_size": 8, "max_new_tokens": 10, 
 
 def fail(message: str) -> None:
     """Print one error line and exit 2."""
-    stderr.print(f"[bold red]error:[/bold red] {message}", highlight=False, soft_wrap=True)
+    from rich.markup import escape
+
+    stderr.print(f"[bold red]error:[/bold red] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -56,7 +58,7 @@ def _quiet_libraries() -> None:
 @app.command()
 def scan(
     model: Annotated[Optional[str], typer.Argument(help="Checkpoint directory, or a hub id in the local cache.", show_default=False)] = None,
-    mix: Annotated[Optional[Path], typer.Argument(help="Task-labelled prompts: .jsonl, .json, .parquet, .csv or a datasets directory.", show_default=False)] = None,
+    mix: Annotated[Optional[Path], typer.Argument(help="Task-labelled prompts: .jsonl, .json, .parquet, .csv or a datasets directory (gradprobe, verl or TRL columns, detected), or a .toml mix spec.", show_default=False)] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Scan directory to write (must not exist unless --overwrite).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing scan directory.")] = False,
     demo: Annotated[bool, typer.Option("--demo", help="Scan the tiny model and mix that ship with gradprobe.")] = False,
@@ -70,10 +72,11 @@ def scan(
     temperature: Annotated[Optional[float], typer.Option(help="Sampling temperature; log-probs use logits / temperature.  [default: 1.0]")] = None,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling threshold.")] = 1.0,
     seed: Annotated[int, typer.Option(help="Seed for the prompt subset and sampling; same seed, same scan.")] = 0,
-    reward: Annotated[Optional[list[str]], typer.Option(help="TASK=NAME per task, or NAME as the default. Built in: exact, numeric, regex:PATTERN; or package.module:function.")] = None,
+    reward: Annotated[Optional[list[str]], typer.Option(help="TASK=SPEC per task, or SPEC as the default. Built in: exact, numeric, regex:PATTERN, math, countdown, python_tests, format[:STYLE]; or package.module:function. Several with weights: TASK=math+0.2*format (a term with :VALUE goes last).")] = None,
+    reward_workers: Annotated[int, typer.Option(help="Worker processes for the rewards (slow verifiers); 1 scores in this process. Same results either way.")] = 1,
     advantage: Annotated[str, typer.Option(help="Advantage estimator: grpo, dr_grpo, rloo or none.")] = "grpo",
     loss: Annotated[str, typer.Option(help="Loss aggregation: grpo, bnpo, dapo or dr_grpo.")] = "grpo",
-    params: Annotated[Optional[list[str]], typer.Option(help="Parameters to differentiate: all, last-block, attention, mlp, lora, or globs on names (repeatable).  [default: all]")] = None,
+    params: Annotated[Optional[list[str]], typer.Option(help="Parameters to differentiate: all, last-block, attention, mlp, lora, or globs on names (repeatable).  [default: all; lora with --adapter]")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     dtype: Annotated[str, typer.Option(help="Model weights: auto (bf16 on GPU, else float32), float32 or bfloat16. Gradient sums are float32.")] = "auto",
     max_memory: Annotated[Optional[float], typer.Option(help="GiB the gradient stage may use [default: what the device has free]; sets the chunk size.")] = None,
@@ -84,6 +87,9 @@ def scan(
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the norm-ratio intervals.")] = 1000,
     allow_pickle: Annotated[bool, typer.Option(help="Allow pickled (.bin) weights, which can run code: only for files you trust.")] = False,
     trust_remote_code: Annotated[bool, typer.Option(help="Allow a checkpoint's own Python code to run.")] = False,
+    adapter: Annotated[Optional[Path], typer.Option(help="A PEFT (LoRA) adapter directory on top of MODEL; --params then defaults to lora.")] = None,
+    task_grads_limit: Annotated[float, typer.Option(help="MB up to which task_grads.safetensors holds the exact task gradients; above it, a seeded random projection (for compare's drift).")] = 64.0,
+    task_grads_seed: Annotated[int, typer.Option(help="Seed of that projection; compare needs the same seed in both scans.")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print scan.json instead of tables.")] = False,
 ) -> None:
     """Sample rollouts per task, score them, and measure per-task policy-gradient imbalance.
@@ -126,10 +132,12 @@ def scan(
         rollouts=None if rollouts is None else str(rollouts), out=str(out), overwrite=overwrite,
         task_field=task_field, prompt_field=prompt_field, answer_field=answer_field,
         top_p=top_p, seed=seed, rewards=rewards, advantage=advantage, loss=loss,
-        params=list(params or ["all"]), device=device, dtype=dtype, chunk_size=chunk_size, max_memory_gib=max_memory,
+        params=list(params or (["lora"] if adapter else ["all"])), device=device, dtype=dtype, chunk_size=chunk_size, max_memory_gib=max_memory,
         checkpoint_activations=checkpoint_activations,
         stats=stats, bootstrap=bootstrap, proxy_check=proxy_check,
-        allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, **settings,
+        allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+        adapter=None if adapter is None else str(adapter), reward_workers=reward_workers,
+        task_grads_limit_mb=task_grads_limit, task_grads_seed=task_grads_seed, **settings,
     )
     _quiet_libraries()
     try:
@@ -146,20 +154,232 @@ def scan(
 @app.command()
 def report(
     scan_dir: Annotated[Path, typer.Argument(metavar="SCAN", help="A scan directory (or its scan.json).")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print the versioned JSON report.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the versioned JSON report (scan.json plus checks and alerts; schema gradprobe/schema/report.schema.json).")] = False,
+    markdown: Annotated[bool, typer.Option("--markdown", help="Print GitHub markdown, e.g. for a pull-request comment.")] = False,
+    html: Annotated[Optional[Path], typer.Option("--html", metavar="FILE", help="Write one self-contained HTML page with the tables and pictures (needs the plots extra).")] = None,
+    plots: Annotated[Optional[Path], typer.Option("--plots", metavar="DIR", help="Write the pictures as PNGs into DIR (needs the plots extra).")] = None,
+    fail_on: Annotated[Optional[list[str]], typer.Option("--fail-on", metavar="EXPR", help="Exit 1 when EXPR holds, e.g. max_norm_ratio>8, min_cosine<-0.2, share[code]>0.6 (repeatable; a bad EXPR exits 2 and lists the names).")] = None,
 ) -> None:
-    """Show a saved scan again."""
+    """Show a saved scan again: tables, --markdown, --json, an --html page, --plots; --fail-on for CI.
+
+    Examples:
+
+      gradprobe report scans/step0
+
+      gradprobe report scans/step0 --json --fail-on 'max_norm_ratio>8' --fail-on 'min_cosine<-0.2'
+
+      gradprobe report scans/step0 --markdown > comment.md
+
+      gradprobe report scans/step0 --html report.html --plots pictures/
+    """
+    from gradprobe.alerts import SCAN_METRICS, run_checks
     from gradprobe.artifacts import read_scan
     from gradprobe.views.console import render_scan
 
+    if as_json and markdown:
+        fail("--json and --markdown both print to stdout; choose one")
     try:
         document = read_scan(scan_dir)
+        checks = run_checks(list(fail_on or []), SCAN_METRICS, document, list(document["tasks"]))
+        figures = _figures(document, "scan", html, plots)
+    except UserInputError as exc:
+        fail(str(exc))
+    fired = [c for c in checks if c["fired"]]
+    if as_json:
+        print(json.dumps({**document, "alerts": fired, "checks": checks}, indent=2))
+    elif markdown:
+        from gradprobe.views.markdown import scan_markdown
+
+        print(scan_markdown(document, checks), end="")
+    else:
+        stdout.print(render_scan(document))
+        if checks:
+            from gradprobe.views.tables import render_checks
+
+            stdout.print(render_checks(checks))
+    _write_pictures(document, "scan", figures, checks, html, plots)
+    _exit_for_alerts(fired, quiet=not (as_json or markdown))
+
+
+def _figures(document: dict, kind: str, html: Optional[Path], plots_dir: Optional[Path]) -> dict[str, bytes]:
+    """The PNGs of a scan or comparison when pictures are asked for; checks first that the
+    output places can be written and matplotlib is there (UserInputError otherwise)."""
+    if html is None and plots_dir is None:
+        return {}
+    if html is not None and not html.parent.resolve().is_dir():
+        raise UserInputError(f"--html {html}: the directory {html.parent} does not exist")
+    if plots_dir is not None and plots_dir.exists() and not plots_dir.is_dir():
+        raise UserInputError(f"--plots {plots_dir}: exists and is not a directory")
+    from gradprobe.views import plots
+
+    plots.require_matplotlib()
+    return plots.scan_figures(document) if kind == "scan" else plots.compare_figures(document)
+
+
+def _write_pictures(document: dict, kind: str, figures: dict[str, bytes], checks: list[dict],
+                    html: Optional[Path], plots_dir: Optional[Path]) -> None:
+    from gradprobe.artifacts import write_text
+
+    try:
+        if plots_dir is not None:
+            from gradprobe.views.plots import write_figures
+
+            written = write_figures(plots_dir, figures)
+            stderr.print(f"wrote {', '.join(str(p) for p in written)}", style="dim", highlight=False)
+        if html is not None:
+            from gradprobe.views.html import compare_html, scan_html
+
+            page = scan_html(document, figures, checks) if kind == "scan" else compare_html(document, figures, checks)
+            write_text(html, page)
+            stderr.print(f"wrote {html}", style="dim", highlight=False)
+    except UserInputError as exc:
+        fail(str(exc))
+
+
+def _exit_for_alerts(fired: list[dict], quiet: bool) -> None:
+    """Exit 1 when a --fail-on check fired; with JSON or markdown on stdout, name them on stderr."""
+    if not fired:
+        return
+    if not quiet:
+        for check in fired:
+            stderr.print(f"ALERT {check['message']}", highlight=False, soft_wrap=True)
+    raise typer.Exit(1)
+
+
+@app.command()
+def compare(
+    scan_a: Annotated[Path, typer.Argument(metavar="A", help="Scan of the earlier checkpoint.")],
+    scan_b: Annotated[Optional[Path], typer.Argument(metavar="[B]", help="Scan of the later checkpoint, same tasks and prompts.", show_default=False)] = None,
+    log: Annotated[Optional[Path], typer.Option("--log", metavar="FILE", help="Training log (CSV/JSONL: step, task, reward) or a `gradprobe gains --out` JSON: windowed gains beside A's gradients.")] = None,
+    window: Annotated[Optional[int], typer.Option(help="Steps per window of the log gain.  [default: 10]")] = None,
+    step: Annotated[Optional[float], typer.Option(help="Log step at which the gain is taken [default: the earliest with full windows].")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the versioned JSON (schema gradprobe/schema/compare.schema.json).")] = False,
+    markdown: Annotated[bool, typer.Option("--markdown", help="Print GitHub markdown.")] = False,
+    html: Annotated[Optional[Path], typer.Option("--html", metavar="FILE", help="Write one self-contained HTML page (needs the plots extra).")] = None,
+    plots: Annotated[Optional[Path], typer.Option("--plots", metavar="DIR", help="Write the gain-against-gradient picture into DIR (needs the plots extra).")] = None,
+    fail_on: Annotated[Optional[list[str]], typer.Option("--fail-on", metavar="EXPR", help="Exit 1 when EXPR holds, e.g. min_drift_cosine<0.5, gain[math]<0 (repeatable).")] = None,
+) -> None:
+    """Learning gains and gradient drift between two scans (A before, B after training), or A and a log.
+
+    Per task: the gain in mean reward, the change of grad_norm, norm_ratio and share, the gain per
+    unit squared gradient, the drift cos(g_t under A, g_t under B); across tasks, Spearman of A's
+    grad_sq_norm and share against the gain.
+
+    Examples:
+
+      gradprobe compare scans/step0 scans/step400
+
+      gradprobe compare scans/step0 --log train_log.jsonl --window 20
+
+      gradprobe compare scans/step0 scans/step400 --json --fail-on 'min_drift_cosine<0.2'
+    """
+    from gradprobe.alerts import COMPARE_METRICS, run_checks
+    from gradprobe.compare import compare_paths
+    from gradprobe.views.tables import render_checks, render_compare
+
+    if as_json and markdown:
+        fail("--json and --markdown both print to stdout; choose one")
+    if scan_b is None and log is None:
+        fail("give a second scan B, or a training log with --log")
+    if log is None and (window is not None or step is not None):
+        fail("--window and --step apply to --log only")
+    try:
+        document = compare_paths(scan_a, scan_b, log, window, step)
+        checks = run_checks(list(fail_on or []), COMPARE_METRICS, document, list(document["tasks"]))
+        figures = _figures(document, "compare", html, plots)
+    except UserInputError as exc:
+        fail(str(exc))
+    fired = [c for c in checks if c["fired"]]
+    document.update(alerts=fired, checks=checks)
+    if as_json:
+        print(json.dumps(document, indent=2))
+    elif markdown:
+        from gradprobe.views.markdown import compare_markdown
+
+        print(compare_markdown(document, checks), end="")
+    else:
+        stdout.print(render_compare(document))
+        if checks:
+            stdout.print(render_checks(checks))
+    _write_pictures(document, "compare", figures, checks, html, plots)
+    _exit_for_alerts(fired, quiet=not (as_json or markdown))
+
+
+@app.command()
+def gains(
+    log: Annotated[Path, typer.Argument(metavar="LOG", help="Training log, CSV or JSONL, one row per (step, task, reward); several rows per step are averaged.")],
+    window: Annotated[int, typer.Option(help="Steps per window w.")] = 10,
+    step: Annotated[Optional[float], typer.Option(help="Step s at which the gain is reported [default: the earliest with full windows].")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", metavar="FILE", help="Write the gains JSON here (for compare --log).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the gains JSON (schema gradprobe/schema/gains.schema.json).")] = False,
+    step_field: Annotated[str, typer.Option(help="Log column holding the training step.")] = "step",
+    task_field: Annotated[str, typer.Option(help="Log column holding the task name.")] = "task",
+    reward_field: Annotated[str, typer.Option(help="Log column holding the reward.")] = "reward",
+) -> None:
+    """Learning gains from a training log: gain_t(s) = mean R_t(s+1..s+w) - mean R_t(s-w..s-1).
+
+    Examples:
+
+      gradprobe gains train_log.csv --window 20
+
+      gradprobe gains train_log.jsonl --window 20 --step 0 --out gains.json
+    """
+    from gradprobe.artifacts import write_json
+    from gradprobe.gains import log_gains, read_log
+    from gradprobe.views.tables import render_gains
+
+    try:
+        document = log_gains(read_log(log, step_field, task_field, reward_field), window, step, str(log))
+        if out is not None:
+            if not out.parent.resolve().is_dir():
+                raise UserInputError(f"--out {out}: the directory {out.parent} does not exist")
+            write_json(out, document)
     except UserInputError as exc:
         fail(str(exc))
     if as_json:
         print(json.dumps(document, indent=2))
     else:
-        stdout.print(render_scan(document))
+        stdout.print(render_gains(document))
+        if out is not None:
+            stdout.print(f"wrote {out}", style="dim")
+
+
+mix_app = typer.Typer(help="Look at a mix before spending GPU time on it.", no_args_is_help=True)
+app.add_typer(mix_app, name="mix")
+
+
+@mix_app.command("inspect")
+def mix_inspect(
+    mix: Annotated[Path, typer.Argument(metavar="MIX", help="A mix file, datasets directory or .toml mix spec.")],
+    model: Annotated[Optional[str], typer.Option(help="Checkpoint whose tokenizer and chat template render the sample prompts.")] = None,
+    task_field: Annotated[str, typer.Option(help="Mix column holding the task name.")] = "task",
+    prompt_field: Annotated[str, typer.Option(help="Mix column holding the prompt.")] = "prompt",
+    answer_field: Annotated[str, typer.Option(help="Mix column holding the reference answer.")] = "answer",
+    trust_remote_code: Annotated[bool, typer.Option(help="Allow the tokenizer's own Python code to run.")] = False,
+) -> None:
+    """Print a mix's tasks, counts, detected format and field mapping, and one prompt per task.
+
+    With --model the prompts are shown exactly as the scan feeds them to the model (chat
+    template applied, special tokens included); without it, raw.
+
+    Example:
+
+      gradprobe mix inspect mix.toml --model ./my-checkpoint
+    """
+    from gradprobe.mix import load_mix
+    from gradprobe.model_loading import load_tokenizer
+    from gradprobe.views.mix_view import render_mix, sample_prompts
+
+    try:
+        loaded = load_mix(mix, task_field, prompt_field, answer_field)
+        tokenizer = None
+        if model is not None:
+            _quiet_libraries()
+            tokenizer = load_tokenizer(model, trust_remote_code)
+        samples = sample_prompts(loaded, tokenizer)
+    except UserInputError as exc:
+        fail(str(exc))
+    stdout.print(render_mix(loaded, samples))
 
 
 def main() -> None:

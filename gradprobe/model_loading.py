@@ -1,6 +1,7 @@
 """Loading a checkpoint and its tokenizer, safely and offline.
 
-MODEL is a local Hugging Face checkpoint directory or a hub id already in the local cache.
+MODEL is a local Hugging Face checkpoint directory or a hub id already in the local cache,
+optionally with a PEFT (LoRA) adapter directory on top.
 Only safetensors weights load unless the user allows pickled ones; remote code runs only when
 asked for. Nothing is downloaded.
 """
@@ -64,13 +65,13 @@ def check_weights(path: Path, allow_pickle: bool) -> None:
         raise UserInputError(f"{path}: no model weights (*.safetensors) found")
 
 
-def fingerprint(path: Path) -> str:
+def fingerprint(path: Path, config_name: str = "config.json") -> str:
     """SHA-256 of the config and, per weight file, its name, size and first and last MiB.
 
     Cheap for checkpoints of any size and changes whenever the weights are rewritten.
     """
     digest = hashlib.sha256()
-    files = [path / "config.json", *sorted(path.glob("*.safetensors")), *sorted(path.glob("*.bin"))]
+    files = [path / config_name, *sorted(path.glob("*.safetensors")), *sorted(path.glob("*.bin"))]
     for file in files:
         size = file.stat().st_size
         digest.update(f"{file.name}:{size}".encode())
@@ -106,18 +107,65 @@ def choose_dtype(dtype: str, device: str) -> Any:
     return names[dtype]
 
 
+def check_adapter(adapter: str, allow_pickle: bool) -> Path:
+    """The directory of a PEFT adapter, checked before any weights load."""
+    path = Path(adapter).expanduser()
+    if not (path / "adapter_config.json").is_file():
+        raise UserInputError(
+            f"{adapter}: not a PEFT adapter directory (no adapter_config.json); --adapter takes "
+            "the folder written by save_pretrained of a PEFT model"
+        )
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        raise UserInputError("--adapter needs peft: pip install 'gradprobe[peft]'") from None
+    if not (path / "adapter_model.safetensors").is_file() and not allow_pickle:
+        raise UserInputError(
+            f"{adapter}: no adapter_model.safetensors (pickled adapter weights load only with "
+            "--allow-pickle)"
+        )
+    return path
+
+
+def attach_adapter(model: Any, path: Path) -> Any:
+    """`model` with the PEFT adapter at `path` on top; only the adapter's parameters train."""
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(model, str(path), is_trainable=True)
+    except Exception as exc:  # peft raises many types for mismatched adapters
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserInputError(f"{path}: cannot load this adapter onto MODEL ({first})") from None
+
+
+def load_tokenizer(spec: str, trust_remote_code: bool = False) -> Any:
+    """Only the tokenizer of `spec` (for rendering prompts), resolved like a model."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(spec)
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise UserInputError(f"{spec}: cannot load its tokenizer ({str(exc).splitlines()[0]})") from None
+
+
 def load_model(
     spec: str,
     device: str = "auto",
     dtype: str = "auto",
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
+    adapter: str | None = None,
 ) -> LoadedModel:
-    """The causal LM and tokenizer at `spec`, on the chosen device and dtype, in eval mode."""
+    """The causal LM and tokenizer at `spec`, on the chosen device and dtype, in eval mode.
+
+    With `adapter`, a PEFT (LoRA) adapter directory goes on top and the fingerprint covers it.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(spec)
     check_weights(path, allow_pickle)
+    adapter_path = None if adapter is None else check_adapter(adapter, allow_pickle)
     device = choose_device(device)
     torch_dtype = choose_dtype(dtype, device)
     try:
@@ -136,7 +184,12 @@ def load_model(
         raise UserInputError(f"{spec}: cannot load ({str(exc).splitlines()[0]})") from None
     except OSError as exc:
         raise UserInputError(f"{spec}: cannot load ({str(exc).splitlines()[0]})") from None
+    identity = fingerprint(path)
+    if adapter_path is not None:
+        model = attach_adapter(model, adapter_path)
+        identity = hashlib.sha256(
+            (identity + fingerprint(adapter_path, "adapter_config.json")).encode()).hexdigest()
     model.to(device).eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return LoadedModel(model, tokenizer, path, fingerprint(path), str(torch_dtype).removeprefix("torch."), device)
+    return LoadedModel(model, tokenizer, path, identity, str(torch_dtype).removeprefix("torch."), device)

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import numpy as np
 
 import gradprobe
-from gradprobe import artifacts
+from gradprobe import artifacts, task_grads
 from gradprobe.advantages import ADVANTAGES
 from gradprobe.errors import UserInputError
 from gradprobe.objective import LOSSES
@@ -64,8 +64,12 @@ class ScanConfig:
     stats: bool = True
     bootstrap: int = 1000
     generate_batch_size: int = 16
+    task_grads_limit_mb: float = 64.0
+    task_grads_seed: int = 0
     allow_pickle: bool = False
     trust_remote_code: bool = False
+    adapter: str | None = None
+    reward_workers: int = 1
 
 
 class Progress(Protocol):
@@ -106,12 +110,16 @@ def validate(config: ScanConfig) -> None:
             raise UserInputError("--top-p must be in (0, 1]")
     if config.max_new_tokens < 1:
         raise UserInputError("--max-new-tokens must be at least 1")
+    if config.reward_workers < 1:
+        raise UserInputError("--reward-workers must be at least 1")
     if config.bootstrap < 0:
         raise UserInputError("--bootstrap must be 0 or more")
     if config.chunk_size is not None and config.chunk_size < 1:
         raise UserInputError("--chunk-size must be at least 1")
     if config.max_memory_gib is not None and not config.max_memory_gib > 0:
         raise UserInputError("--max-memory must be a positive number of GiB")
+    if not config.task_grads_limit_mb >= 0:
+        raise UserInputError("--task-grads-limit must be 0 or more MB (0 always saves a projection)")
 
 
 @contextmanager
@@ -130,6 +138,7 @@ def scan(config: ScanConfig, progress: Progress | None = None) -> ScanResult:
     from gradprobe.gradients.params import select_parameters
     from gradprobe.gradients.summary import proxy_fidelity, summarise_gradients
     from gradprobe.mix import load_mix, render_prompt, select_prompts
+    from gradprobe.mix.spec import task_rewards
     from gradprobe.model_loading import load_model
     from gradprobe.rollouts import read_rollouts, sample_rollouts
     from gradprobe.scoring import assign_advantages, score_rollouts
@@ -147,10 +156,11 @@ def scan(config: ScanConfig, progress: Progress | None = None) -> ScanResult:
         with _timed(timings, "mix_s"):
             mix = load_mix(Path(config.mix), config.task_field, config.prompt_field, config.answer_field)
             prompts = select_prompts(mix, config.prompts_per_task, config.seed)
-            reward_specs = parse_reward_options(config.rewards, mix.tasks, config.default_reward)
+            reward_specs = parse_reward_options(config.rewards, mix.tasks, config.default_reward,
+                                                task_rewards(mix))
     with _timed(timings, "load_model_s"):
         loaded = load_model(config.model, config.device, config.dtype, config.allow_pickle,
-                            config.trust_remote_code)
+                            config.trust_remote_code, config.adapter)
     model, tokenizer = loaded.model, loaded.tokenizer
     if config.rollouts is None:
         rendered = [render_prompt(tokenizer, p.prompt) for p in prompts]
@@ -160,7 +170,7 @@ def scan(config: ScanConfig, progress: Progress | None = None) -> ScanResult:
                 config.temperature, config.top_p, config.seed, config.generate_batch_size, advance,
             )
         with _timed(timings, "rewards_s"), progress.stage("rewards", len(rollouts)) as advance:
-            rollouts = score_rollouts(rollouts, reward_specs, advance)
+            rollouts = score_rollouts(rollouts, reward_specs, advance, config.reward_workers)
     else:
         with _timed(timings, "rollouts_s"):
             rollouts = read_rollouts(Path(config.rollouts), tokenizer, model)
@@ -168,7 +178,9 @@ def scan(config: ScanConfig, progress: Progress | None = None) -> ScanResult:
     rollouts = assign_advantages(rollouts, ADVANTAGES.get(config.advantage))
 
     param_names = select_parameters(model, config.params)
-    batch, layout = build_units(rollouts, LOSSES.get(config.loss), config.max_new_tokens)
+    batch, layout = build_units(rollouts, LOSSES.get(config.loss), config.max_new_tokens,
+                                None if mix is None else mix.weights)
+    all_names = select_parameters(model, ["all"])  # before the engine freezes every parameter
     engine = GradientEngine(model, param_names, config.temperature, pad_token_id=tokenizer.pad_token_id or 0,
                             checkpoint_activations=config.checkpoint_activations)
     task_sums = torch.as_tensor(layout.task_matrix(), dtype=torch.float64)
@@ -191,7 +203,6 @@ def scan(config: ScanConfig, progress: Progress | None = None) -> ScanResult:
             ) from None
     summary = summarise_gradients(result, layout)
     document = _scan_document(config, loaded, mix, rollouts, layout, summary, result, timings)
-    all_names = select_parameters(model, ["all"])
     if len(param_names) < len(all_names) and config.proxy_check and (
         sum(p.numel() for p in model.parameters()) <= PROXY_CHECK_MAX_PARAMETERS
     ):
@@ -211,9 +222,14 @@ def scan(config: ScanConfig, progress: Progress | None = None) -> ScanResult:
         with _timed(timings, "stats_s"):
             document["stats"] = run_statistics(document["prompts"], summary.prompt_gram,
                                                config.bootstrap, config.seed)
+    with _timed(timings, "task_grads_s"):
+        saved_grads = task_grads.from_sums(result.sums, layout.tasks, config.task_grads_limit_mb,
+                                           config.task_grads_seed)
+    document["task_grads"] = saved_grads.info
     timings["total_s"] = round(time.perf_counter() - total_start, 4)
     with artifacts.staged_directory(out, config.overwrite) as staging:
         artifacts.write_json(staging / artifacts.SCAN_FILE, document)
+        task_grads.write(staging / artifacts.TASK_GRADS_FILE, saved_grads)
         _write_rollouts(staging / artifacts.ROLLOUTS_FILE, rollouts, layout, summary)
     return ScanResult(document, out)
 
@@ -357,6 +373,7 @@ def _scan_document(config, loaded, mix, rollouts, layout, summary, result, timin
         },
         "mix": None if mix is None else {
             "path": str(mix.source), "sha256": mix.sha256, "format": mix.format, "fields": mix.fields,
+            "tasks": {t: asdict(s) for t, s in mix.sources.items()},
         },
         "rollouts_source": config.rollouts,
         "advantage": {"name": config.advantage, "formula": estimator.convention},

@@ -91,8 +91,7 @@ def sample_rollouts(
     for start in range(0, len(prompts), batch_size):
         records = prompts[start : start + batch_size]
         texts = rendered[start : start + batch_size]
-        encoded = [tokenizer(t, add_special_tokens=_adds_special(tokenizer, r)).input_ids
-                   for t, r in zip(texts, records)]
+        encoded = [encode_prompt(tokenizer, r, t) for t, r in zip(texts, records)]
         width = max(len(e) for e in encoded)
         ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(encoded), width), dtype=torch.long)
@@ -132,9 +131,11 @@ def sample_rollouts(
     return rollouts
 
 
-def _adds_special(tokenizer: Any, record: PromptRecord) -> bool:
+def encode_prompt(tokenizer: Any, record: PromptRecord, rendered: str) -> list[int]:
+    """The prompt's token ids as sampling feeds them to the model."""
     # A chat template already wrote BOS and friends into the text.
-    return not (isinstance(record.prompt, list) and tokenizer.chat_template)
+    adds_special = not (isinstance(record.prompt, list) and tokenizer.chat_template)
+    return tokenizer(rendered, add_special_tokens=adds_special).input_ids
 
 
 ROLLOUT_REQUIRED = ("task", "prompt_id", "prompt", "completion", "reward")

@@ -10,33 +10,33 @@ import numpy as np
 from gradprobe.advantages import AdvantageEstimator
 from gradprobe.errors import UserInputError
 from gradprobe.rewards import RewardSpec
+from gradprobe.rewards.composite import CompositeReward, as_composite
+from gradprobe.rewards.parallel import score_jobs
 from gradprobe.rollouts import Rollout
 
 
 def score_rollouts(
     rollouts: list[Rollout],
-    rewards: Mapping[str, RewardSpec],
+    rewards: Mapping[str, RewardSpec | CompositeReward],
     on_item: Callable[[int], None] | None = None,
+    workers: int = 1,
 ) -> list[Rollout]:
-    """Each rollout with `reward` set by its task's reward function."""
-    scored = []
-    for rollout in rollouts:
-        spec = rewards[rollout.task]
-        value = spec(
-            rollout.completion,
-            rollout.answer,
-            prompt=rollout.prompt,
-            task=rollout.task,
-            **rollout.extra,
-        )
-        if not np.isfinite(value):
-            raise UserInputError(
-                f"reward {spec.name!r} returned {value} for task {rollout.task!r}; rewards must be finite"
-            )
-        scored.append(replace(rollout, reward=float(value), reward_components={spec.name: float(value)}))
-        if on_item is not None:
-            on_item(1)
-    return scored
+    """Each rollout with `reward` (the task reward's weighted total) and `reward_components`.
+
+    Reward functions get ``prompt``, ``task`` and the row's extra columns as keyword arguments.
+    With `workers` > 1 they run in that many worker processes; the results are the same.
+    """
+    composites = {task: as_composite(reward) for task, reward in rewards.items()}
+    jobs = [(r.task, r.completion, r.answer, {**_context_columns(r.extra), "prompt": r.prompt,
+                                              "task": r.task}) for r in rollouts]
+    scores = score_jobs(composites, jobs, workers, on_item)
+    return [replace(r, reward=total, reward_components=components)
+            for r, (total, components) in zip(rollouts, scores)]
+
+
+def _context_columns(extra: Mapping[str, object]) -> dict[str, object]:
+    # The positional arguments' names cannot also come as keywords.
+    return {k: v for k, v in extra.items() if k not in ("completion", "answer")}
 
 
 def group_indices(rollouts: list[Rollout]) -> dict[tuple[str, str], list[int]]:

@@ -12,6 +12,7 @@ where c_i is the loss aggregation's coefficient over the task's completions.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,9 +61,16 @@ class UnitLayout:
 
 
 def build_units(
-    rollouts: list[Rollout], aggregation: Aggregation, max_new_tokens: int
+    rollouts: list[Rollout],
+    aggregation: Aggregation,
+    max_new_tokens: int,
+    mix_weights: Mapping[str, float] | None = None,
 ) -> tuple[UnitBatch, UnitLayout]:
-    """The engine's input (sequences, coefficients, units) and the layout that names the units."""
+    """The engine's input (sequences, coefficients, units) and the layout that names the units.
+
+    `mix_weights` (a mix spec's ``mix_weight`` per task, default 1) scale each task's count of
+    completions (or tokens) before the mixed-batch weights w_t are normalised.
+    """
     groups = group_indices(rollouts)
     tasks = list(dict.fromkeys(task for task, _ in groups))
     keys = sorted(groups, key=lambda key: tasks.index(key[0]))  # stable: by task, then file order
@@ -102,7 +110,17 @@ def build_units(
         prompt_task=np.array([tasks.index(task) for task, _ in keys]),
         unit_prompt=np.array(unit_prompt),
         unit_sign=np.array(unit_sign),
-        task_weights=aggregation.mix_weights(n_completions, n_tokens),
+        task_weights=_scaled_weights(aggregation.mix_weights(n_completions, n_tokens), tasks, mix_weights),
         prompt_rollouts=[groups[key] for key in keys],
     )
     return UnitBatch(sequences, coefficients, units), layout
+
+
+def _scaled_weights(
+    weights: np.ndarray, tasks: list[str], mix_weights: Mapping[str, float] | None
+) -> np.ndarray:
+    """w_t proportional to mix_weight_t times the task's batch share, normalised to sum 1."""
+    if not mix_weights:
+        return weights
+    scaled = weights * np.array([float(mix_weights.get(task, 1.0)) for task in tasks])
+    return scaled / scaled.sum()

@@ -1,6 +1,8 @@
-"""The mix stage: task-labelled prompts from files, per-format readers, field mapping."""
+"""The mix stage: task-labelled prompts from files or TOML specs, per-format readers, conventions."""
 
+from gradprobe.mix.conventions import CONVENTIONS
 from gradprobe.mix.loading import FORMATS, load_mix, load_table, render_prompt, select_prompts
-from gradprobe.mix.records import Mix, PromptRecord
+from gradprobe.mix.records import Mix, PromptRecord, TaskSource
 
-__all__ = ["FORMATS", "Mix", "PromptRecord", "load_mix", "load_table", "render_prompt", "select_prompts"]
+__all__ = ["CONVENTIONS", "FORMATS", "Mix", "PromptRecord", "TaskSource", "load_mix", "load_table",
+           "render_prompt", "select_prompts"]

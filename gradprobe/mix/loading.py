@@ -1,8 +1,10 @@
 """Reading task-labelled prompt mixes with `datasets`: one small reader per format, registered.
 
-Formats: JSONL, JSON, Parquet, CSV, and directories written by ``Dataset.save_to_disk``. The
-columns ``task``, ``prompt`` and ``answer`` (other names via field mapping) become
-`PromptRecord`s; every other column travels along as ``extra`` for reward functions.
+Formats: JSONL, JSON, Parquet, CSV, and directories written by ``Dataset.save_to_disk``. Which
+columns hold the task, prompt and answer follows the detected convention (gradprobe, verl, TRL:
+`gradprobe.mix.conventions`) and the field mapping; those become `PromptRecord`s, and every other
+column travels along as ``extra`` for reward functions. A ``.toml`` mix spec
+(`gradprobe.mix.spec`) combines tasks from several files or hub-cache datasets.
 """
 
 from __future__ import annotations
@@ -11,11 +13,13 @@ import hashlib
 import json
 import os
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from gradprobe.errors import UserInputError
-from gradprobe.mix.records import Mix, PromptRecord
+from gradprobe.mix.conventions import CONVENTIONS, answer_text, detect_convention, field_value, resolve_fields
+from gradprobe.mix.records import Mix, PromptRecord, TaskSource
 from gradprobe.registry import Registry
 
 TableReader = Callable[[Path], Any]  # path -> datasets.Dataset
@@ -119,38 +123,76 @@ def content_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+DEFAULT_FIELDS = {"task": "task", "prompt": "prompt", "answer": "answer"}
+
+
 def load_mix(
     path: Path, task_field: str = "task", prompt_field: str = "prompt", answer_field: str = "answer"
 ) -> Mix:
-    """Read a mix file into `PromptRecord`s, checking columns and empty values."""
+    """Read a mix file, or a TOML mix spec, into `PromptRecord`s.
+
+    The column convention (gradprobe, verl, TRL) is detected; field names other than the
+    defaults replace single roles of it. A ``.toml`` path is a mix spec (`gradprobe.mix.spec`).
+    """
     path = Path(path)
+    given = {"task": task_field, "prompt": prompt_field, "answer": answer_field}
+    overrides = {role: name for role, name in given.items() if name != DEFAULT_FIELDS[role]}
+    if path.suffix.lower() == ".toml":
+        from gradprobe.mix.spec import load_spec
+
+        if overrides:
+            raise UserInputError(
+                f"{path}: field flags do not apply to a mix spec; set 'prompt' and 'answer' "
+                "per task in the spec"
+            )
+        return load_spec(path)
     table = load_table(path)
-    fields = {"task": task_field, "prompt": prompt_field, "answer": answer_field}
-    missing = [f"{name} (--{role}-field)" for role, name in fields.items()
-               if name not in table.column_names]
-    if missing:
-        raise UserInputError(
-            f"{path}: missing column {', '.join(missing)}; columns are "
-            f"{', '.join(table.column_names)}"
-        )
-    records = []
-    counters: dict[str, int] = {}
-    for row in table:
-        task = row[task_field]
-        if task is None or str(task).strip() == "":
-            raise UserInputError(f"{path}: row {len(records) + 1} has an empty task")
-        task = str(task)
-        prompt = row[prompt_field]
-        if prompt is None or (isinstance(prompt, str) and not prompt.strip()) or prompt == []:
-            raise UserInputError(f"{path}: row {len(records) + 1} (task {task!r}) has an empty prompt")
-        counters[task] = counters.get(task, 0) + 1
-        extra = {k: v for k, v in row.items() if k not in fields.values()}
-        prompt_id = str(extra.pop("prompt_id", None) or f"{task}-{counters[task] - 1}")
-        answer = row[answer_field]
-        records.append(PromptRecord(task, prompt_id, prompt, None if answer is None else str(answer), extra))
+    records, source = table_records(table, str(path), overrides, default_task=path.stem)
+    source = replace(source, data=str(path), format=detect_format(path))
     if not records:
         raise UserInputError(f"{path}: the mix has no rows")
-    return Mix(records, path, detect_format(path), content_sha256(path), fields)
+    sources = {task: replace(source, task=task, count=sum(r.task == task for r in records))
+               for task in dict.fromkeys(r.task for r in records)}
+    return Mix(records, path, detect_format(path), content_sha256(path), source.fields, sources)
+
+
+def table_records(
+    table: Any,
+    label: str,
+    overrides: dict[str, str | None],
+    default_task: str,
+    convention: str | None = None,
+    force_task: bool = False,
+) -> tuple[list[PromptRecord], TaskSource]:
+    """A table's rows as `PromptRecord`s under its (detected) convention, and how they were read.
+
+    Rows without a task column, or every row when `force_task`, belong to `default_task`.
+    Columns not mapped to a role travel along as ``extra`` for reward functions.
+    """
+    columns = list(table.column_names)
+    convention = detect_convention(columns, convention)
+    fields = resolve_fields(columns, convention, overrides, label)
+    if force_task:
+        fields["task"] = None
+    handed_on = {"answer"} if CONVENTIONS.get(convention).answer_in_extra else set()
+    used = {name.split(".", 1)[0] for role, name in fields.items() if name and role not in handed_on}
+    records = []
+    counters: dict[str, int] = {}
+    for number, row in enumerate(table, 1):
+        task = default_task if fields["task"] is None else row[fields["task"]]
+        if task is None or str(task).strip() == "":
+            raise UserInputError(f"{label}: row {number} has an empty task")
+        task = str(task)
+        prompt = field_value(row, fields["prompt"])
+        if prompt is None or (isinstance(prompt, str) and not prompt.strip()) or prompt == []:
+            raise UserInputError(f"{label}: row {number} (task {task!r}) has an empty prompt")
+        counters[task] = counters.get(task, 0) + 1
+        extra = {k: v for k, v in row.items() if k not in used}
+        prompt_id = str(extra.pop("prompt_id", None) or f"{task}-{counters[task] - 1}")
+        answer = answer_text(field_value(row, fields["answer"]))
+        records.append(PromptRecord(task, prompt_id, prompt, answer, extra))
+    source = TaskSource(default_task, label, "", convention, fields, len(records))
+    return records, source
 
 
 def select_prompts(mix: Mix, per_task: int | None, seed: int) -> list[PromptRecord]:

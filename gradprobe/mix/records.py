@@ -19,14 +19,42 @@ class PromptRecord:
 
 
 @dataclass(frozen=True)
+class TaskSource:
+    """Where one task's prompts came from and how they are read and scored.
+
+    `convention` is the column convention detected (or set): ``gradprobe``, ``verl`` or ``trl``;
+    `fields` maps the roles task/prompt/answer to the columns read (``None``: no such column).
+    `reward` and `reward_weights` come from a mix spec (empty: the command line decides), and
+    `weight` is the task's mixing weight (1.0 unless a spec sets one).
+    """
+
+    task: str
+    data: str
+    format: str
+    convention: str
+    fields: dict[str, str | None]
+    count: int
+    reward: list[str] = field(default_factory=list)
+    reward_weights: list[float] = field(default_factory=list)
+    reward_options: dict[str, Any] = field(default_factory=dict)
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
 class Mix:
-    """A task-labelled prompt set and where it came from."""
+    """A task-labelled prompt set and where it came from (`sources`: one entry per task)."""
 
     records: list[PromptRecord]
     source: Path
     format: str
     sha256: str
-    fields: dict[str, str]
+    fields: dict[str, str | None]
+    sources: dict[str, TaskSource] = field(default_factory=dict)
+
+    @property
+    def weights(self) -> dict[str, float]:
+        """Each task's mixing weight (1.0 where nothing set one)."""
+        return {t: self.sources[t].weight if t in self.sources else 1.0 for t in self.tasks}
 
     @property
     def tasks(self) -> list[str]:

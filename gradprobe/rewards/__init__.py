@@ -1,7 +1,8 @@
 """Reward functions, registered by name; importing this package registers the built-in ones."""
 
 from gradprobe.rewards import string_match  # noqa: F401  (registers exact, numeric, regex)
-from gradprobe.rewards import countdown, math_answer, python_tests  # noqa: F401  (register them)
+from gradprobe.rewards import answer_format, countdown, math_answer, python_tests  # noqa: F401
+from gradprobe.rewards.composite import CompositeReward, build_composite, parse_composite
 from gradprobe.rewards.registry import (
     REWARDS,
     RewardFn,
@@ -12,6 +13,9 @@ from gradprobe.rewards.registry import (
 )
 
 __all__ = [
+    "CompositeReward",
+    "build_composite",
+    "parse_composite",
     "REWARDS",
     "RewardFn",
     "RewardSpec",

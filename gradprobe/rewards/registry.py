@@ -4,6 +4,8 @@ A reward function scores one completion: ``fn(completion, answer, **context) -> 
 context holds ``prompt``, ``task``, the options of the spec (``regex:PATTERN`` gives
 ``pattern=PATTERN``) and any extra columns of the mix row, as TRL hands them to its reward
 functions. Functions must accept ``**context`` and ignore what they do not use.
+
+A task's reward may combine several of them with weights (`gradprobe.rewards.composite`).
 """
 
 from __future__ import annotations
@@ -11,12 +13,15 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gradprobe.errors import UserInputError
 from gradprobe.registry import Registry
+
+if TYPE_CHECKING:
+    from gradprobe.rewards.composite import CompositeReward
 
 RewardFn = Callable[..., float]
 
@@ -24,6 +29,8 @@ REWARDS: Registry[RewardFn] = Registry("reward")
 
 # The option name the text after "NAME:" fills, per reward that takes one.
 SPEC_ARGUMENT: dict[str, str] = {}
+# Rewards whose "NAME:VALUE" value may be left out (the function's default applies).
+OPTIONAL_ARGUMENT: set[str] = set()
 
 
 @dataclass(frozen=True)
@@ -38,10 +45,15 @@ class RewardSpec:
         return float(self.fn(completion, answer, **self.options, **context))
 
 
-def register_reward(name: str, argument: str | None = None) -> Callable[[RewardFn], RewardFn]:
-    """Decorator: register a reward; `argument` names the option that ``NAME:VALUE`` sets."""
+def register_reward(
+    name: str, argument: str | None = None, required: bool = True
+) -> Callable[[RewardFn], RewardFn]:
+    """Decorator: register a reward; `argument` names the option that ``NAME:VALUE`` sets
+    (which may be left out when not `required`)."""
     if argument is not None:
         SPEC_ARGUMENT[name] = argument
+        if not required:
+            OPTIONAL_ARGUMENT.add(name)
     return REWARDS.register(name)
 
 
@@ -50,7 +62,7 @@ def resolve_reward(spec: str) -> RewardSpec:
     name, _, value = spec.partition(":")
     if name in REWARDS:
         options: dict[str, Any] = {}
-        if name in SPEC_ARGUMENT:
+        if name in SPEC_ARGUMENT and (value or name not in OPTIONAL_ARGUMENT):
             if not value:
                 raise UserInputError(
                     f"reward {name!r} needs a value: write {name}:{SPEC_ARGUMENT[name].upper()}"
@@ -81,12 +93,21 @@ def _import_function(module_name: str, attribute: str) -> RewardFn:
 
 
 def parse_reward_options(
-    specs: list[str], tasks: list[str], default: str
-) -> dict[str, RewardSpec]:
+    specs: list[str],
+    tasks: list[str],
+    default: str,
+    configured: Mapping[str, CompositeReward] | None = None,
+) -> dict[str, CompositeReward]:
     """Map every task to its reward from ``--reward TASK=SPEC`` items and a default spec.
 
-    An item without ``TASK=`` sets the default. Unknown tasks and rewards are user errors.
+    An item without ``TASK=`` sets the default. A SPEC may be composite (``math+0.2*format``,
+    `gradprobe.rewards.composite`). `configured` rewards (from a mix spec) apply to their tasks
+    unless a ``TASK=`` item names them; the default covers the rest. Unknown tasks and rewards
+    are user errors.
     """
+    from gradprobe.rewards.composite import parse_composite
+
+    configured = configured or {}
     chosen: dict[str, str] = {}
     for item in specs:
         task, sep, spec = item.partition("=")
@@ -98,4 +119,5 @@ def parse_reward_options(
                 f"--reward names unknown task {task!r}; tasks in the mix: {', '.join(tasks)}"
             )
         chosen[task] = spec
-    return {task: resolve_reward(chosen.get(task, default)) for task in tasks}
+    return {task: configured[task] if task in configured and task not in chosen
+            else parse_composite(chosen.get(task, default)) for task in tasks}

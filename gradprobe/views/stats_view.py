@@ -106,6 +106,11 @@ def _grids(stats: dict) -> list[Grid]:
     return [g(stats) for g in GRIDS]
 
 
+def stats_grids(stats: dict[str, Any]) -> list[Grid]:
+    """The stats tables as (title, header, rows) grids, for the markdown and HTML views."""
+    return _grids(stats)
+
+
 def render_stats(stats: dict[str, Any]) -> list[RenderableType]:
     """The stats tables (Kruskal-Wallis, pairwise, ratio CIs, Spearman, OLS, reward bins) and
     the verdict sentences, as rich renderables (metrics.md)."""

@@ -1,0 +1,160 @@
+"""task_grads.safetensors: each task's gradient g_t, saved exactly or as a seeded projection.
+
+A scan saves its task gradients so that `gradprobe compare` can measure their drift between two
+checkpoints, cos(g_t under A, g_t under B) (metrics.md, "Learning gains"). When the exact
+gradients (T tasks x selected parameters, float32) fit in the size limit they are saved as they
+are, one tensor [T, *shape] per parameter name; otherwise as one tensor ``projection`` [T, dim],
+the seeded Gaussian projection of `gradprobe.gradients.projection`, whose cosines estimate the
+exact ones within a stated error bound.
+
+The file's metadata (strings, as safetensors requires) says which: ``kind`` exact or projected,
+``dim`` and ``seed`` for a projection, ``tasks`` and ``params`` (names and shapes) as JSON.
+Two files are comparable when kind, dim, seed and params agree.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gradprobe.errors import UserInputError
+from gradprobe.gradients import projection
+
+DEFAULT_LIMIT_MB = 64.0
+PROJECTION_METHOD = "Gaussian N(0, 1/dim) per parameter, CPU torch.Generator seeded with seed + crc32(name)"
+
+
+@dataclass
+class TaskGradients:
+    """Task gradients as saved: exact per-parameter tensors, or the projection [T, dim]."""
+
+    kind: str
+    tasks: list[str]
+    params: list[tuple[str, list[int]]]
+    tensors: dict[str, torch.Tensor]
+    dim: int | None = None
+    seed: int | None = None
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """What scan.json records under `task_grads`."""
+        out: dict[str, Any] = {"kind": self.kind, "tasks": self.tasks, "n_parameters": sum(
+            _numel(shape) for _, shape in self.params)}
+        if self.kind == "projected":
+            out.update(dim=self.dim, seed=self.seed, method=PROJECTION_METHOD,
+                       cosine_error_bound_95=projection.cosine_error_bound(self.dim or 1))
+        return out
+
+    def task_vector(self, task: str) -> torch.Tensor:
+        """g_t (exact: flattened over parameters in `params` order) or P g_t, as one vector."""
+        t = self.tasks.index(task)
+        if self.kind == "projected":
+            return self.tensors["projection"][t].double()
+        return torch.cat([self.tensors[name][t].reshape(-1).double() for name, _ in self.params])
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def from_sums(sums: dict[str, torch.Tensor], tasks: list[str], limit_mb: float = DEFAULT_LIMIT_MB,
+              seed: int = 0, dim: int = projection.DEFAULT_DIM) -> TaskGradients:
+    """Exact when T x n_selected float32 values fit in `limit_mb` MB (10^6 bytes), else projected.
+
+    `sums[name]` is [T, *shape], row t the gradient of task `tasks[t]` (the engine's linear sums
+    with the layout's task matrix).
+    """
+    params = [(name, list(value.shape[1:])) for name, value in sums.items()]
+    exact_bytes = 4 * len(tasks) * sum(_numel(shape) for _, shape in params)
+    if exact_bytes <= limit_mb * 1e6:
+        tensors = {name: value.detach().to("cpu", torch.float32).contiguous() for name, value in sums.items()}
+        return TaskGradients("exact", list(tasks), params, tensors)
+    projected = projection.project(sums, dim, seed).to(torch.float32)
+    return TaskGradients("projected", list(tasks), params, {"projection": projected}, dim, seed)
+
+
+def write(path: Path, grads: TaskGradients) -> None:
+    """Save to `path` (inside a staging directory: the scan directory is renamed in whole)."""
+    from safetensors.torch import save_file
+
+    metadata = {"format": "pt", "gradprobe": "task_grads", "kind": grads.kind,
+                "tasks": json.dumps(grads.tasks), "params": json.dumps(grads.params)}
+    if grads.kind == "projected":
+        metadata.update(dim=str(grads.dim), seed=str(grads.seed), method=PROJECTION_METHOD)
+    save_file(grads.tensors, str(path), metadata=metadata)
+
+
+def read(path: Path) -> TaskGradients:
+    """Load a task_grads.safetensors; a missing or unreadable file is a UserInputError."""
+    from safetensors import safe_open
+
+    if not Path(path).is_file():
+        raise UserInputError(f"{path}: no such file (re-run the scan to save task gradients)")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        kind = metadata["kind"]
+        tasks = json.loads(metadata["tasks"])
+        params = [(name, list(shape)) for name, shape in json.loads(metadata["params"])]
+        dim = int(metadata["dim"]) if kind == "projected" else None
+        seed = int(metadata["seed"]) if kind == "projected" else None
+    except Exception as exc:  # safetensors' own error type, KeyError, JSON errors: all corrupt
+        raise UserInputError(f"{path}: corrupt task gradients file ({type(exc).__name__}: {exc})") from None
+    if kind not in ("exact", "projected"):
+        raise UserInputError(f"{path}: unknown task gradients kind {kind!r}")
+    return TaskGradients(kind, tasks, params, tensors, dim, seed)
+
+
+def check_comparable(a: TaskGradients, b: TaskGradients) -> None:
+    """Raise UserInputError unless the two files hold the same kind of vectors over the same
+    parameters (and, for projections, the same dim and seed), so their cosines mean something."""
+    if a.kind != b.kind:
+        raise UserInputError(
+            f"task gradients not comparable: one scan saved them {a.kind}, the other {b.kind}; "
+            "re-run one scan with the other's --task-grads-limit"
+        )
+    if a.params != b.params:
+        names_a, names_b = [n for n, _ in a.params], [n for n, _ in b.params]
+        what = "parameter names" if names_a != names_b else "parameter shapes"
+        raise UserInputError(
+            f"task gradients not comparable: the scans differentiated different {what} "
+            "(use the same model architecture and --params)"
+        )
+    if a.kind == "projected" and (a.dim, a.seed) != (b.dim, b.seed):
+        raise UserInputError(
+            f"task gradients not comparable: projections differ (dim {a.dim} seed {a.seed} against "
+            f"dim {b.dim} seed {b.seed}); re-run one scan with the other's --task-grads-seed"
+        )
+
+
+def drift(a: TaskGradients, b: TaskGradients) -> dict[str, Any]:
+    """Per task cos(g_t under A, g_t under B) (exact, or estimated through the projection with
+    its Fisher 95% interval), and how it was computed (metrics.md, "Learning gains")."""
+    check_comparable(a, b)
+    tasks: dict[str, Any] = {}
+    for task in a.tasks:
+        if task not in b.tasks:
+            continue
+        value = projection.cosine(a.task_vector(task), b.task_vector(task))
+        row: dict[str, Any] = {"cosine": value}
+        if a.kind == "projected" and value is not None:
+            row["ci"] = list(projection.cosine_interval(value, a.dim or 1))
+        tasks[task] = row
+    out: dict[str, Any] = {"kind": a.kind, "tasks": tasks}
+    if a.kind == "projected":
+        out.update(dim=a.dim, seed=a.seed, method=PROJECTION_METHOD,
+                   error_bound_95=projection.cosine_error_bound(a.dim or 1),
+                   error_note=f"projected to {a.dim} dimensions: each cosine is within "
+                              f"+-{projection.cosine_error_bound(a.dim or 1):.3f} of the exact one "
+                              "with about 95% probability")
+    else:
+        out.update(error_bound_95=0.0, error_note="exact gradients: cosines are exact (to float32 rounding)")
+    return out
