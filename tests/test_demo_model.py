@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -65,11 +66,11 @@ def demo_scan(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "scan"
     result = CliRunner().invoke(app, ["scan", "--demo", "--out", str(out), "--bootstrap", "200"])
     assert result.exit_code == 0, result.output
-    return json.loads((out / "scan.json").read_text()), result.output
+    return json.loads((out / "scan.json").read_text()), result.output, out
 
 
 def test_demo_scan_every_task_learns_something(demo_scan) -> None:
-    document, output = demo_scan
+    document, output, _ = demo_scan
     assert set(document["tasks"]) == set(TASKS)
     for task, row in document["tasks"].items():
         assert row["grad_norm"] > 0, task
@@ -80,7 +81,7 @@ def test_demo_scan_every_task_learns_something(demo_scan) -> None:
 
 
 def test_demo_scan_shows_an_imbalance(demo_scan) -> None:
-    document, _ = demo_scan
+    document, _, _ = demo_scan
     ratios = [row["norm_ratio"] for row in document["tasks"].values()]
     assert max(ratios) / min(ratios) > 1.5
 
@@ -90,7 +91,7 @@ def test_demo_scan_statistics_recomputed_from_its_rows(demo_scan) -> None:
     import numpy as np
     from scipy import stats as sps
 
-    document, _ = demo_scan
+    document, _, _ = demo_scan
     s = document["stats"]
     rows = [r for r in document["prompts"] if not r["zero_advantage"] and r["prompt_grad_norm"] > 0]
     assert s["n_usable"]["total"] == len(rows)
@@ -126,7 +127,7 @@ def test_demo_scan_statistics_recomputed_from_its_rows(demo_scan) -> None:
 
 
 def test_report_prints_the_same_statistics(demo_scan, tmp_path) -> None:
-    document, _ = demo_scan
+    document, _, _ = demo_scan
     scan_json = tmp_path / "scan.json"
     scan_json.write_text(json.dumps(document))
     result = CliRunner().invoke(app, ["report", str(scan_json)])
@@ -135,3 +136,61 @@ def test_report_prints_the_same_statistics(demo_scan, tmp_path) -> None:
     for verdict in document["stats"]["verdicts"]:
         assert verdict.split(" ")[0] in result.output
     assert f"{document['stats']['kruskal']['H']:.3g}" in result.output
+
+
+def policy_gradient_steps(rollouts: Path, task: str, out: Path, steps: int = 2, lr: float = 3e-3) -> Path:
+    """Plain policy-gradient (SGD) steps on one task's rollouts: -mean_i (r_i - mean_group r) log pi(y_i).
+
+    Few and small: on this tiny model, longer runs push the sampled wrong answers down so hard
+    that the right ones lose probability too.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(DEMO_MODEL_DIR)
+    rows = [r for r in map(json.loads, rollouts.read_text().splitlines()) if r["task"] == task]
+    groups: dict[str, list[float]] = {}
+    for r in rows:
+        groups.setdefault(r["prompt_id"], []).append(r["reward"])
+    advantage = torch.tensor([r["reward"] - sum(groups[r["prompt_id"]]) / len(groups[r["prompt_id"]])
+                              for r in rows])
+    sequences = [r["prompt_token_ids"] + r["completion_token_ids"] for r in rows]
+    ids = torch.zeros((len(rows), max(map(len, sequences))), dtype=torch.long)
+    mask = torch.zeros((len(rows), ids.shape[1] - 1))
+    for i, (r, seq) in enumerate(zip(rows, sequences)):
+        ids[i, : len(seq)] = torch.tensor(seq)
+        mask[i, len(r["prompt_token_ids"]) - 1 : len(seq) - 1] = 1  # positions that predict the completion
+    optimiser = torch.optim.SGD(model.parameters(), lr=lr)
+    for _ in range(steps):
+        optimiser.zero_grad()
+        logp = torch.log_softmax(model(ids).logits[:, :-1], -1).gather(2, ids[:, 1:, None])[..., 0]
+        (-(advantage * (logp * mask).sum(1)).mean()).backward()
+        optimiser.step()
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(DEMO_MODEL_DIR).save_pretrained(out)
+    return out
+
+
+def test_compare_sees_the_gain_of_the_trained_task(demo_scan, tmp_path) -> None:
+    """B is the demo model after two policy-gradient steps on `add`: add's reward rises most."""
+    from gradprobe import schema
+
+    document_a, _, scan_a = demo_scan
+    model_b = policy_gradient_steps(scan_a / "rollouts.jsonl", "add", tmp_path / "model_b")
+    rewards = [arg for task, name in DEMO_REWARDS.items() for arg in ("--reward", f"{task}={name}")]
+    result = CliRunner().invoke(app, [
+        "scan", str(model_b), str(DEMO_MIX_PATH), "--out", str(tmp_path / "b"), "--prompts-per-task", "48",
+        "-k", "8", "--max-new-tokens", "10", "--no-stats", *rewards])
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(app, ["compare", str(scan_a), str(tmp_path / "b"), "--json"])
+    assert result.exit_code == 0, result.output
+    compared = json.loads(result.stdout)
+    schema.validate(compared, "compare")
+    document_b = json.loads((tmp_path / "b" / "scan.json").read_text())
+    gains = {task: row["gain"] for task, row in compared["tasks"].items()}
+    assert gains["add"] == pytest.approx(
+        document_b["tasks"]["add"]["mean_reward"] - document_a["tasks"]["add"]["mean_reward"])
+    assert gains["add"] > 0.05 and gains["add"] == max(gains.values())
+    assert compared["drift"]["kind"] == "exact"
+    drift = {task: row["drift_cosine"] for task, row in compared["tasks"].items()}
+    assert all(-1 <= value <= 1 for value in drift.values())
