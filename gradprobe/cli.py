@@ -81,7 +81,7 @@ def scan(
     dtype: Annotated[str, typer.Option(help="Model weights: auto (bf16 on GPU, else float32), float32 or bfloat16. Gradient sums are float32.")] = "auto",
     max_memory: Annotated[Optional[float], typer.Option(help="GiB the gradient stage may use [default: what the device has free]; sets the chunk size.")] = None,
     chunk_size: Annotated[Optional[int], typer.Option(help="Units (prompt x advantage sign) per vmapped gradient call [default: from --max-memory]; halved automatically on out-of-memory.")] = None,
-    checkpoint_activations: Annotated[bool, typer.Option("--checkpoint-activations", help="Recompute each layer's activations in backward: much less memory for long completions, about 1.5-3x slower.")] = False,
+    checkpoint_activations: Annotated[bool, typer.Option("--checkpoint-activations", help="Recompute each layer's activations in backward: much less memory for long completions, somewhat slower (benchmarks/RESULTS.md).")] = False,
     proxy_check: Annotated[bool, typer.Option("--proxy-check/--no-proxy-check", help="With a --params subset on a model of at most 50M parameters, also run all parameters and report how well the subset ranks the tasks.")] = True,
     stats: Annotated[bool, typer.Option("--stats/--no-stats", help="Test per-prompt norms against reward, advantage, length and task.")] = True,
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the norm-ratio intervals.")] = 1000,

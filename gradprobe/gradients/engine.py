@@ -263,12 +263,14 @@ class GradientEngine:
         length = max((len(s) for s in batch.sequences), default=1)
         element = torch.finfo(self.dtype).bits // 8
         tokens = width * length
+        # Past 16 units a vmapped call is slower per unit on CPU (benchmarks/RESULTS.md).
+        largest = 64 if self.device.type == "cuda" else 16
         if self.checkpoint_activations:
             # One unit's activations at a time: layer inputs plus one layer's worth and the logits.
             activations = tokens * 4 * (3 * vocab + 24 * hidden + 2 * hidden * layers)
-            return int(max(1, min(64, (max_memory // 2 - activations) // (3 * self.n_selected * element))))
+            return int(max(1, min(largest, (max_memory // 2 - activations) // (3 * self.n_selected * element))))
         per_unit = 3 * self.n_selected * element + tokens * 4 * (3 * vocab + 24 * hidden * layers)
-        return int(max(1, min(64, (max_memory // 2) // per_unit)))
+        return int(max(1, min(largest, (max_memory // 2) // per_unit)))
 
     def run_adaptive(self, batch: UnitBatch, sum_weights: torch.Tensor | None, chunk_size: int,
                      max_retained_bytes: int, on_chunk: Callable[[int], None] | None = None,
