@@ -194,3 +194,17 @@ def test_compare_sees_the_gain_of_the_trained_task(demo_scan, tmp_path) -> None:
     assert compared["drift"]["kind"] == "exact"
     drift = {task: row["drift_cosine"] for task, row in compared["tasks"].items()}
     assert all(-1 <= value <= 1 for value in drift.values())
+
+
+def test_task_names_are_printed_as_written(demo_scan) -> None:
+    """A task name that looks like rich markup ("add[bold]") is shown, not swallowed."""
+    from rich.console import Console
+
+    from gradprobe.views.console import render_scan
+
+    document, _, _ = demo_scan
+    renamed = json.loads(json.dumps(document).replace('"add"', '"add[bold]"'))
+    console = Console(width=200, record=True)
+    console.print(render_scan(renamed))
+    text = console.export_text()
+    assert text.count("add[bold]") >= 4  # per-task table, cosine rows and columns, stats tables

@@ -61,7 +61,7 @@ def task_table(document: dict[str, Any], title: str, columns: list[tuple[str, st
     for name, task in document["tasks"].items():
         cells = [_unbiased_cell(task) if key is None else fmt(task.get(key), spec)
                  for _, key, spec in columns]
-        table.add_row(name, *cells)
+        table.add_row(Text(name), *cells)
     return table
 
 
@@ -73,13 +73,13 @@ def cosine_table(cosine: dict[str, Any], title: str) -> Table | None:
     table = Table(title=title, title_justify="left")
     table.add_column("")
     for task in tasks:
-        table.add_column(task, justify="right")
+        table.add_column(Text(task), justify="right")
     for task, row in zip(tasks, cosine["matrix"]):
         cells = []
         for value in row:
             text = fmt(value, "+.3f")
             cells.append(f"[red]{text}[/red]" if value is not None and value < 0 else text)
-        table.add_row(task, *cells)
+        table.add_row(Text(task), *cells)
     return table
 
 
@@ -88,7 +88,7 @@ def sign_table(document: dict[str, Any]) -> Table:
     for header in ("task", "pos_grad_norm", "neg_grad_norm", "pos/neg", "cos(pos,neg)", "noise_scale"):
         table.add_column(header, justify="right" if header != "task" else "left")
     for name, t in document["tasks"].items():
-        table.add_row(name, fmt(t.get("pos_grad_norm"), ".4g"), fmt(t.get("neg_grad_norm"), ".4g"),
+        table.add_row(Text(name), fmt(t.get("pos_grad_norm"), ".4g"), fmt(t.get("neg_grad_norm"), ".4g"),
                       fmt(t.get("pos_neg_ratio"), ".2f"), fmt(t.get("pos_neg_cosine"), "+.3f"),
                       fmt(t.get("noise_scale"), ".3g"))
     return table

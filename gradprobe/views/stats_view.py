@@ -120,9 +120,9 @@ def render_stats(stats: dict[str, Any]) -> list[RenderableType]:
             continue
         table = Table(title=title, title_justify="left")
         for i, h in enumerate(header):
-            table.add_column(h, justify="left" if i == 0 else "right")
+            table.add_column(Text(h), justify="left" if i == 0 else "right")
         for row in rows:
-            table.add_row(*row)
+            table.add_row(*(Text(str(cell)) for cell in row))  # task names are not markup
         parts.append(table)
     parts.append(Text("\n".join(f"- {v}" for v in stats["verdicts"]), style="bold"))
     return parts
