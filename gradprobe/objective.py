@@ -73,6 +73,8 @@ def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: f
 
     The logit at position j-1 predicts token j, so position 0 (never a completion token) has none.
     """
-    scaled = logits[..., :-1, :] / temperature
+    scaled = logits[..., :-1, :]
+    if temperature != 1.0:  # a logits-sized copy otherwise: a few percent of the gradient stage
+        scaled = scaled / temperature
     logp = torch.log_softmax(scaled, dim=-1)
     return logp.gather(-1, input_ids[..., 1:, None]).squeeze(-1)
