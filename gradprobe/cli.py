@@ -174,7 +174,6 @@ def report(
     """
     from gradprobe.alerts import SCAN_METRICS, run_checks
     from gradprobe.artifacts import read_scan
-    from gradprobe.views.console import render_scan
 
     if as_json and markdown:
         fail("--json and --markdown both print to stdout; choose one")
@@ -184,20 +183,33 @@ def report(
         figures = _figures(document, "scan", html, plots)
     except UserInputError as exc:
         fail(str(exc))
+    _deliver(document, "scan", checks, figures, as_json, markdown, html, plots)
+
+
+def _deliver(document: dict, kind: str, checks: list[dict], figures: dict[str, bytes], as_json: bool,
+             markdown: bool, html: Optional[Path], plots_dir: Optional[Path]) -> None:
+    """Print a scan or comparison as JSON, markdown or tables, write its pictures, exit for alerts."""
+    from gradprobe.views import markdown as markdown_view
+    from gradprobe.views.tables import render_checks
+
     fired = [c for c in checks if c["fired"]]
     if as_json:
         print(json.dumps({**document, "alerts": fired, "checks": checks}, indent=2))
     elif markdown:
-        from gradprobe.views.markdown import scan_markdown
-
-        print(scan_markdown(document, checks), end="")
+        to_markdown = markdown_view.scan_markdown if kind == "scan" else markdown_view.compare_markdown
+        print(to_markdown(document, checks), end="")
     else:
-        stdout.print(render_scan(document))
-        if checks:
-            from gradprobe.views.tables import render_checks
+        if kind == "scan":
+            from gradprobe.views.console import render_scan
 
+            stdout.print(render_scan(document))
+        else:
+            from gradprobe.views.tables import render_compare
+
+            stdout.print(render_compare(document))
+        if checks:
             stdout.print(render_checks(checks))
-    _write_pictures(document, "scan", figures, checks, html, plots)
+    _write_pictures(document, kind, figures, checks, html, plots_dir)
     _exit_for_alerts(fired, quiet=not (as_json or markdown))
 
 
@@ -275,7 +287,6 @@ def compare(
     """
     from gradprobe.alerts import COMPARE_METRICS, run_checks
     from gradprobe.compare import compare_paths
-    from gradprobe.views.tables import render_checks, render_compare
 
     if as_json and markdown:
         fail("--json and --markdown both print to stdout; choose one")
@@ -289,20 +300,7 @@ def compare(
         figures = _figures(document, "compare", html, plots)
     except UserInputError as exc:
         fail(str(exc))
-    fired = [c for c in checks if c["fired"]]
-    document.update(alerts=fired, checks=checks)
-    if as_json:
-        print(json.dumps(document, indent=2))
-    elif markdown:
-        from gradprobe.views.markdown import compare_markdown
-
-        print(compare_markdown(document, checks), end="")
-    else:
-        stdout.print(render_compare(document))
-        if checks:
-            stdout.print(render_checks(checks))
-    _write_pictures(document, "compare", figures, checks, html, plots)
-    _exit_for_alerts(fired, quiet=not (as_json or markdown))
+    _deliver(document, "compare", checks, figures, as_json, markdown, html, plots)
 
 
 @app.command()

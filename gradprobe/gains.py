@@ -21,6 +21,7 @@ import numpy as np
 
 from gradprobe import artifacts
 from gradprobe.errors import UserInputError
+from gradprobe.jsonl import json_objects
 
 LOG_FIELDS = ("step", "task", "reward")
 
@@ -69,7 +70,7 @@ def read_log(path: Path, step_field: str = "step", task_field: str = "task",
                                  f"{', '.join(fields)} (rename with --step-field/--task-field/--reward-field)")
         records = ((i + 2, row) for i, row in enumerate(reader))
     elif path.suffix.lower() in (".jsonl", ".json", ".ndjson"):
-        records = _jsonl_records(path, text)
+        records = json_objects(path, text.splitlines())
     else:
         raise UserInputError(f"{path}: a training log must be .csv or .jsonl")
     for line, row in records:
@@ -87,19 +88,6 @@ def read_log(path: Path, step_field: str = "step", task_field: str = "task",
     if not rows:
         raise UserInputError(f"{path}: the log has no rows")
     return rows
-
-
-def _jsonl_records(path: Path, text: str):
-    for i, line in enumerate(text.splitlines()):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserInputError(f"{path}:{i + 1}: malformed JSON line ({exc.msg})") from None
-        if not isinstance(row, dict):
-            raise UserInputError(f"{path}:{i + 1}: each line must be a JSON object")
-        yield i + 1, row
 
 
 def step_means(rows: list[tuple[float, str, float]]) -> dict[str, dict[float, float]]:

@@ -57,3 +57,36 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 @pytest.fixture()
 def tiny_mix(tmp_path) -> Path:
     return write_jsonl(tmp_path / "mix.jsonl", MIX_ROWS)
+
+
+def policy_gradient_steps(model_dir: Path, rollouts: Path, task: str, out: Path, steps: int,
+                          lr: float, optimiser=torch.optim.SGD) -> Path:
+    """Plain policy-gradient steps on one task's rollouts, saved as a new checkpoint in `out`.
+
+    loss = -mean_i (r_i - mean of r over i's group) * sum_j log pi(y_ij), completion tokens only.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    rows = [r for r in map(json.loads, rollouts.read_text().splitlines()) if r["task"] == task]
+    groups: dict[str, list[float]] = {}
+    for r in rows:
+        groups.setdefault(r["prompt_id"], []).append(r["reward"])
+    advantage = torch.tensor([r["reward"] - sum(groups[r["prompt_id"]]) / len(groups[r["prompt_id"]])
+                              for r in rows])
+    sequences = [r["prompt_token_ids"] + r["completion_token_ids"] for r in rows]
+    ids = torch.zeros((len(rows), max(map(len, sequences))), dtype=torch.long)
+    mask = torch.zeros((len(rows), ids.shape[1] - 1))
+    for i, (r, seq) in enumerate(zip(rows, sequences)):
+        ids[i, : len(seq)] = torch.tensor(seq)
+        mask[i, len(r["prompt_token_ids"]) - 1 : len(seq) - 1] = 1  # positions that predict the completion
+    step = optimiser(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(steps):
+        step.zero_grad()
+        logp = torch.log_softmax(model(ids).logits[:, :-1], -1).gather(2, ids[:, 1:, None])[..., 0]
+        (-(advantage * (logp * mask).sum(1)).mean()).backward()
+        step.step()
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)
+    return out

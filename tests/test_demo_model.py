@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
+
+from conftest import policy_gradient_steps
 
 from gradprobe.cli import app
 from gradprobe.demo import DEMO_MIX_PATH, DEMO_MODEL_DIR, DEMO_REWARDS, TASKS
@@ -138,45 +140,15 @@ def test_report_prints_the_same_statistics(demo_scan, tmp_path) -> None:
     assert f"{document['stats']['kruskal']['H']:.3g}" in result.output
 
 
-def policy_gradient_steps(rollouts: Path, task: str, out: Path, steps: int = 2, lr: float = 3e-3) -> Path:
-    """Plain policy-gradient (SGD) steps on one task's rollouts: -mean_i (r_i - mean_group r) log pi(y_i).
-
-    Few and small: on this tiny model, longer runs push the sampled wrong answers down so hard
-    that the right ones lose probability too.
-    """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(DEMO_MODEL_DIR)
-    rows = [r for r in map(json.loads, rollouts.read_text().splitlines()) if r["task"] == task]
-    groups: dict[str, list[float]] = {}
-    for r in rows:
-        groups.setdefault(r["prompt_id"], []).append(r["reward"])
-    advantage = torch.tensor([r["reward"] - sum(groups[r["prompt_id"]]) / len(groups[r["prompt_id"]])
-                              for r in rows])
-    sequences = [r["prompt_token_ids"] + r["completion_token_ids"] for r in rows]
-    ids = torch.zeros((len(rows), max(map(len, sequences))), dtype=torch.long)
-    mask = torch.zeros((len(rows), ids.shape[1] - 1))
-    for i, (r, seq) in enumerate(zip(rows, sequences)):
-        ids[i, : len(seq)] = torch.tensor(seq)
-        mask[i, len(r["prompt_token_ids"]) - 1 : len(seq) - 1] = 1  # positions that predict the completion
-    optimiser = torch.optim.SGD(model.parameters(), lr=lr)
-    for _ in range(steps):
-        optimiser.zero_grad()
-        logp = torch.log_softmax(model(ids).logits[:, :-1], -1).gather(2, ids[:, 1:, None])[..., 0]
-        (-(advantage * (logp * mask).sum(1)).mean()).backward()
-        optimiser.step()
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(DEMO_MODEL_DIR).save_pretrained(out)
-    return out
-
-
 def test_compare_sees_the_gain_of_the_trained_task(demo_scan, tmp_path) -> None:
     """B is the demo model after two policy-gradient steps on `add`: add's reward rises most."""
     from gradprobe import schema
 
     document_a, _, scan_a = demo_scan
-    model_b = policy_gradient_steps(scan_a / "rollouts.jsonl", "add", tmp_path / "model_b")
+    # Two small SGD steps: on this tiny model, longer runs push the sampled wrong answers down so
+    # hard that the right ones lose probability too.
+    model_b = policy_gradient_steps(DEMO_MODEL_DIR, scan_a / "rollouts.jsonl", "add", tmp_path / "model_b",
+                                    steps=2, lr=3e-3, optimiser=torch.optim.SGD)
     rewards = [arg for task, name in DEMO_REWARDS.items() for arg in ("--reward", f"{task}={name}")]
     result = CliRunner().invoke(app, [
         "scan", str(model_b), str(DEMO_MIX_PATH), "--out", str(tmp_path / "b"), "--prompts-per-task", "48",

@@ -15,7 +15,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import MIX_ROWS, save_tiny_model, write_jsonl
+from conftest import MIX_ROWS, policy_gradient_steps, save_tiny_model, write_jsonl
 from gradprobe import schema, task_grads
 from gradprobe.cli import app
 from gradprobe.gradients import projection
@@ -37,38 +37,6 @@ def assert_user_error(result, *fragments: str) -> None:
         assert fragment in result.output, result.output
 
 
-def reinforce(model_dir: Path, rollouts: Path, task: str, out: Path, steps: int = 8, lr: float = 0.02) -> Path:
-    """A few plain policy-gradient steps on one task's rollouts: loss = -mean (r - mean_group r) log pi."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    rows = [json.loads(line) for line in rollouts.read_text().splitlines()]
-    rows = [r for r in rows if r["task"] == task]
-    means: dict[str, list[float]] = {}
-    for r in rows:
-        means.setdefault(r["prompt_id"], []).append(r["reward"])
-    advantages = torch.tensor([r["reward"] - sum(means[r["prompt_id"]]) / len(means[r["prompt_id"]])
-                               for r in rows])
-    sequences = [r["prompt_token_ids"] + r["completion_token_ids"] for r in rows]
-    width = max(map(len, sequences))
-    ids = torch.zeros((len(rows), width), dtype=torch.long)
-    mask = torch.zeros((len(rows), width - 1))
-    for i, (r, seq) in enumerate(zip(rows, sequences)):
-        ids[i, : len(seq)] = torch.tensor(seq)
-        mask[i, len(r["prompt_token_ids"]) - 1 : len(seq) - 1] = 1  # positions predicting completion
-    optimiser = torch.optim.Adam(model.parameters(), lr=lr)
-    model.train()
-    for _ in range(steps):
-        optimiser.zero_grad()
-        logp = torch.log_softmax(model(ids).logits[:, :-1], -1).gather(2, ids[:, 1:, None])[..., 0]
-        loss = -(advantages * (logp * mask).sum(1)).mean()
-        loss.backward()
-        optimiser.step()
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)
-    return out
-
-
 @pytest.fixture(scope="module")
 def scans(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("compare")
@@ -80,7 +48,8 @@ def scans(tmp_path_factory) -> dict[str, Path]:
                           group_size=6, max_new_tokens=4, rewards=REWARDS, bootstrap=50, **extra)
 
     scan(config(model_a, "a"))
-    model_b = reinforce(model_a, root / "a" / "rollouts.jsonl", "echo", root / "model_b")
+    model_b = policy_gradient_steps(model_a, root / "a" / "rollouts.jsonl", "echo", root / "model_b",
+                                    steps=8, lr=0.02, optimiser=torch.optim.Adam)
     scan(config(model_b, "b"))
     scan(config(model_a, "a_proj", task_grads_limit_mb=0.0))
     scan(config(model_b, "b_proj", task_grads_limit_mb=0.0))

@@ -10,7 +10,6 @@ column travels along as ``extra`` for reward functions. A ``.toml`` mix spec
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections.abc import Callable
 from dataclasses import replace
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from gradprobe.errors import UserInputError
+from gradprobe.jsonl import json_objects
 from gradprobe.mix.conventions import CONVENTIONS, answer_text, detect_convention, field_value, resolve_fields
 from gradprobe.mix.records import Mix, PromptRecord, TaskSource
 from gradprobe.registry import Registry
@@ -46,15 +46,8 @@ def _first_line(exc: BaseException) -> str:
 def read_jsonl(path: Path) -> Any:
     """JSON Lines; a malformed line is reported with its line number before `datasets` reads it."""
     with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserInputError(f"{path}:{number}: malformed JSON line ({exc.msg})") from None
-            if not isinstance(value, dict):
-                raise UserInputError(f"{path}:{number}: each line must be a JSON object")
+        for _ in json_objects(path, handle):
+            pass
     return _load_builder("json", path)
 
 
