@@ -4,8 +4,10 @@ On the same model and rollouts, in one run:
   (a) plain: one forward+backward of the mixed loss (what a training step costs);
   (b) naive: one backward per task plus one backward per prompt (task norms, cosines and
       per-prompt norms the obvious way);
-  (c) gradprobe: the gradient stage (per-unit gradients, Gram per module group, task sums) and
-      the estimators over it.
+  (c) gradprobe: the gradient stage as `gradprobe scan` runs it (engine `auto`: per-unit gradients
+      from module hooks in one forward+backward per micro-batch, Grams within tasks per module
+      group, task sums) and the estimators over it; gradprobe-vmap and gradprobe-ckpt force the
+      torch.func engine (without and with activation checkpointing).
 Prints seconds, c/a, c/b and the peak memory of each (each method runs in its own process so
 peak RSS is its own on the CPU; on CUDA, torch.cuda.max_memory_allocated).
 
@@ -131,29 +133,31 @@ def method_naive(model, batch, layout, args):
             loss_of(model, batch, seqs, args.device, args.micro_batch)
 
 
-def method_gradprobe(model, batch, layout, args, checkpoint=False):
-    from gradprobe.gradients.engine import GradientEngine
+def method_gradprobe(model, batch, layout, args, engine="auto", checkpoint=False):
+    from gradprobe.gradients.stage import StageSettings, run_gradient_stage
     from gradprobe.gradients.summary import summarise_gradients
-
-    names = [n for n, _ in model.named_parameters()]
     from gradprobe.pipeline import available_memory
 
-    engine = GradientEngine(model, names, 1.0, checkpoint_activations=checkpoint)
-    # The same planning as `gradprobe scan` unless --chunk-size / --retain-gb say otherwise.
-    budget = available_memory(engine.device)
-    chunk_size = args.chunk_size or engine.plan_chunk_size(batch, budget)
-    retained = int(args.retain_gb * 2**30) if args.retain_gb else budget // 3
-    result = engine.run(batch, layout.task_matrix(), chunk_size=chunk_size, max_retained_bytes=retained)
+    names = [n for n, _ in model.named_parameters()]
+    settings = StageSettings(engine=engine, checkpoint_activations=checkpoint, chunk_size=args.chunk_size)
+    # The same planning as `gradprobe scan` (from free memory) unless --max-memory-gb says otherwise.
+    budget = int(args.max_memory_gb * 2**30) if args.max_memory_gb else available_memory(next(model.parameters()).device)
+    result, fallback = run_gradient_stage(model, names, batch, layout, settings, budget)
     summarise_gradients(result, layout)
-    return {"passes": result.passes, "chunk_size": chunk_size}
+    return {"engine": result.engine, "passes": result.passes, "chunk_size": result.chunk_size,
+            "fallback": fallback}
+
+
+def method_gradprobe_vmap(model, batch, layout, args):
+    return method_gradprobe(model, batch, layout, args, engine="vmap")
 
 
 def method_gradprobe_checkpointed(model, batch, layout, args):
-    return method_gradprobe(model, batch, layout, args, checkpoint=True)
+    return method_gradprobe(model, batch, layout, args, engine="vmap", checkpoint=True)
 
 
 METHODS = {"plain": method_plain, "naive": method_naive, "gradprobe": method_gradprobe,
-           "gradprobe-ckpt": method_gradprobe_checkpointed}
+           "gradprobe-vmap": method_gradprobe_vmap, "gradprobe-ckpt": method_gradprobe_checkpointed}
 
 
 def run_method(name, args, queue):
@@ -195,8 +199,8 @@ def main() -> None:
     parser.add_argument("--completion-len", type=int, default=32)
     parser.add_argument("--chunk-size", type=int, default=None, help="default: planned as scan does")
     parser.add_argument("--micro-batch", type=int, default=64)
-    parser.add_argument("--retain-gb", type=float, default=None,
-                        help="GiB of unit gradients kept for the Gram (default: a third of free memory)")
+    parser.add_argument("--max-memory-gb", type=float, default=None,
+                        help="memory the gradient stage plans for, as scan's --max-memory (default: free memory)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--methods", default="plain,naive,gradprobe",
@@ -217,7 +221,8 @@ def main() -> None:
           f"{args.tasks} tasks x {args.prompts} prompts x {args.group_size} completions, {args.device} {args.dtype}")
     for name, r in results.items():
         rate = flops / r["seconds"] / 1e12
-        plan = f"   chunk {r['chunk_size']}, {r['passes']} pass(es)" if "passes" in r else ""
+        plan = (f"   {r['engine']}: {r['chunk_size']} units per call, {r['passes']} pass(es)"
+                if "passes" in r else "")
         print(f"  {name:<15} {r['seconds']:8.3f} s   peak {r['peak_mib']:9.1f} MiB   "
               f"{rate:7.3f} TFLOP/s (6 x params x tokens){plan}")
     if "gradprobe" in results and "plain" in results:

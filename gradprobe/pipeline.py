@@ -57,6 +57,7 @@ class ScanConfig:
     params: list[str] = field(default_factory=lambda: ["all"])
     device: str = "auto"
     dtype: str = "auto"
+    engine: str = "auto"
     chunk_size: int | None = None
     max_memory_gib: float | None = None
     checkpoint_activations: bool = False
@@ -114,6 +115,10 @@ def validate(config: ScanConfig) -> None:
         raise UserInputError("--reward-workers must be at least 1")
     if config.bootstrap < 0:
         raise UserInputError("--bootstrap must be 0 or more")
+    if config.engine not in ("auto", "hooks", "vmap"):
+        raise UserInputError(f"--engine must be auto, hooks or vmap, not {config.engine!r}")
+    if config.engine == "hooks" and config.checkpoint_activations:
+        raise UserInputError("--checkpoint-activations runs on the vmap engine; use --engine auto or vmap")
     if config.chunk_size is not None and config.chunk_size < 1:
         raise UserInputError("--chunk-size must be at least 1")
     if config.max_memory_gib is not None and not config.max_memory_gib > 0:
@@ -133,9 +138,9 @@ def scan(config: ScanConfig, progress: Progress | None = None) -> ScanResult:
     """Run a whole scan and write its directory; raises UserInputError for bad input."""
     import torch
 
-    from gradprobe.gradients.engine import EngineOutOfMemory, GradientEngine, NonFiniteGradientError
     from gradprobe.gradients.layout import build_units
     from gradprobe.gradients.params import select_parameters
+    from gradprobe.gradients.stage import StageSettings
     from gradprobe.gradients.summary import proxy_fidelity, summarise_gradients
     from gradprobe.mix import load_mix, render_prompt, select_prompts
     from gradprobe.mix.spec import task_rewards
@@ -181,37 +186,22 @@ def scan(config: ScanConfig, progress: Progress | None = None) -> ScanResult:
     batch, layout = build_units(rollouts, LOSSES.get(config.loss), config.max_new_tokens,
                                 None if mix is None else mix.weights)
     all_names = select_parameters(model, ["all"])  # before the engine freezes every parameter
-    engine = GradientEngine(model, param_names, config.temperature, pad_token_id=tokenizer.pad_token_id or 0,
-                            checkpoint_activations=config.checkpoint_activations)
-    task_sums = torch.as_tensor(layout.task_matrix(), dtype=torch.float64)
+    settings = StageSettings(config.engine, config.temperature, tokenizer.pad_token_id or 0,
+                             config.checkpoint_activations, config.chunk_size)
     active = sum(batch.is_active(u) for u in range(len(batch.units)))
-    budget = int(config.max_memory_gib * 2**30) if config.max_memory_gib else available_memory(engine.device)
-    chunk_size = config.chunk_size or engine.plan_chunk_size(batch, budget)
+    budget = int(config.max_memory_gib * 2**30) if config.max_memory_gib else available_memory(next(model.parameters()).device)
     with _timed(timings, "gradients_s"), progress.stage("gradients", active) as advance:
-        try:
-            result = engine.run_adaptive(batch, task_sums, chunk_size, budget // 3, advance)
-        except EngineOutOfMemory as exc:
-            raise UserInputError(
-                f"out of memory even with one prompt per chunk ({exc}); select fewer parameters "
-                "(--params last-block), or lower --max-new-tokens or --group-size"
-            ) from None
-        except NonFiniteGradientError as exc:
-            bad = sorted({layout.tasks[layout.prompt_task[layout.unit_prompt[u]]] for u in exc.units})
-            raise UserInputError(
-                f"non-finite gradients in task(s) {', '.join(bad)}; try --dtype float32 or "
-                "check those tasks' completions"
-            ) from None
+        result, fallback = _gradients(model, param_names, batch, layout, settings, budget, advance)
     summary = summarise_gradients(result, layout)
     document = _scan_document(config, loaded, mix, rollouts, layout, summary, result, timings)
+    if fallback:
+        document["engine"]["fallback"] = fallback
     if len(param_names) < len(all_names) and config.proxy_check and (
         sum(p.numel() for p in model.parameters()) <= PROXY_CHECK_MAX_PARAMETERS
     ):
         with _timed(timings, "proxy_check_s"):
-            full_engine = GradientEngine(model, all_names, config.temperature,
-                                         pad_token_id=tokenizer.pad_token_id or 0,
-                                         checkpoint_activations=config.checkpoint_activations)
-            full = summarise_gradients(
-                full_engine.run_adaptive(batch, None, chunk_size, budget // 3), layout)
+            full_result, _ = _gradients(model, all_names, batch, layout, settings, budget, None, keep_sums=False)
+            full = summarise_gradients(full_result, layout)
         document["proxy_fidelity"] = {
             "params": config.params,
             **proxy_fidelity([summary.tasks[t]["grad_norm"] for t in layout.tasks],
@@ -232,6 +222,29 @@ def scan(config: ScanConfig, progress: Progress | None = None) -> ScanResult:
         task_grads.write(staging / artifacts.TASK_GRADS_FILE, saved_grads)
         _write_rollouts(staging / artifacts.ROLLOUTS_FILE, rollouts, layout, summary)
     return ScanResult(document, out)
+
+
+def _gradients(model: Any, names: list[str], batch: Any, layout: Any, settings: Any, budget: int,
+               advance: Callable[[int], None] | None, keep_sums: bool = True) -> tuple[Any, str | None]:
+    """The gradient stage, its failures as one-line user errors."""
+    from gradprobe.gradients.engine import EngineOutOfMemory, NonFiniteGradientError
+    from gradprobe.gradients.stage import EngineUnavailable, run_gradient_stage
+
+    try:
+        return run_gradient_stage(model, names, batch, layout, settings, budget, advance, keep_sums)
+    except EngineUnavailable as exc:
+        raise UserInputError(f"--engine hooks cannot run here: {exc}; use --engine auto or vmap") from None
+    except EngineOutOfMemory as exc:
+        raise UserInputError(
+            f"out of memory even with one prompt per chunk ({exc}); select fewer parameters "
+            "(--params last-block), or lower --max-new-tokens or --group-size"
+        ) from None
+    except NonFiniteGradientError as exc:
+        bad = sorted({layout.tasks[layout.prompt_task[layout.unit_prompt[u]]] for u in exc.units})
+        raise UserInputError(
+            f"non-finite gradients in task(s) {', '.join(bad)}; try --dtype float32 or "
+            "check those tasks' completions"
+        ) from None
 
 
 def available_memory(device: Any) -> int:
@@ -387,7 +400,7 @@ def _scan_document(config, loaded, mix, rollouts, layout, summary, result, timin
         "estimators": {"grad_sq_norm_unbiased_ci": "delete-one-prompt jackknife, normal 95% interval"},
         "verdict": dominance_verdict(tasks),
         "prompts": rows,
-        "engine": {"chunk_size": result.chunk_size, "passes": result.passes},
+        "engine": {"name": result.engine, "chunk_size": result.chunk_size, "passes": result.passes},
         "timings": timings,
     }
 

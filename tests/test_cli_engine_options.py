@@ -20,3 +20,33 @@ def test_checkpoint_activations_gives_the_same_scan(tiny_llama, tiny_mix, tmp_pa
         assert abs(b["tasks"][task]["grad_norm"] - row["grad_norm"]) <= 1e-5 * row["grad_norm"], task
     assert [p["prompt_grad_norm"] for p in b["prompts"]] == pytest.approx(
         [p["prompt_grad_norm"] for p in a["prompts"]], rel=1e-5, abs=1e-9)
+
+
+def test_hooks_and_vmap_engines_give_the_same_scan(tiny_qwen2, tiny_mix, tmp_path):
+    results = {}
+    for engine in ("hooks", "vmap"):
+        run = scan(tiny_qwen2, tiny_mix, tmp_path / engine, "--no-stats", "--engine", engine)
+        assert run.exit_code == 0, run.output
+        results[engine] = json.loads((tmp_path / engine / "scan.json").read_text())
+    hooks, vmap = results["hooks"], results["vmap"]
+    assert hooks["engine"]["name"] == "hooks" and vmap["engine"]["name"] == "vmap"
+    assert hooks["config"]["engine"] == "hooks"
+    for task, row in vmap["tasks"].items():
+        for key in ("grad_norm", "grad_sq_norm_unbiased", "pos_grad_norm", "neg_grad_norm", "share"):
+            if row[key] is not None:
+                assert hooks["tasks"][task][key] == pytest.approx(row[key], rel=1e-4, abs=1e-9), (task, key)
+    assert [p["prompt_grad_norm"] for p in hooks["prompts"]] == pytest.approx(
+        [p["prompt_grad_norm"] for p in vmap["prompts"]], rel=1e-4, abs=1e-9)
+
+
+def test_auto_engine_says_why_it_fell_back(tiny_llama, tiny_mix, tmp_path):
+    run = scan(tiny_llama, tiny_mix, tmp_path / "out", "--no-stats", "--checkpoint-activations")
+    assert run.exit_code == 0, run.output
+    document = json.loads((tmp_path / "out" / "scan.json").read_text())
+    assert document["engine"]["name"] == "vmap"
+    assert "checkpointing" in document["engine"]["fallback"]
+    refused = scan(tiny_llama, tiny_mix, tmp_path / "refused", "--engine", "hooks", "--checkpoint-activations")
+    assert refused.exit_code == 2 and "Traceback" not in refused.output
+    assert "vmap engine" in refused.output and not (tmp_path / "refused").exists()
+    unknown = scan(tiny_llama, tiny_mix, tmp_path / "unknown", "--engine", "fast")
+    assert unknown.exit_code == 2 and "auto, hooks or vmap" in unknown.output

@@ -93,7 +93,7 @@ def test_sign_parts_sum_to_the_task_gradient_and_modules_to_the_total():
     engine_sums = GradientEngine(model, [n for n, _ in model.named_parameters()], 0.7,
                                  accumulate_dtype=torch.float64)
     batch, _ = build_units(assign_advantages(rollouts, ADVANTAGES.get("grpo")), LOSSES.get("grpo"), 7)
-    parts = engine_sums.run(batch, torch.cat([layout.task_matrix(), pos, neg]), chunk_size=4)
+    parts = engine_sums.run(batch, layout.task_units(), torch.cat([layout.task_matrix(), pos, neg]), chunk_size=4)
     n_tasks = len(layout.tasks)
     for name, value in parts.sums.items():
         assert torch.allclose(value[n_tasks:2 * n_tasks] + value[2 * n_tasks:], value[:n_tasks], atol=1e-12)
@@ -123,11 +123,13 @@ def test_out_of_memory_halves_the_chunk_and_gives_the_same_result(monkeypatch):
 
     monkeypatch.setattr(engine, "unit_gradients", small_only)
     retries = []
-    result = engine.run_adaptive(batch, layout.task_matrix(), 16, 1 << 30, on_retry=retries.append)
+    result = engine.run_adaptive(batch, layout.task_units(), layout.task_matrix(), 16, 1 << 30,
+                                 on_retry=retries.append)
     assert retries == [8, 4, 2] and result.chunk_size == 2
-    assert torch.allclose(result.gram, reference.gram, rtol=1e-10, atol=1e-14)
+    for ours, theirs in zip(result.block_gram, reference.block_gram, strict=True):
+        assert torch.allclose(ours, theirs, rtol=1e-10, atol=1e-14)
 
     monkeypatch.setattr(engine, "unit_gradients", lambda b, u: (_ for _ in ()).throw(
         torch.OutOfMemoryError("out of memory")))
     with pytest.raises(EngineOutOfMemory):
-        engine.run_adaptive(batch, None, 4, 1 << 30)
+        engine.run_adaptive(batch, layout.task_units(), layout.task_matrix(), 4, 1 << 30)

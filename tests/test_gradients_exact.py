@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM
 from gradprobe.advantages import ADVANTAGES
 from gradprobe.demo.charlm import tiny_llama_config, tiny_qwen2_config
 from gradprobe.gradients.engine import GradientEngine
+from gradprobe.gradients.hooked import HookedEngine
 from gradprobe.gradients.layout import build_units
 from gradprobe.gradients.summary import summarise_gradients
 from gradprobe.objective import LOSSES
@@ -125,14 +126,28 @@ def reference_loss_part(model, task_rollouts, members, advantages, loss):
             yield term / (len(task_rollouts) * MAX_NEW)
 
 
-def gradprobe_run(model, rollouts, advantage, loss, chunk_size=3, retained=1 << 30, checkpoint=False):
+def gradprobe_run(model, rollouts, advantage, loss, chunk_size=3, retained=1 << 30, checkpoint=False,
+                  engine="vmap", max_tokens=1 << 14):
     scored = assign_advantages(rollouts, ADVANTAGES.get(advantage))
     batch, layout = build_units(scored, LOSSES.get(loss), MAX_NEW)
     names = [n for n, _ in model.named_parameters()]
-    engine = GradientEngine(model, names, TEMPERATURE, accumulate_dtype=torch.float64,
-                            checkpoint_activations=checkpoint)
-    result = engine.run(batch, layout.task_matrix(), chunk_size=chunk_size, max_retained_bytes=retained)
+    blocks, sums = layout.task_units(), layout.task_matrix()
+    if engine == "hooks":
+        hooked = HookedEngine(model, names, TEMPERATURE, accumulate_dtype=torch.float64)
+        result = hooked.run(batch, blocks, sums, max_tokens=max_tokens, max_retained_bytes=retained)
+    else:
+        vmapped = GradientEngine(model, names, TEMPERATURE, accumulate_dtype=torch.float64,
+                                 checkpoint_activations=checkpoint)
+        result = vmapped.run(batch, blocks, sums, chunk_size=chunk_size, max_retained_bytes=retained)
     return layout, result, summarise_gradients(result, layout)
+
+
+def assert_same_result(a, b, tolerance=1e-10):
+    for x, y in zip(a.block_gram, b.block_gram, strict=True):
+        assert torch.allclose(x, y, rtol=tolerance, atol=1e-14)
+    assert torch.allclose(a.sum_dots, b.sum_dots, rtol=tolerance, atol=1e-14)
+    for name in b.sums:
+        assert torch.allclose(a.sums[name], b.sums[name], rtol=tolerance, atol=1e-14)
 
 
 def rel(a, b) -> float:
@@ -140,12 +155,13 @@ def rel(a, b) -> float:
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-300))
 
 
+@pytest.mark.parametrize("engine", ["hooks", "vmap"])
 @pytest.mark.parametrize("advantage,loss", list(itertools.product(
     ["grpo", "dr_grpo", "rloo", "none"], ["grpo", "bnpo", "dapo", "dr_grpo"])))
-def test_task_gradients_match_float64_autograd(advantage, loss):
+def test_task_gradients_match_float64_autograd(advantage, loss, engine):
     model = make_model("llama")
     rollouts = make_rollouts()
-    layout, result, summary = gradprobe_run(model, rollouts, advantage, loss)
+    layout, result, summary = gradprobe_run(model, rollouts, advantage, loss, engine=engine)
     ref_grads, ref_prompt_norms = reference(model, rollouts, advantage, loss)
     tasks = layout.tasks
     ref = torch.stack([ref_grads[t] for t in tasks])
@@ -188,15 +204,21 @@ def test_mixed_weights_follow_the_aggregation():
     assert np.allclose(by_tokens.task_weights, [tokens[t] / sum(tokens.values()) for t in "abc"])
 
 
+@pytest.mark.parametrize("engine", ["hooks", "vmap"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_tied_and_untied_models(arch):
+def test_tied_and_untied_models(arch, engine):
+    """Llama ties lm_head to the embedding (two hooked uses of one tensor); Qwen2 has biases."""
     model = make_model(arch)
     assert model.config.tie_word_embeddings == (arch == "llama")
     rollouts = make_rollouts(seed=3)
-    layout, _, summary = gradprobe_run(model, rollouts, "grpo", "grpo")
-    ref_grads, _ = reference(model, rollouts, "grpo", "grpo")
+    layout, result, summary = gradprobe_run(model, rollouts, "grpo", "grpo", engine=engine)
+    ref_grads, ref_prompt = reference(model, rollouts, "grpo", "grpo")
     ref = torch.stack([ref_grads[t] for t in layout.tasks])
+    ours = torch.stack([torch.cat([result.sum_of(k)[n].flatten() for n, _ in model.named_parameters()])
+                        for k in range(len(layout.tasks))])
+    assert rel(ours, ref) < 1e-6
     assert rel([summary.tasks[t]["grad_sq_norm"] for t in layout.tasks], (ref * ref).sum(1)) < 1e-6
+    assert rel(summary.prompt_grad_norm, [float(ref_prompt[k].norm()) for k in layout.prompt_keys]) < 1e-6
 
 
 def test_results_do_not_depend_on_chunking_or_panels():
@@ -205,10 +227,37 @@ def test_results_do_not_depend_on_chunking_or_panels():
     _, base, _ = gradprobe_run(model, rollouts, "grpo", "bnpo", chunk_size=64)
     for chunk, retained in [(1, 1 << 30), (2, 1), (5, 1)]:  # retained=1 forces one chunk per panel
         _, other, _ = gradprobe_run(model, rollouts, "grpo", "bnpo", chunk_size=chunk, retained=retained)
-        assert torch.allclose(other.gram, base.gram, rtol=1e-10, atol=1e-14)
-        for name in base.sums:
-            assert torch.allclose(other.sums[name], base.sums[name], rtol=1e-10, atol=1e-14)
+        assert_same_result(other, base)
     assert other.passes > 1
+
+
+@pytest.mark.parametrize("max_tokens", [1 << 14, 60, 12])
+def test_hooks_equal_vmap_for_any_micro_batch(max_tokens):
+    """Small micro-batches split tasks, so earlier units' gradients are kept for the Gram."""
+    model = make_model("qwen2")
+    rollouts = make_rollouts(seed=5)
+    layout, vmapped, _ = gradprobe_run(model, rollouts, "grpo", "bnpo")
+    _, hooked, _ = gradprobe_run(model, rollouts, "grpo", "bnpo", engine="hooks", max_tokens=max_tokens)
+    assert hooked.engine == "hooks" and vmapped.engine == "vmap"
+    assert_same_result(hooked, vmapped)
+    batch, _ = build_units(assign_advantages(rollouts, ADVANTAGES.get("grpo")), LOSSES.get("bnpo"), MAX_NEW)
+    plan = HookedEngine(model, [n for n, _ in model.named_parameters()]).plan(
+        batch, layout.task_units(), max_tokens, 1 << 30)
+    if max_tokens < 100:
+        assert any(len({i for i, mb in enumerate(plan) if set(mb) & set(b)}) > 1 for b in layout.task_units())
+    else:
+        assert len(plan) == 1
+
+
+def test_hooks_refuse_a_split_task_past_the_retention_budget():
+    from gradprobe.gradients.hooked import NeedsRecomputation
+
+    model = make_model("llama")
+    batch, layout = build_units(assign_advantages(make_rollouts(), ADVANTAGES.get("grpo")), LOSSES.get("grpo"), MAX_NEW)
+    engine = HookedEngine(model, [n for n, _ in model.named_parameters()])
+    with pytest.raises(NeedsRecomputation, match="retain"):
+        engine.plan(batch, layout.task_units(), 12, 1000)
+    assert engine.plan(batch, layout.task_units(), 1 << 14, 1000)  # unsplit tasks retain nothing
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])

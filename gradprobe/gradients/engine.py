@@ -54,23 +54,32 @@ class UnitBatch:
 
 @dataclass
 class UnitGradients:
-    """What the engine returns: Gram matrices per module group and linear sums."""
+    """What an engine returns: within-block Gram matrices per module group, and linear sums.
+
+    Blocks are sets of units (a task's units) whose every pair is needed (per-prompt norms, the
+    U-statistic and its jackknife, the sign parts); across blocks only the linear sums meet.
+    """
 
     param_names: list[str]
     param_shapes: list[tuple[int, ...]]
     groups: list[str]
     group_sizes: list[int]
-    gram: torch.Tensor
-    """[n_groups, n_units, n_units], float64 on the CPU."""
+    blocks: list[list[int]]
+    """Unit indices of each block."""
+    block_gram: list[torch.Tensor]
+    """Per block, [n_groups, n_b, n_b] float64 on the CPU: <grad_a, grad_b> within each group."""
+    sum_dots: torch.Tensor
+    """[n_groups, n_sums, n_sums] float64: <s_i, s_j> per group for the sums s = W grads."""
     sums: dict[str, torch.Tensor] | None
-    """Per parameter name, [n_sums, *shape]: the requested linear sums of unit gradients."""
+    """Per parameter name, [n_sums, *shape]: the linear sums, when kept."""
     passes: int = 1
     chunk_size: int = 0
+    engine: str = "vmap"
     nonfinite_units: list[int] = field(default_factory=list)
 
-    @property
-    def total_gram(self) -> torch.Tensor:
-        return self.gram.sum(0)
+    def total(self, block: int) -> torch.Tensor:
+        """[n_b, n_b]: a block's Gram over all selected parameters."""
+        return self.block_gram[block].sum(0)
 
     def sum_of(self, k: int) -> dict[str, torch.Tensor]:
         """The k-th linear sum as named parameter tensors."""
@@ -89,6 +98,25 @@ def is_out_of_memory(error: BaseException) -> bool:
         isinstance(error, RuntimeError)
         and ("can't allocate memory" in text or "not enough memory" in text)
     )
+
+
+def halving_on_out_of_memory(attempt: Callable[[int], UnitGradients], size: int, smallest: int,
+                             device: torch.device, on_retry: Callable[[int], None] | None = None) -> UnitGradients:
+    """attempt(size), and after an out-of-memory error attempt(size // 2), ... down to `smallest`;
+    EngineOutOfMemory when even that fails. `on_retry(new_size)` is told of each retry."""
+    while True:
+        try:
+            return attempt(size)
+        except (RuntimeError, MemoryError) as error:
+            if not (isinstance(error, MemoryError) or is_out_of_memory(error)):
+                raise
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            if size <= smallest:
+                raise EngineOutOfMemory(str(error).splitlines()[0]) from None
+            size = max(smallest, size // 2)
+            if on_retry is not None:
+                on_retry(size)
 
 
 class NonFiniteGradientError(RuntimeError):
@@ -272,58 +300,55 @@ class GradientEngine:
         per_unit = 3 * self.n_selected * element + tokens * 4 * (3 * vocab + 24 * hidden * layers)
         return int(max(1, min(largest, (max_memory // 2) // per_unit)))
 
-    def run_adaptive(self, batch: UnitBatch, sum_weights: torch.Tensor | None, chunk_size: int,
-                     max_retained_bytes: int, on_chunk: Callable[[int], None] | None = None,
-                     on_retry: Callable[[int], None] | None = None) -> UnitGradients:
-        """`run`, halving the chunk size after an out-of-memory error, down to one unit.
-
-        Results do not depend on the chunk size (to rounding), so a retry changes only speed.
-        """
-        while True:
-            try:
-                return self.run(batch, sum_weights, chunk_size, max_retained_bytes, on_chunk)
-            except (RuntimeError, MemoryError) as error:
-                if not (isinstance(error, MemoryError) or is_out_of_memory(error)):
-                    raise
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
-                if chunk_size == 1:
-                    raise EngineOutOfMemory(str(error).splitlines()[0]) from None
-                chunk_size = max(1, chunk_size // 2)
-                max_retained_bytes //= 2
-                if on_retry is not None:
-                    on_retry(chunk_size)
+    def run_adaptive(self, batch: UnitBatch, blocks: list[list[int]], sum_weights: torch.Tensor,
+                     chunk_size: int, max_retained_bytes: int,
+                     on_chunk: Callable[[int], None] | None = None,
+                     on_retry: Callable[[int], None] | None = None, keep_sums: bool = True) -> UnitGradients:
+        """`run`, halving the chunk size (and the retained panel) after an out-of-memory error,
+        down to one unit. Results do not depend on the chunk size (to rounding)."""
+        return halving_on_out_of_memory(
+            lambda size: self.run(batch, blocks, sum_weights, size, max_retained_bytes * size // chunk_size,
+                                  on_chunk, keep_sums),
+            chunk_size, 1, self.device, on_retry)
 
     def run(
         self,
         batch: UnitBatch,
-        sum_weights: torch.Tensor | None = None,
+        blocks: list[list[int]],
+        sum_weights: torch.Tensor,
         chunk_size: int = 8,
         max_retained_bytes: int = 2 << 30,
         on_chunk: Callable[[int], None] | None = None,
+        keep_sums: bool = True,
     ) -> UnitGradients:
-        """Gram matrices of all units and the sums ``sum_weights @ grads`` in one or more passes.
+        """Gram matrices within `blocks` and the sums ``sum_weights @ grads``, in one or more passes.
 
+        Chunks run in unit order; a pair of chunks with no block in common is skipped.
         `on_chunk(n_units)` is called after each chunk of the first pass (for progress bars).
         """
         n_units = len(batch.units)
+        unit_block = torch.full((n_units,), -1, dtype=torch.long)
+        for b, members in enumerate(blocks):
+            unit_block[torch.as_tensor(members, dtype=torch.long)] = b
         active = [u for u in range(n_units) if batch.is_active(u)]
         chunks = [active[i : i + chunk_size] for i in range(0, len(active), chunk_size)]
+        chunk_blocks = [set(unit_block[units].tolist()) - {-1} for units in chunks]
         row_bytes = self.n_selected * torch.finfo(self.dtype).bits // 8
         panel_len = max(1, max_retained_bytes // max(1, chunk_size * row_bytes))
         gram = torch.zeros((len(self.groups), n_units, n_units), dtype=torch.float64)
-        sums = None
-        if sum_weights is not None:
-            sum_weights = sum_weights.to(self.device, self.dtype)
-            sums = {n: torch.zeros((sum_weights.shape[0], self.params[n].numel()), dtype=self.dtype,
-                                   device=self.device) for n in self.names}
+        weights = sum_weights.to(self.device, self.dtype)
+        sums = {n: torch.zeros((weights.shape[0], self.params[n].numel()), dtype=self.dtype,
+                               device=self.device) for n in self.names}
         nonfinite: list[int] = []
         passes = 0
         for start in range(0, len(chunks), panel_len):
             passes += 1
-            panel: list[tuple[list[int], dict[str, torch.Tensor]]] = []
+            panel: list[tuple[int, dict[str, torch.Tensor]]] = []
+            panel_blocks = set().union(*chunk_blocks[start : start + panel_len])
             for ci in range(start, len(chunks)):
                 units = chunks[ci]
+                if start > 0 and ci >= start + panel_len and not chunk_blocks[ci] & panel_blocks:
+                    continue  # a recomputation would pair with nothing in this panel
                 x = self.unit_gradients(batch, units)
                 if on_chunk is not None and start == 0:
                     on_chunk(len(units))
@@ -332,29 +357,34 @@ class GradientEngine:
                     for value in x.values():
                         bad |= ~torch.isfinite(value).all(1)
                     nonfinite += [units[i] for i in bad.nonzero().flatten().tolist()]
-                    if sums is not None:
-                        for n, value in x.items():
-                            sums[n] += sum_weights[:, units] @ value
-                in_panel = ci < start + panel_len
-                if in_panel:
-                    panel.append((units, x))
-                for p_units, p in panel:
+                    for n, value in x.items():
+                        sums[n] += weights[:, units] @ value
+                if ci < start + panel_len:
+                    panel.append((ci, x))
+                for pi, p in panel:
+                    if not chunk_blocks[pi] & chunk_blocks[ci]:
+                        continue
                     block = self._gram_block(p, x)
-                    gram[:, torch.tensor(p_units)[:, None], torch.tensor(units)[None, :]] = block
-                    gram[:, torch.tensor(units)[:, None], torch.tensor(p_units)[None, :]] = (
-                        block.transpose(1, 2)
-                    )
+                    rows, cols = torch.tensor(chunks[pi])[:, None], torch.tensor(units)[None, :]
+                    gram[:, rows, cols] = block
+                    gram[:, cols.T, rows.T] = block.transpose(1, 2)
             if nonfinite:
                 raise NonFiniteGradientError(sorted(nonfinite))
+        sum_dots = torch.stack([
+            sum((sums[n] @ sums[n].T).to("cpu", torch.float64) for n in members)
+            for members in self.group_members
+        ])
         return UnitGradients(
             param_names=self.names,
             param_shapes=self.shapes,
             groups=self.groups,
             group_sizes=self.group_sizes,
-            gram=gram,
-            sums=None if sums is None else {
-                n: v.view(-1, *shape).cpu() for (n, v), shape in zip(sums.items(), self.shapes)
-            },
+            blocks=[list(b) for b in blocks],
+            block_gram=[gram[:, torch.tensor(b)[:, None], torch.tensor(b)[None, :]] for b in blocks],
+            sum_dots=sum_dots,
+            sums={n: v.view(-1, *shape).cpu() for (n, v), shape in zip(sums.items(), self.shapes)}
+            if keep_sums else None,
             passes=passes,
             chunk_size=chunk_size,
+            engine="vmap",
         )

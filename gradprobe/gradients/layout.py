@@ -49,6 +49,23 @@ class UnitLayout:
         matrix[torch.as_tensor(self.unit_prompt), torch.arange(len(self.unit_prompt))] = 1.0
         return matrix
 
+    def task_units(self) -> list[list[int]]:
+        """Each task's units in unit order: the engines' blocks (every pair within one is needed)."""
+        unit_task = self.prompt_task[self.unit_prompt]
+        return [np.flatnonzero(unit_task == t).tolist() for t in range(len(self.tasks))]
+
+    def block_coefficients(self, task: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For the task's block of units: [m, n] summing units into its prompts' u_p, and the
+        [n] vectors giving g_t+ and g_t- (1/m on the units of that advantage sign)."""
+        units = np.flatnonzero(self.prompt_task[self.unit_prompt] == task)
+        prompts = np.flatnonzero(self.prompt_task == task)
+        local = np.searchsorted(prompts, self.unit_prompt[units])
+        to_prompts = torch.zeros((len(prompts), len(units)), dtype=torch.float64)
+        to_prompts[torch.as_tensor(local), torch.arange(len(units))] = 1.0
+        sign = torch.as_tensor(self.unit_sign[units])
+        m = float(len(prompts))
+        return to_prompts, (sign == POSITIVE).double() / m, (sign == NEGATIVE).double() / m
+
     def task_matrix(self, sign: int | None = None) -> torch.Tensor:
         """[T, U]: row t gives g_t = (1/m_t) sum_p u_p, or its part from one advantage sign."""
         m = self.prompts_per_task

@@ -14,7 +14,7 @@ import torch
 
 from gradprobe.gradients import estimators as est
 from gradprobe.gradients.engine import UnitGradients
-from gradprobe.gradients.layout import NEGATIVE, POSITIVE, UnitLayout
+from gradprobe.gradients.layout import UnitLayout
 
 CI_METHOD = "delete-one-prompt jackknife, normal 95% interval"
 
@@ -41,22 +41,16 @@ def _matrix(values: torch.Tensor) -> list[list[float | None]]:
     return [[_finite(v) for v in row] for row in values.tolist()]
 
 
-def _task_blocks(prompt_dots: torch.Tensor, layout: UnitLayout) -> list[torch.Tensor]:
-    return [prompt_dots[np.flatnonzero(layout.prompt_task == t)][:, np.flatnonzero(layout.prompt_task == t)]
-            for t in range(len(layout.tasks))]
-
-
-def _core_figures(gram: torch.Tensor, layout: UnitLayout) -> dict[str, Any]:
-    """Norms, U-statistics, cosines and shares of one Gram matrix (total or one module group)."""
-    task_coef = layout.task_matrix()
-    task_dots = est.dot_matrix(gram, task_coef)
-    prompt_dots = est.dot_matrix(gram, layout.prompt_matrix())
-    blocks = _task_blocks(prompt_dots, layout)
+def _core_figures(block_grams: list[torch.Tensor], task_dots: torch.Tensor, layout: UnitLayout) -> dict[str, Any]:
+    """Norms, U-statistics and per-prompt Grams from one parameter set's (total or one module
+    group's) within-task unit Grams and task-gradient dot products."""
+    parts = [layout.block_coefficients(t) for t in range(len(layout.tasks))]
+    blocks = [est.dot_matrix(g, to_prompts) for g, (to_prompts, _, _) in zip(block_grams, parts)]
     task_norms = est.norms(task_dots)
     return {
         "task_dots": task_dots,
-        "prompt_dots": prompt_dots,
         "blocks": blocks,
+        "sign_parts": parts,
         "grad_sq_norm": task_dots.diagonal(),
         "grad_norm": task_norms,
         "norm_ratio": est.norm_ratios(task_norms),
@@ -64,21 +58,31 @@ def _core_figures(gram: torch.Tensor, layout: UnitLayout) -> dict[str, Any]:
     }
 
 
+def _total_figures(result: UnitGradients, layout: UnitLayout) -> dict[str, Any]:
+    n_tasks = len(layout.tasks)
+    return _core_figures([result.total(b) for b in range(len(result.blocks))],
+                         result.sum_dots.sum(0)[:n_tasks, :n_tasks], layout)
+
+
 def summarise_gradients(result: UnitGradients, layout: UnitLayout) -> GradientSummary:
-    """Every per-task, per-prompt and per-module gradient figure of a scan."""
-    core = _core_figures(result.total_gram, layout)
+    """Every per-task, per-prompt and per-module gradient figure of a scan.
+
+    `result` must come from an engine run with the tasks as blocks (`layout.task_units()`) and
+    the task matrix as the first rows of its sums (`layout.task_matrix()`).
+    """
+    core = _total_figures(result, layout)
     weights = torch.as_tensor(layout.task_weights, dtype=torch.float64)
     shares = est.update_shares(core["task_dots"], weights)
-    pos_coef, neg_coef = layout.task_matrix(POSITIVE), layout.task_matrix(NEGATIVE)
-    pos_dots = est.dot_matrix(result.total_gram, pos_coef)
-    neg_dots = est.dot_matrix(result.total_gram, neg_coef)
-    pos_neg = est.dot_matrix(result.total_gram, pos_coef, neg_coef).diagonal()
     tasks: dict[str, dict[str, Any]] = {}
     for t, name in enumerate(layout.tasks):
         block = core["blocks"][t]
         se, _ = est.u_statistic_jackknife(block)
         unbiased = core["unbiased"][t]
-        pos, neg = float(pos_dots[t, t].clamp_min(0).sqrt()), float(neg_dots[t, t].clamp_min(0).sqrt())
+        _, pos_coef, neg_coef = core["sign_parts"][t]
+        unit_gram = result.total(t)
+        pos_sq, neg_sq = float(pos_coef @ unit_gram @ pos_coef), float(neg_coef @ unit_gram @ neg_coef)
+        pos, neg = max(pos_sq, 0.0) ** 0.5, max(neg_sq, 0.0) ** 0.5
+        pos_neg = float(pos_coef @ unit_gram @ neg_coef)
         tasks[name] = {
             "grad_norm": _finite(core["grad_norm"][t]),
             "grad_sq_norm": _finite(core["grad_sq_norm"][t]),
@@ -93,7 +97,7 @@ def summarise_gradients(result: UnitGradients, layout: UnitLayout) -> GradientSu
             "pos_grad_norm": pos,
             "neg_grad_norm": neg,
             "pos_neg_ratio": _finite(pos / neg) if neg > 0 else None,
-            "pos_neg_cosine": _finite(pos_neg[t] / (pos * neg)) if pos > 0 and neg > 0 else None,
+            "pos_neg_cosine": _finite(pos_neg / (pos * neg)) if pos > 0 and neg > 0 else None,
         }
     n_tasks = len(layout.tasks)
     corrected = torch.full((n_tasks, n_tasks), float("nan"), dtype=torch.float64)
@@ -109,7 +113,7 @@ def summarise_gradients(result: UnitGradients, layout: UnitLayout) -> GradientSu
         cosine=_matrix(est.cosine_matrix(core["task_dots"])),
         cosine_unbiased=_matrix(corrected),
         mixed={"grad_norm": float(np.sqrt(max(mixed_sq, 0.0))), "grad_sq_norm": mixed_sq},
-        prompt_grad_norm=est.norms(core["prompt_dots"]).numpy(),
+        prompt_grad_norm=torch.cat([est.norms(b) for b in core["blocks"]]).numpy(),
         prompt_gram={name: core["blocks"][t].numpy() for t, name in enumerate(layout.tasks)},
         modules=_module_breakdown(result, layout),
     )
@@ -138,9 +142,11 @@ def proxy_fidelity(proxy_norms: list[float | None], full_norms: list[float | Non
 def _module_breakdown(result: UnitGradients, layout: UnitLayout) -> dict[str, dict[str, Any]]:
     """Per module group: its size, each task's norms restricted to it, and its proxy fidelity."""
     out = {}
-    full_norms = [_finite(v) for v in _core_figures(result.total_gram, layout)["grad_norm"]]
+    n_tasks = len(layout.tasks)
+    full_norms = [_finite(v) for v in _total_figures(result, layout)["grad_norm"]]
     for g, group in enumerate(result.groups):
-        core = _core_figures(result.gram[g], layout)
+        core = _core_figures([gram[g] for gram in result.block_gram],
+                             result.sum_dots[g, :n_tasks, :n_tasks], layout)
         out[group] = {
             "n_parameters": result.group_sizes[g],
             "proxy_fidelity": proxy_fidelity([_finite(v) for v in core["grad_norm"]], full_norms),

@@ -1,0 +1,195 @@
+"""Per-unit parameter gradients of one module from its input and its output gradient.
+
+The hooked engine (`gradients.hooked`) runs one forward and one backward over a micro-batch of
+sequences and, for every module that owns a selected parameter, receives the module's input x and
+the gradient g of the loss with respect to its output. A *rule* turns (x, g) into each unit's
+gradient of the module's parameters. Rules are registered per module type, as Opacus registers
+its per-sample gradient samplers; `rule_for` falls back to a generic torch.func rule for any other
+leaf module (RMSNorm and LayerNorm variants, for instance).
+
+Sequences of a micro-batch are rows of x; the rows of one unit are contiguous, so a unit's
+tokens are one slice of the flattened [rows x positions] axis. For a linear layer the weight
+gradient of a set S of tokens is sum_{t in S} g_t x_t^T (engine-notes.md): a unit's gradient is
+the layer's weight-gradient matmul restricted to the unit's tokens, so all units together cost
+the FLOPs of the one weight gradient a training step computes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch.func import functional_call, vjp, vmap
+
+
+@dataclass
+class MicroBatchUnits:
+    """Which rows (sequences) of a micro-batch belong to which of its units."""
+
+    row_unit: torch.Tensor
+    """[rows]: the local unit index of each sequence."""
+    unit_rows: list[tuple[int, int]]
+    """For each local unit, its rows [start, end)."""
+    allocate: Callable[[tuple[int, ...], torch.dtype, torch.device], torch.Tensor] = (
+        lambda shape, dtype, device: torch.empty(shape, dtype=dtype, device=device))
+    """Uninitialised [units, ...] output buffers; the engine reuses them across layers, since on
+    the CPU fresh large allocations are page-faulted in and cost as much as the matmul."""
+
+    @property
+    def n_units(self) -> int:
+        return len(self.unit_rows)
+
+
+@dataclass
+class PerUnit:
+    """Per-unit gradients of one parameter: values[u] is unit u's gradient.
+
+    With `rows` set, values is [units, len(rows), *shape[1:]] and holds only those rows of the
+    parameter (an embedding matrix, of which a micro-batch touches few rows); the rest are zero.
+    """
+
+    values: torch.Tensor
+    rows: torch.Tensor | None = None
+
+    def dense(self, shape: tuple[int, ...]) -> torch.Tensor:
+        if self.rows is None:
+            return self.values
+        full = self.values.new_zeros((self.values.shape[0], *shape))
+        full[:, self.rows] = self.values
+        return full
+
+    def plus(self, other: PerUnit, shape: tuple[int, ...]) -> PerUnit:
+        """The sum of two contributions (a tied weight used by two modules)."""
+        if self.rows is None and other.rows is not None:
+            self.values[:, other.rows] += other.values
+            return self
+        if other.rows is None and self.rows is not None:
+            return other.plus(self, shape)
+        if self.rows is None:
+            return PerUnit(self.values + other.values)
+        return PerUnit(self.dense(shape)).plus(other, shape)
+
+
+def gram(a: PerUnit, b: PerUnit) -> torch.Tensor:
+    """[units of a, units of b]: inner products of the per-unit gradients of one parameter."""
+    if a.rows is not None and b.rows is not None:
+        # torch.unique sorts, so the shared rows come in the same order on both sides.
+        a_values = a.values[:, torch.isin(a.rows, b.rows)]
+        b_values = b.values[:, torch.isin(b.rows, a.rows)]
+    elif a.rows is not None:
+        a_values, b_values = a.values, b.values[:, a.rows]
+    elif b.rows is not None:
+        a_values, b_values = a.values[:, b.rows], b.values
+    else:
+        a_values, b_values = a.values, b.values
+    return a_values.reshape(a_values.shape[0], -1) @ b_values.reshape(b_values.shape[0], -1).T
+
+
+def add_weighted(total: torch.Tensor, weights: torch.Tensor, part: PerUnit) -> None:
+    """total += weights @ part, for total [n_sums, *shape] and weights [n_sums, units]."""
+    mixed = torch.tensordot(weights, part.values, dims=1)
+    if part.rows is None:
+        total += mixed
+    else:
+        total.index_add_(1, part.rows, mixed)
+
+
+Rule = Callable[[torch.nn.Module, list[str], torch.Tensor, torch.Tensor, MicroBatchUnits, torch.dtype],
+                dict[str, PerUnit]]
+UNIT_RULES: dict[type | str, Rule] = {}
+
+
+def register_unit_rule(*module_types: type | str) -> Callable[[Rule], Rule]:
+    """Decorator: `rule(module, names, x, g, units, dtype)` gives per-unit gradients of `names`
+    for modules of these types (classes, or class names for classes that live in many files)."""
+
+    def register(rule: Rule) -> Rule:
+        for module_type in module_types:
+            UNIT_RULES[module_type] = rule
+        return rule
+
+    return register
+
+
+def rule_for(module: torch.nn.Module) -> Rule | None:
+    """The registered rule for the module's type (or a base type), else the generic one for leaf
+    modules; None for a module with children, whose parameters no single call describes."""
+    for cls in type(module).__mro__:
+        for key in (cls, cls.__name__):
+            if key in UNIT_RULES:
+                return UNIT_RULES[key]
+    if next(module.children(), None) is None:
+        return generic_rule
+    return None
+
+
+# Above this many bytes of per-row gradients a linear layer is done one unit at a time.
+PER_ROW_LIMIT_BYTES = 8 << 20
+
+
+@register_unit_rule(torch.nn.Linear)
+def linear_rule(module: torch.nn.Linear, names: list[str], x: torch.Tensor, g: torch.Tensor,
+                units: MicroBatchUnits, dtype: torch.dtype) -> dict[str, PerUnit]:
+    """weight_u = sum_{t in u} g_t x_t^T, bias_u = sum_{t in u} g_t."""
+    rows = x.shape[0]
+    x = x.reshape(rows, -1, x.shape[-1]).to(dtype)
+    g = g.reshape(rows, -1, g.shape[-1]).to(dtype)
+    out: dict[str, PerUnit] = {}
+    if "weight" in names:
+        d_out, d_in = g.shape[-1], x.shape[-1]
+        if rows * d_out * d_in * g.element_size() <= PER_ROW_LIMIT_BYTES:
+            # Small layers: one batched matmul per row, then rows summed into units.
+            per_row = torch.bmm(g.transpose(1, 2), x)
+            weight = per_row.new_zeros((units.n_units, d_out, d_in)).index_add_(0, units.row_unit, per_row)
+        else:
+            length = x.shape[1]
+            flat_x, flat_g = x.reshape(-1, d_in), g.reshape(-1, d_out)
+            weight = units.allocate((units.n_units, d_out, d_in), dtype, x.device)
+            for u, (start, end) in enumerate(units.unit_rows):
+                torch.mm(flat_g[start * length : end * length].T, flat_x[start * length : end * length],
+                         out=weight[u])
+        out["weight"] = PerUnit(weight)
+    if "bias" in names:
+        out["bias"] = PerUnit(g.new_zeros((units.n_units, g.shape[-1])).index_add_(0, units.row_unit, g.sum(1)))
+    return out
+
+
+@register_unit_rule(torch.nn.Embedding)
+def embedding_rule(module: torch.nn.Embedding, names: list[str], x: torch.Tensor, g: torch.Tensor,
+                   units: MicroBatchUnits, dtype: torch.dtype) -> dict[str, PerUnit]:
+    """Row v of unit u's gradient is sum of g_t over u's tokens t with id v (equal ids grouped)."""
+    rows, inverse = torch.unique(x, return_inverse=True)
+    g = g.reshape(-1, g.shape[-1]).to(dtype)
+    key = (units.row_unit[:, None] * len(rows) + inverse.reshape(x.shape[0], -1)).reshape(-1)
+    values = g.new_zeros((units.n_units * len(rows), g.shape[-1])).index_add_(0, key, g)
+    return {"weight": PerUnit(values.view(units.n_units, len(rows), -1), rows)}
+
+
+@register_unit_rule("LlamaRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "MistralRMSNorm", "Phi3RMSNorm")
+def rms_norm_rule(module: torch.nn.Module, names: list[str], x: torch.Tensor, g: torch.Tensor,
+                  units: MicroBatchUnits, dtype: torch.dtype) -> dict[str, PerUnit]:
+    """For y = weight * xhat, xhat = x / sqrt(mean(x^2) + eps) in float32 cast back to x's dtype
+    (these classes' forward, to the rounding): weight_u = sum_{t in u} g_t * xhat_t."""
+    wide = x.to(torch.float32)
+    xhat = (wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + module.variance_epsilon)).to(x.dtype)
+    per_row = (g.to(dtype) * xhat.to(dtype)).reshape(x.shape[0], -1, x.shape[-1]).sum(1)
+    return {"weight": PerUnit(per_row.new_zeros((units.n_units, x.shape[-1])).index_add_(0, units.row_unit, per_row))}
+
+
+def generic_rule(module: torch.nn.Module, names: list[str], x: torch.Tensor, g: torch.Tensor,
+                 units: MicroBatchUnits, dtype: torch.dtype) -> dict[str, PerUnit]:
+    """Any module that treats rows independently: each row's vector-Jacobian product with
+    torch.func (the module's own forward, run again per row), summed into units."""
+    params = {n: getattr(module, n).detach() for n in names}
+
+    def row_gradient(x_row: torch.Tensor, g_row: torch.Tensor) -> dict[str, torch.Tensor]:
+        _, pull = vjp(lambda p: functional_call(module, p, (x_row[None],)), params)
+        return pull(g_row[None].to(x_row.dtype))[0]
+
+    per_row = vmap(row_gradient)(x, g)
+    return {
+        n: PerUnit(v.new_zeros((units.n_units, *v.shape[1:]), dtype=dtype)
+                   .index_add_(0, units.row_unit, v.to(dtype)))
+        for n, v in per_row.items()
+    }

@@ -1,0 +1,176 @@
+"""The hooked engine against the vmap engine and float64 autograd, beyond the shared tests in
+test_gradients_exact: parameter subsets, the per-module rules, failures and the fallback."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gradprobe.advantages import ADVANTAGES
+from gradprobe.gradients import unit_rules
+from gradprobe.gradients.engine import EngineOutOfMemory, GradientEngine, NonFiniteGradientError
+from gradprobe.gradients.hooked import HookedEngine, UnsupportedModel
+from gradprobe.gradients.layout import build_units
+from gradprobe.gradients.params import select_parameters
+from gradprobe.gradients.stage import EngineUnavailable, StageSettings, run_gradient_stage
+from gradprobe.objective import LOSSES
+from gradprobe.scoring import assign_advantages
+from test_gradients_exact import MAX_NEW, TEMPERATURE, assert_same_result, make_model, make_rollouts
+
+
+def units_of(seed: int = 2):
+    scored = assign_advantages(make_rollouts(seed=seed), ADVANTAGES.get("grpo"))
+    return build_units(scored, LOSSES.get("dapo"), MAX_NEW)
+
+
+def both_engines(model, names, batch, layout, max_tokens=1 << 14):
+    blocks, sums = layout.task_units(), layout.task_matrix()
+    hooked = HookedEngine(model, names, TEMPERATURE, accumulate_dtype=torch.float64)
+    vmapped = GradientEngine(model, names, TEMPERATURE, accumulate_dtype=torch.float64)
+    return (hooked.run(batch, blocks, sums, max_tokens=max_tokens),
+            vmapped.run(batch, blocks, sums, chunk_size=4))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("params", [["last-block"], ["attention"], ["mlp"], ["*embed_tokens*"],
+                                    ["*norm*"], ["lm_head.weight", "model.layers.0.mlp.up_proj.weight"]])
+def test_parameter_subsets(arch, params):
+    """Backward stops at the first selected module; a tied embedding still gets the head's use."""
+    model = make_model(arch)
+    try:
+        names = select_parameters(model, params)
+    except Exception:
+        pytest.skip(f"{arch} has no {params}")  # lm_head.weight is the embedding in tied llama
+    batch, layout = units_of()
+    hooked, vmapped = both_engines(model, names, batch, layout, max_tokens=40)
+    assert hooked.param_names == vmapped.param_names and hooked.groups == vmapped.groups
+    assert_same_result(hooked, vmapped)
+
+
+def test_generic_rule_for_an_unregistered_norm(monkeypatch):
+    """A leaf module without a rule goes through torch.func per row, exactly."""
+    model = make_model("llama")
+    for name in ("LlamaRMSNorm",):
+        monkeypatch.delitem(unit_rules.UNIT_RULES, name)
+    norm = model.model.norm
+    assert unit_rules.rule_for(norm) is unit_rules.generic_rule
+    batch, layout = units_of(seed=6)
+    hooked, vmapped = both_engines(model, [n for n, _ in model.named_parameters()], batch, layout)
+    assert_same_result(hooked, vmapped)
+
+
+def test_rms_norm_rule_equals_the_generic_rule():
+    torch.manual_seed(0)
+    model = make_model("qwen2")
+    norm = model.model.layers[0].input_layernorm
+    x, g = torch.randn(5, 7, 16, dtype=torch.float64), torch.randn(5, 7, 16, dtype=torch.float64)
+    units = unit_rules.MicroBatchUnits(torch.tensor([0, 0, 1, 2, 2]), [(0, 2), (2, 3), (3, 5)])
+    fast = unit_rules.rms_norm_rule(norm, ["weight"], x, g, units, torch.float64)["weight"].values
+    slow = unit_rules.generic_rule(norm, ["weight"], x, g, units, torch.float64)["weight"].values
+    assert torch.allclose(fast, slow, rtol=1e-12, atol=1e-14)
+    # and against autograd on each unit's rows
+    for u, (start, end) in enumerate(units.unit_rows):
+        weight = norm.weight.detach().clone().requires_grad_(True)
+        xs = x[start:end].float()
+        y = weight * (xs * torch.rsqrt(xs.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)).double()
+        (grad,) = torch.autograd.grad((y * g[start:end]).sum(), weight)
+        assert torch.allclose(fast[u], grad, rtol=1e-10)
+
+
+def test_linear_rule_paths_agree(monkeypatch):
+    """Per-row batched matmul (small layers) and one matmul per unit (large) give the same."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(6, 4).double()
+    x, g = torch.randn(5, 3, 6, dtype=torch.float64), torch.randn(5, 3, 4, dtype=torch.float64)
+    units = unit_rules.MicroBatchUnits(torch.tensor([0, 1, 1, 1, 2]), [(0, 1), (1, 4), (4, 5)])
+    small = unit_rules.linear_rule(layer, ["weight", "bias"], x, g, units, torch.float64)
+    monkeypatch.setattr(unit_rules, "PER_ROW_LIMIT_BYTES", 0)
+    large = unit_rules.linear_rule(layer, ["weight", "bias"], x, g, units, torch.float64)
+    for name in ("weight", "bias"):
+        assert torch.allclose(small[name].values, large[name].values, rtol=1e-12)
+    expected = torch.einsum("rto,rti->oi", g[1:4], x[1:4])
+    assert torch.allclose(large["weight"].values[1], expected, rtol=1e-12)
+
+
+def test_sparse_embedding_rows_meet_dense_and_sparse_parts():
+    torch.manual_seed(0)
+    dense = unit_rules.PerUnit(torch.randn(2, 6, 3, dtype=torch.float64))
+    a = unit_rules.PerUnit(torch.randn(2, 3, 3, dtype=torch.float64), torch.tensor([0, 2, 5]))
+    b = unit_rules.PerUnit(torch.randn(3, 2, 3, dtype=torch.float64), torch.tensor([2, 4]))
+    shape = (6, 3)
+    for left, right in [(a, b), (a, dense), (dense, b), (a, a)]:
+        expected = left.dense(shape).flatten(1) @ right.dense(shape).flatten(1).T
+        assert torch.allclose(unit_rules.gram(left, right), expected)
+    summed = unit_rules.PerUnit(dense.values.clone()).plus(a, shape)
+    assert torch.allclose(summed.values, dense.values + a.dense(shape))
+    total = torch.zeros((1, *shape), dtype=torch.float64)
+    unit_rules.add_weighted(total, torch.tensor([[1.0, 2.0]], dtype=torch.float64), a)
+    assert torch.allclose(total[0], a.dense(shape)[0] + 2 * a.dense(shape)[1])
+
+
+def test_non_finite_gradients_name_their_units():
+    model = make_model("llama")
+    batch, layout = units_of()
+    first_task_unit = layout.task_units()[0][0]
+    batch.coefficients[batch.units[first_task_unit][0]][-1] = float("nan")
+    engine = HookedEngine(model, [n for n, _ in model.named_parameters()], TEMPERATURE)
+    with pytest.raises(NonFiniteGradientError) as error:
+        engine.run(batch, layout.task_units(), layout.task_matrix())
+    assert first_task_unit in error.value.units
+    assert all(layout.prompt_task[layout.unit_prompt[u]] == 0 for u in error.value.units)
+
+
+def test_out_of_memory_halves_the_micro_batch(monkeypatch):
+    model = make_model("llama")
+    batch, layout = units_of(seed=4)
+    names = [n for n, _ in model.named_parameters()]
+    engine = HookedEngine(model, names, TEMPERATURE, accumulate_dtype=torch.float64)
+    reference = engine.run(batch, layout.task_units(), layout.task_matrix(), max_tokens=1 << 14)
+    real = engine._forward_backward
+
+    def small_only(batch, units):
+        if len(units) > 3:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(batch, units)
+
+    monkeypatch.setattr(engine, "_forward_backward", small_only)
+    retries = []
+    result = engine.run_adaptive(batch, layout.task_units(), layout.task_matrix(), 1 << 14, 1 << 30,
+                                 on_retry=retries.append)
+    assert retries and retries == sorted(retries, reverse=True)
+    assert_same_result(result, reference)
+    monkeypatch.setattr(engine, "_forward_backward", lambda b, u: (_ for _ in ()).throw(
+        torch.OutOfMemoryError("out of memory")))
+    with pytest.raises(EngineOutOfMemory):
+        engine.run_adaptive(batch, layout.task_units(), layout.task_matrix(), 64, 1 << 30)
+
+
+def test_unsupported_module_falls_back_to_vmap():
+    """A parameter held by a module with children (no single call describes it)."""
+    model = make_model("llama")
+    layer = model.model.layers[0]
+    layer.register_parameter("extra", torch.nn.Parameter(torch.ones(3, dtype=torch.float64)))
+    names = ["model.layers.0.extra", "model.layers.0.mlp.down_proj.weight"]
+    with pytest.raises(UnsupportedModel, match="submodules"):
+        HookedEngine(model, names)
+    batch, layout = units_of()
+    result, reason = run_gradient_stage(model, names, batch, layout,
+                                        StageSettings(temperature=TEMPERATURE), 1 << 30)
+    assert result.engine == "vmap" and "submodules" in reason
+    assert result.sum_of(0)["model.layers.0.extra"].abs().max() == 0  # unused in forward
+    with pytest.raises(EngineUnavailable):
+        run_gradient_stage(model, names, batch, layout, StageSettings(engine="hooks"), 1 << 30)
+
+
+def test_a_module_called_twice_is_refused():
+    """One module reused in two places (its saved input would be overwritten): vmap handles it."""
+    model = make_model("llama")
+    layers = model.model.layers
+    layers[1].input_layernorm = layers[0].input_layernorm
+    batch, layout = units_of()
+    engine = HookedEngine(model, ["model.layers.0.input_layernorm.weight"], TEMPERATURE)
+    with pytest.raises(UnsupportedModel, match="twice"):
+        engine.run(batch, layout.task_units(), layout.task_matrix())
+    result, reason = run_gradient_stage(model, ["model.layers.0.input_layernorm.weight"], batch, layout,
+                                        StageSettings(temperature=TEMPERATURE), 1 << 30)
+    assert result.engine == "vmap" and "twice" in reason
