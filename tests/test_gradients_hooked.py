@@ -174,3 +174,15 @@ def test_a_module_called_twice_is_refused():
     result, reason = run_gradient_stage(model, ["model.layers.0.input_layernorm.weight"], batch, layout,
                                         StageSettings(temperature=TEMPERATURE), 1 << 30)
     assert result.engine == "vmap" and "twice" in reason
+
+
+def test_all_groups_degenerate_give_zero_gradients():
+    model = make_model("llama")
+    rollouts = make_rollouts(seed=2)
+    for r in rollouts:
+        r.reward = 1.0
+    batch, layout = build_units(assign_advantages(rollouts, ADVANTAGES.get("grpo")), LOSSES.get("grpo"), MAX_NEW)
+    names = [n for n, _ in model.named_parameters()]
+    result, reason = run_gradient_stage(model, names, batch, layout, StageSettings(temperature=TEMPERATURE), 1 << 30)
+    assert result.engine == "hooks" and reason is None
+    assert all(g.abs().max() == 0 for g in result.block_gram) and result.sum_dots.abs().max() == 0

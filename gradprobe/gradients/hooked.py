@@ -179,7 +179,7 @@ class HookedEngine:
                      on_retry: Callable[[int], None] | None = None, keep_sums: bool = True) -> UnitGradients:
         """`run`, halving the micro-batch's tokens after an out-of-memory error, down to the
         longest sequence."""
-        longest = max(len(s) for s in batch.sequences)
+        longest = max((len(s) for s in batch.sequences), default=1)
         return halving_on_out_of_memory(
             lambda tokens: self.run(batch, blocks, sum_weights, tokens, max_retained_bytes, on_chunk, keep_sums),
             max(max_tokens, longest), longest, self.device, on_retry)
