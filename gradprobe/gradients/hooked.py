@@ -263,6 +263,30 @@ class HookedEngine:
         return handles
 
 
+class _BufferPool:
+    """Per-unit output buffers reused across layers and micro-batches (fresh large allocations are
+    page-faulted in on the CPU and cost as much as the matmul that fills them). Holds no reference
+    to the run's state, so nothing keeps a finished run's memory alive."""
+
+    def __init__(self, max_units: int) -> None:
+        self.max_units = max_units
+        self.free: dict[tuple, list[torch.Tensor]] = {}
+        self.lent: dict[int, tuple[tuple, torch.Tensor]] = {}
+
+    def allocate(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A [shape[0], ...] view of a pooled buffer, lent until `give_back`."""
+        key = (tuple(shape[1:]), dtype, device)
+        free = self.free.setdefault(key, [])
+        base = free.pop() if free else torch.empty((self.max_units, *shape[1:]), dtype=dtype, device=device)
+        self.lent[base.data_ptr()] = (key, base)
+        return base[: shape[0]]
+
+    def give_back(self, values: torch.Tensor) -> None:
+        lent = self.lent.pop(values.data_ptr(), None)
+        if lent is not None:
+            self.free[lent[0]].append(lent[1])
+
+
 class _RunState:
     """What one run accumulates, and the hooks' per-micro-batch bookkeeping."""
 
@@ -286,17 +310,7 @@ class _RunState:
         self.retained: dict[str, dict[int, list[tuple[torch.Tensor, PerUnit]]]] = {}
         self.nonfinite: set[int] = set()
         self.in_rule = False
-        self.max_units = max((len(units) for units in micro_batches), default=1)
-        self.pool: dict[tuple, list[torch.Tensor]] = {}
-        self.lent: dict[int, tuple[tuple, torch.Tensor]] = {}
-
-    def allocate(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """A [shape[0], ...] view of a pooled buffer, lent until `reduce` is done with it."""
-        key = (tuple(shape[1:]), dtype, device)
-        free = self.pool.setdefault(key, [])
-        base = free.pop() if free else torch.empty((self.max_units, *shape[1:]), dtype=dtype, device=device)
-        self.lent[base.data_ptr()] = (key, base)
-        return base[: shape[0]]
+        self.buffers = _BufferPool(max((len(units) for units in micro_batches), default=1))
 
     def begin(self, batch: UnitBatch, index: int) -> None:
         units = self.micro_batches[index]
@@ -307,7 +321,7 @@ class _RunState:
             row_unit += [local] * len(batch.units[u])
             row += len(batch.units[u])
         self.layout = MicroBatchUnits(torch.tensor(row_unit, device=self.engine.device), unit_rows,
-                                      self.allocate)
+                                      self.buffers.allocate)
         self.slices: list[_BlockSlice] = []
         for local, u in enumerate(units):
             b, position = self.unit_place[u]
@@ -400,6 +414,4 @@ class _RunState:
             if piece.continues:
                 kept = PerUnit(mine.values.clone(), mine.rows)
                 self.retained.setdefault(name, {}).setdefault(piece.block, []).append((p, kept))
-        lent = self.lent.pop(part.values.data_ptr(), None)
-        if lent is not None:
-            self.pool[lent[0]].append(lent[1])
+        self.buffers.give_back(part.values)

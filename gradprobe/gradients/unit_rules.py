@@ -88,11 +88,10 @@ def gram(a: PerUnit, b: PerUnit) -> torch.Tensor:
 
 def add_weighted(total: torch.Tensor, weights: torch.Tensor, part: PerUnit) -> None:
     """total += weights @ part, for total [n_sums, *shape] and weights [n_sums, units]."""
-    mixed = torch.tensordot(weights, part.values, dims=1)
-    if part.rows is None:
-        total += mixed
+    if part.rows is None:  # in place: a fresh [n_sums, *shape] temporary costs page faults on CPU
+        total.view(total.shape[0], -1).addmm_(weights, part.values.reshape(part.values.shape[0], -1))
     else:
-        total.index_add_(1, part.rows, mixed)
+        total.index_add_(1, part.rows, torch.tensordot(weights, part.values, dims=1))
 
 
 Rule = Callable[[torch.nn.Module, list[str], torch.Tensor, torch.Tensor, MicroBatchUnits, torch.dtype],
