@@ -136,8 +136,6 @@ def _timed(timings: dict[str, float], key: str) -> Iterator[None]:
 
 def scan(config: ScanConfig, progress: Progress | None = None) -> ScanResult:
     """Run a whole scan and write its directory; raises UserInputError for bad input."""
-    import torch
-
     from gradprobe.gradients.layout import build_units
     from gradprobe.gradients.params import select_parameters
     from gradprobe.gradients.stage import StageSettings
