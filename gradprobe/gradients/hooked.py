@@ -129,28 +129,17 @@ class HookedEngine:
         and at most as many units as keep the largest layer's per-unit gradients within them."""
         element = torch.finfo(self.dtype).bits // 8
         unit_cap = max(1, (max_tokens * self._token_bytes() // 2) // max(1, 2 * self.largest * element))
-
-        def fits(units: list[int]) -> bool:
-            seqs = [s for u in units for s in batch.units[u]]
-            return len(units) <= unit_cap and len(seqs) * max(len(batch.sequences[s]) for s in seqs) <= max_tokens
-
-        micro_batches: list[list[int]] = []
-        current: list[int] = []
+        packer = _Packer(batch, max_tokens, unit_cap)
         for members in blocks:
             active = [u for u in members if batch.is_active(u)]
-            if not active:
-                continue
-            if fits(active) and not fits(current + active):
-                micro_batches.append(current)  # keep a block that fits whole in one micro-batch
-                current = []
+            if active and packer.fits_alone(active) and not packer.fits(active):
+                packer.close()  # a block that fits whole in one micro-batch is not split
             for u in active:
-                if current and not fits(current + [u]):
-                    micro_batches.append(current)
-                    current = []
-                current.append(u)
-        if current:
-            micro_batches.append(current)
-        micro_batches = [mb for mb in micro_batches if mb]
+                if not packer.fits([u]):
+                    packer.close()
+                packer.add(u)
+        packer.close()
+        micro_batches = packer.micro_batches
         self._check_retention(batch, blocks, micro_batches, max_retained_bytes, element)
         return micro_batches
 
@@ -263,6 +252,42 @@ class HookedEngine:
         return handles
 
 
+class _Packer:
+    """Greedy packing of units into micro-batches of at most `max_tokens` padded tokens."""
+
+    def __init__(self, batch: UnitBatch, max_tokens: int, unit_cap: int) -> None:
+        self.batch, self.max_tokens, self.unit_cap = batch, max_tokens, unit_cap
+        self.micro_batches: list[list[int]] = []
+        self.current: list[int] = []
+        self.rows = self.length = 0
+
+    def _shape(self, units: list[int]) -> tuple[int, int]:
+        seqs = [s for u in units for s in self.batch.units[u]]
+        return len(seqs), max(len(self.batch.sequences[s]) for s in seqs)
+
+    def fits_alone(self, units: list[int]) -> bool:
+        rows, length = self._shape(units)
+        return len(units) <= self.unit_cap and rows * length <= self.max_tokens
+
+    def fits(self, units: list[int]) -> bool:
+        """Whether `units` fit in the open micro-batch (always, when it is empty)."""
+        if not self.current:
+            return True
+        rows, length = self._shape(units)
+        return (len(self.current) + len(units) <= self.unit_cap
+                and (self.rows + rows) * max(self.length, length) <= self.max_tokens)
+
+    def add(self, unit: int) -> None:
+        rows, length = self._shape([unit])
+        self.current.append(unit)
+        self.rows, self.length = self.rows + rows, max(self.length, length)
+
+    def close(self) -> None:
+        if self.current:
+            self.micro_batches.append(self.current)
+        self.current, self.rows, self.length = [], 0, 0
+
+
 class _BufferPool:
     """Per-unit output buffers reused across layers and micro-batches (fresh large allocations are
     page-faulted in on the CPU and cost as much as the matmul that fills them). Holds no reference
@@ -323,14 +348,12 @@ class _RunState:
         self.layout = MicroBatchUnits(torch.tensor(row_unit, device=self.engine.device), unit_rows,
                                       self.buffers.allocate)
         self.slices: list[_BlockSlice] = []
-        for local, u in enumerate(units):
-            b, position = self.unit_place[u]
-            if not self.slices or self.slices[-1].block != b:
-                self.slices.append(_BlockSlice(b, local, local, [], self.last_micro_batch[b] > index))
-            self.slices[-1].end = local + 1
-            self.slices[-1].positions.append(position)
-        for piece in self.slices:
-            piece.positions = torch.tensor(piece.positions, device=self.engine.device)
+        for b in dict.fromkeys(self.unit_place[u][0] for u in units):
+            local = [i for i, u in enumerate(units) if self.unit_place[u][0] == b]
+            positions = [self.unit_place[units[i]][1] for i in local]
+            self.slices.append(_BlockSlice(b, local[0], local[-1] + 1,
+                                           torch.tensor(positions, device=self.engine.device),
+                                           self.last_micro_batch[b] > index))
         self.inputs: dict[int, torch.Tensor] = {}
         self.pending: dict[str, PerUnit] = {}
         self.received = dict.fromkeys(self.engine.names, 0)
