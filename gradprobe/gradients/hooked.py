@@ -64,6 +64,8 @@ class _BlockSlice:
     """Their positions within the block."""
     continues: bool
     """Whether later micro-batches hold more of the block's units."""
+    whole: bool
+    """Whether these are all the block's units, in order (its Gram is then added as is)."""
 
 
 class HookedEngine:
@@ -197,8 +199,11 @@ class HookedEngine:
         finally:
             for handle in handles:
                 handle.remove()
-        if state.nonfinite:
-            raise NonFiniteGradientError(sorted(state.nonfinite))
+        # A NaN or Inf anywhere in a unit's gradient reaches its squared norm, the Gram diagonal.
+        nonfinite = [blocks[b][i] for b, g in enumerate(state.block_gram)
+                     for i in (~torch.isfinite(g.diagonal(dim1=1, dim2=2)).all(0)).nonzero().flatten().tolist()]
+        if nonfinite:
+            raise NonFiniteGradientError(sorted(nonfinite))
         sum_dots = torch.zeros((len(self.groups), sum_weights.shape[0], sum_weights.shape[0]),
                                dtype=torch.float64)
         for name, value in state.sums.items():
@@ -333,7 +338,6 @@ class _RunState:
                 last[self.unit_place[u][0]] = index
         self.last_micro_batch = last
         self.retained: dict[str, dict[int, list[tuple[torch.Tensor, PerUnit]]]] = {}
-        self.nonfinite: set[int] = set()
         self.in_rule = False
         self.buffers = _BufferPool(max((len(units) for units in micro_batches), default=1))
 
@@ -353,7 +357,8 @@ class _RunState:
             positions = [self.unit_place[units[i]][1] for i in local]
             self.slices.append(_BlockSlice(b, local[0], local[-1] + 1,
                                            torch.tensor(positions, device=self.engine.device),
-                                           self.last_micro_batch[b] > index))
+                                           self.last_micro_batch[b] > index,
+                                           positions == list(range(len(self.blocks[b])))))
         self.inputs: dict[int, torch.Tensor] = {}
         self.pending: dict[str, PerUnit] = {}
         self.received = dict.fromkeys(self.engine.names, 0)
@@ -423,13 +428,13 @@ class _RunState:
                 add_weighted(total[r : r + 1], self.unit_weights[r : r + 1], part)
         for piece in self.slices:
             mine = PerUnit(part.values[piece.start : piece.end], part.rows)
-            inner = gram(mine, mine)
-            bad = ~torch.isfinite(inner.diagonal())
-            if bad.any():
-                self.nonfinite.update(self.units[piece.start + i] for i in bad.nonzero().flatten().tolist())
+            inner = gram(mine, mine).to(torch.float64)
             target = self.block_gram[piece.block][group]
             p = piece.positions
-            target[p[:, None], p[None, :]] += inner.to(torch.float64)
+            if piece.whole:
+                target += inner
+            else:
+                target[p[:, None], p[None, :]] += inner
             for q, earlier in self.retained.get(name, {}).get(piece.block, []):
                 cross = gram(mine, earlier).to(torch.float64)
                 target[p[:, None], q[None, :]] += cross
