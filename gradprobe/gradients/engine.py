@@ -1,4 +1,7 @@
-"""Per-unit policy gradients with torch.func, reduced to a Gram matrix and linear sums.
+"""The vmap engine: per-unit policy gradients with torch.func, reduced to Grams and linear sums.
+
+(`gradients.hooked` computes the same from one forward and backward per micro-batch and is the
+default where it applies; `gradients.stage` chooses. Both return `UnitGradients`.)
 
 A *unit* is a set of completions whose gradient is wanted as one vector: a prompt's completions
 with positive advantage, say. The engine knows nothing of tasks or prompts. It receives token
