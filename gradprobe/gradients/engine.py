@@ -7,17 +7,18 @@ A *unit* is a set of completions whose gradient is wanted as one vector: a promp
 with positive advantage, say. The engine knows nothing of tasks or prompts. It receives token
 sequences with one loss coefficient per token and returns, for the selected parameters,
 
-- the Gram matrix G[g, a, b] = <grad_a, grad_b> restricted to each module group g, where
-  grad_a = d/dtheta sum_{s in unit a} sum_j coef_sj * log pi(x_sj | x_s<j);
-- optional linear sums sum_a W[k, a] grad_a (task gradients, for saving and comparing).
+- within each block of units (a task's), the Gram matrix G[g, a, b] = <grad_a, grad_b> restricted
+  to each module group g, where grad_a = d/dtheta sum_{s in unit a} sum_j coef_sj log pi(x_sj | x_s<j);
+- the linear sums s_k = sum_a W[k, a] grad_a (task gradients), their dot products per group, and
+  optionally the sums themselves (for saving and comparing).
 
-Every norm, cosine, share and unbiased estimate of metrics.md is a quadratic form of G (see
-`estimators`), so this one pass serves them all exactly.
+Every norm, cosine, share and unbiased estimate of metrics.md is a quadratic form of these (see
+`estimators` and `summary`), so one pass serves them all exactly.
 
 Per-unit gradients come from ``vmap(grad(unit_loss))`` over a chunk of units, each unit a padded
 [K, L] batch of right-padded sequences (so causal attention never sees padding and no attention
 mask is needed). Units with all-zero coefficients (degenerate groups) have a zero gradient and are
-not computed. The Gram of all pairs needs all per-unit gradients at once; they are kept in
+not computed. The Gram of all pairs in a block needs their gradients at once; they are kept in
 "panels" of as many chunks as ``max_retained_bytes`` allows, and chunks outside the panel are
 recomputed, so memory stays bounded and a model too large to retain everything costs more passes.
 
