@@ -166,7 +166,7 @@ def checkpointed_layers(model: torch.nn.Module) -> Iterator[int]:
             del layer.forward  # back to the class's method
 
 
-def _ordered_by_group(names: list[str]) -> tuple[list[str], list[str], list[int]]:
+def ordered_by_group(names: list[str]) -> tuple[list[str], list[str], list[int]]:
     """Parameter names sorted so each module group is one contiguous slice."""
     groups: list[str] = []
     for name in names:
@@ -191,7 +191,7 @@ class GradientEngine:
         self.model = model.eval().requires_grad_(False)
         self.checkpoint_activations = checkpoint_activations
         use_eager_attention(model)
-        self.names, self.groups, group_index = _ordered_by_group(param_names)
+        self.names, self.groups, group_index = ordered_by_group(param_names)
         named = dict(model.named_parameters())
         self.params = {n: named[n].detach() for n in self.names}
         self.shapes = [tuple(self.params[n].shape) for n in self.names]

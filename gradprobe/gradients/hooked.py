@@ -27,8 +27,13 @@ from dataclasses import dataclass
 
 import torch
 
-from gradprobe.gradients.engine import NonFiniteGradientError, UnitBatch, UnitGradients, halving_on_out_of_memory
-from gradprobe.gradients.params import module_group
+from gradprobe.gradients.engine import (
+    NonFiniteGradientError,
+    UnitBatch,
+    UnitGradients,
+    halving_on_out_of_memory,
+    ordered_by_group,
+)
 from gradprobe.gradients.unit_rules import MicroBatchUnits, PerUnit, Rule, add_weighted, gram, rule_for
 from gradprobe.objective import token_logprobs
 
@@ -81,16 +86,11 @@ class HookedEngine:
     ) -> None:
         self.model = model.eval().requires_grad_(False)
         named = dict(model.named_parameters())
-        groups: list[str] = []
-        for name in param_names:
-            if module_group(name) not in groups:
-                groups.append(module_group(name))
-        self.groups = groups
-        self.names = sorted(param_names, key=lambda n: groups.index(module_group(n)))
-        self.group_of = {n: groups.index(module_group(n)) for n in self.names}
+        self.names, self.groups, group_index = ordered_by_group(param_names)
+        self.group_of = dict(zip(self.names, group_index))
         self.shapes = {n: tuple(named[n].shape) for n in self.names}
         self.group_sizes = [sum(named[n].numel() for n in self.names if self.group_of[n] == g)
-                            for g in range(len(groups))]
+                            for g in range(len(self.groups))]
         self.n_selected = sum(named[n].numel() for n in self.names)
         self.largest = max(named[n].numel() for n in self.names)
         first = named[self.names[0]]
