@@ -59,7 +59,7 @@ def _quiet_libraries() -> None:
 def scan(
     model: Annotated[Optional[str], typer.Argument(help="Checkpoint directory, or a hub id in the local cache.", show_default=False)] = None,
     mix: Annotated[Optional[Path], typer.Argument(help="Task-labelled prompts: .jsonl, .json, .parquet, .csv or a datasets directory (gradprobe, verl or TRL columns, detected), or a .toml mix spec.", show_default=False)] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Scan directory to write (must not exist unless --overwrite).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Scan directory to write (must not exist unless --overwrite) [default: gradprobe-scan; with --demo gradprobe-scan-demo, replaced on a rerun].")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing scan directory.")] = False,
     demo: Annotated[bool, typer.Option("--demo", help="Scan the tiny model and mix that ship with gradprobe.")] = False,
     rollouts: Annotated[Optional[Path], typer.Option(help="Scan a trainer's rollouts (JSONL/Parquet) instead of sampling.")] = None,
@@ -127,6 +127,8 @@ def scan(
     if mix is None and rollouts is None:
         fail("give a MIX file to sample from, or --rollouts FILE to scan a trainer's rollouts")
     if out is None:
+        # The demo's own directory is replaced on a rerun (only if it holds a gradprobe scan).
+        overwrite = overwrite or demo
         out = Path("gradprobe-scan-demo" if demo else "gradprobe-scan")
     config = ScanConfig(
         model=model, mix=None if mix is None else str(mix),

@@ -180,3 +180,24 @@ def test_task_names_are_printed_as_written(demo_scan) -> None:
     console.print(render_scan(renamed))
     text = console.export_text()
     assert text.count("add[bold]") >= 4  # per-task table, cosine rows and columns, stats tables
+
+
+def test_demo_reruns_into_its_own_directory(tmp_path, monkeypatch) -> None:
+    """The README's first command works twice; a foreign directory of that name is not replaced."""
+    monkeypatch.chdir(tmp_path)
+    small = ["scan", "--demo", "--prompts-per-task", "2", "--group-size", "2", "--max-new-tokens", "3",
+             "--no-stats", "--no-proxy-check"]
+    for _ in range(2):
+        result = CliRunner().invoke(app, small)
+        assert result.exit_code == 0, result.output
+        assert (tmp_path / "gradprobe-scan-demo" / "scan.json").is_file()
+    explicit = CliRunner().invoke(app, [*small, "--out", "gradprobe-scan-demo"])
+    assert explicit.exit_code == 2 and "--overwrite" in explicit.output
+    foreign = tmp_path / "elsewhere"
+    foreign.mkdir()
+    monkeypatch.chdir(foreign)
+    (foreign / "gradprobe-scan-demo").mkdir()
+    (foreign / "gradprobe-scan-demo" / "notes.txt").write_text("mine")
+    refused = CliRunner().invoke(app, small)
+    assert refused.exit_code == 2 and "not a gradprobe scan" in refused.output
+    assert (foreign / "gradprobe-scan-demo" / "notes.txt").read_text() == "mine"
