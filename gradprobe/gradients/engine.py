@@ -339,7 +339,9 @@ class GradientEngine:
         chunk_blocks = [set(unit_block[units].tolist()) - {-1} for units in chunks]
         row_bytes = self.n_selected * torch.finfo(self.dtype).bits // 8
         panel_len = max(1, max_retained_bytes // max(1, chunk_size * row_bytes))
-        gram = torch.zeros((len(self.groups), n_units, n_units), dtype=torch.float64)
+        block_gram = [torch.zeros((len(self.groups), len(b), len(b)), dtype=torch.float64) for b in blocks]
+        position = {u: i for members in blocks for i, u in enumerate(members)}
+        block_of = unit_block.tolist()
         weights = sum_weights.to(self.device, self.dtype)
         sums = {n: torch.zeros((weights.shape[0], self.params[n].numel()), dtype=self.dtype,
                                device=self.device) for n in self.names}
@@ -368,10 +370,15 @@ class GradientEngine:
                 for pi, p in panel:
                     if not chunk_blocks[pi] & chunk_blocks[ci]:
                         continue
-                    block = self._gram_block(p, x)
-                    rows, cols = torch.tensor(chunks[pi])[:, None], torch.tensor(units)[None, :]
-                    gram[:, rows, cols] = block
-                    gram[:, cols.T, rows.T] = block.transpose(1, 2)
+                    products = self._gram_block(p, x)
+                    for b in chunk_blocks[pi] & chunk_blocks[ci]:
+                        i = [k for k, u in enumerate(chunks[pi]) if block_of[u] == b]
+                        j = [k for k, u in enumerate(units) if block_of[u] == b]
+                        rows = torch.tensor([position[chunks[pi][k]] for k in i])[:, None]
+                        cols = torch.tensor([position[units[k]] for k in j])[None, :]
+                        part = products[:, i][:, :, j]
+                        block_gram[b][:, rows, cols] = part
+                        block_gram[b][:, cols.T, rows.T] = part.transpose(1, 2)
             if nonfinite:
                 raise NonFiniteGradientError(sorted(nonfinite))
         sum_dots = torch.stack([
@@ -384,7 +391,7 @@ class GradientEngine:
             groups=self.groups,
             group_sizes=self.group_sizes,
             blocks=[list(b) for b in blocks],
-            block_gram=[gram[:, torch.tensor(b)[:, None], torch.tensor(b)[None, :]] for b in blocks],
+            block_gram=block_gram,
             sum_dots=sum_dots,
             sums={n: v.view(-1, *shape).cpu() for (n, v), shape in zip(sums.items(), self.shapes)}
             if keep_sums else None,
