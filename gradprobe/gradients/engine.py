@@ -30,6 +30,7 @@ plain autograd while every decoder layer recomputes its activations in the backw
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -166,14 +167,75 @@ def checkpointed_layers(model: torch.nn.Module) -> Iterator[int]:
             del layer.forward  # back to the class's method
 
 
-def ordered_by_group(names: list[str]) -> tuple[list[str], list[str], list[int]]:
-    """Parameter names sorted so each module group is one contiguous slice."""
-    groups: list[str] = []
-    for name in names:
-        if module_group(name) not in groups:
-            groups.append(module_group(name))
-    ordered = sorted(names, key=lambda n: groups.index(module_group(n)))
-    return ordered, groups, [groups.index(module_group(n)) for n in ordered]
+@dataclass
+class SelectedParameters:
+    """The parameters an engine differentiates, ordered so each module group is one slice."""
+
+    names: list[str]
+    groups: list[str]
+    group_of: dict[str, int]
+    shapes: dict[str, tuple[int, ...]]
+    dtype: torch.dtype
+    """Of per-unit gradients and sums: the accumulation dtype promoted with the parameters'."""
+    device: torch.device
+
+    @classmethod
+    def of(cls, model: torch.nn.Module, param_names: list[str], accumulate_dtype: torch.dtype) -> SelectedParameters:
+        groups = list(dict.fromkeys(module_group(n) for n in param_names))
+        names = sorted(param_names, key=lambda n: groups.index(module_group(n)))
+        named = dict(model.named_parameters())
+        first = named[names[0]]
+        return cls(names, groups, {n: groups.index(module_group(n)) for n in names},
+                   {n: tuple(named[n].shape) for n in names},
+                   torch.promote_types(accumulate_dtype, first.dtype), first.device)
+
+    def size(self, name: str) -> int:
+        return math.prod(self.shapes[name])
+
+    @property
+    def group_members(self) -> list[list[str]]:
+        return [[n for n in self.names if self.group_of[n] == g] for g in range(len(self.groups))]
+
+    @property
+    def group_sizes(self) -> list[int]:
+        return [sum(self.size(n) for n in members) for members in self.group_members]
+
+    @property
+    def n_selected(self) -> int:
+        return sum(self.size(n) for n in self.names)
+
+    def result(self, blocks: list[list[int]], block_gram: list[torch.Tensor], sums: dict[str, torch.Tensor],
+               keep_sums: bool, engine: str, passes: int, chunk_size: int) -> UnitGradients:
+        """An engine's `UnitGradients`, with the sums' dot products per group; `sums[name]` is
+        [n_sums, ...] (any shape after the first axis)."""
+        n_sums = next(iter(sums.values())).shape[0]
+        sum_dots = torch.zeros((len(self.groups), n_sums, n_sums), dtype=torch.float64)
+        for name, value in sums.items():
+            flat = value.reshape(n_sums, -1)
+            sum_dots[self.group_of[name]] += (flat @ flat.T).to("cpu", torch.float64)
+        return UnitGradients(
+            param_names=self.names,
+            param_shapes=[self.shapes[n] for n in self.names],
+            groups=self.groups,
+            group_sizes=self.group_sizes,
+            blocks=[list(b) for b in blocks],
+            block_gram=[g.cpu() for g in block_gram],
+            sum_dots=sum_dots,
+            sums={n: sums[n].reshape(n_sums, *self.shapes[n]).cpu() for n in self.names} if keep_sums else None,
+            passes=passes,
+            chunk_size=chunk_size,
+            engine=engine,
+        )
+
+
+def activation_bytes_per_token(model: torch.nn.Module) -> int:
+    """4 bytes x (3 x vocab + 24 x hidden x layers): an upper bound on a decoder's saved
+    tensors per token in a forward and backward (logits and their softmax, each layer's)."""
+    config = getattr(model, "config", None)
+    vocab = getattr(config, "vocab_size", 32000)
+    hidden = getattr(config, "hidden_size", 1024)
+    layers = getattr(config, "num_hidden_layers", 8)
+    return 4 * (3 * vocab + 24 * hidden * layers)
 
 
 class GradientEngine:
@@ -191,20 +253,12 @@ class GradientEngine:
         self.model = model.eval().requires_grad_(False)
         self.checkpoint_activations = checkpoint_activations
         use_eager_attention(model)
-        self.names, self.groups, group_index = ordered_by_group(param_names)
+        self.selected = SelectedParameters.of(model, param_names, accumulate_dtype)
+        self.names, self.dtype, self.device = self.selected.names, self.selected.dtype, self.selected.device
         named = dict(model.named_parameters())
         self.params = {n: named[n].detach() for n in self.names}
-        self.shapes = [tuple(self.params[n].shape) for n in self.names]
-        sizes = [self.params[n].numel() for n in self.names]
-        self.group_members = [[n for n, gi in zip(self.names, group_index) if gi == g]
-                              for g in range(len(self.groups))]
-        self.group_sizes = [sum(s for s, gi in zip(sizes, group_index) if gi == g)
-                            for g in range(len(self.groups))]
-        self.n_selected = sum(sizes)
         self.temperature = temperature
-        self.dtype = torch.promote_types(accumulate_dtype, next(iter(self.params.values())).dtype)
         self.pad_token_id = pad_token_id
-        self.device = next(iter(self.params.values())).device
 
     def _unit_loss(self, params: dict[str, torch.Tensor] | None, ids: torch.Tensor,
                    coef: torch.Tensor, first: int) -> torch.Tensor:
@@ -275,7 +329,7 @@ class GradientEngine:
     def _gram_block(self, x: dict[str, torch.Tensor], y: dict[str, torch.Tensor]) -> torch.Tensor:
         """[n_groups, len(x units), len(y units)]: per-group inner products of two chunks."""
         blocks = []
-        for members in self.group_members:
+        for members in self.selected.group_members:
             block = sum(x[n] @ y[n].T for n in members)
             blocks.append(block)
         return torch.stack(blocks).to("cpu", torch.float64)
@@ -291,6 +345,7 @@ class GradientEngine:
         vocab = getattr(config, "vocab_size", 32000)
         hidden = getattr(config, "hidden_size", 1024)
         layers = getattr(config, "num_hidden_layers", 8)
+        n_selected = self.selected.n_selected
         width = max((len(u) for u in batch.units), default=1)
         length = max((len(s) for s in batch.sequences), default=1)
         element = torch.finfo(self.dtype).bits // 8
@@ -300,8 +355,8 @@ class GradientEngine:
         if self.checkpoint_activations:
             # One unit's activations at a time: layer inputs plus one layer's worth and the logits.
             activations = tokens * 4 * (3 * vocab + 24 * hidden + 2 * hidden * layers)
-            return int(max(1, min(largest, (max_memory // 2 - activations) // (3 * self.n_selected * element))))
-        per_unit = 3 * self.n_selected * element + tokens * 4 * (3 * vocab + 24 * hidden * layers)
+            return int(max(1, min(largest, (max_memory // 2 - activations) // (3 * n_selected * element))))
+        per_unit = 3 * n_selected * element + tokens * activation_bytes_per_token(self.model)
         return int(max(1, min(largest, (max_memory // 2) // per_unit)))
 
     def run_adaptive(self, batch: UnitBatch, blocks: list[list[int]], sum_weights: torch.Tensor,
@@ -337,9 +392,9 @@ class GradientEngine:
         active = [u for u in range(n_units) if batch.is_active(u)]
         chunks = [active[i : i + chunk_size] for i in range(0, len(active), chunk_size)]
         chunk_blocks = [set(unit_block[units].tolist()) - {-1} for units in chunks]
-        row_bytes = self.n_selected * torch.finfo(self.dtype).bits // 8
+        row_bytes = self.selected.n_selected * torch.finfo(self.dtype).bits // 8
         panel_len = max(1, max_retained_bytes // max(1, chunk_size * row_bytes))
-        block_gram = [torch.zeros((len(self.groups), len(b), len(b)), dtype=torch.float64) for b in blocks]
+        block_gram = [torch.zeros((len(self.selected.groups), len(b), len(b)), dtype=torch.float64) for b in blocks]
         position = {u: i for members in blocks for i, u in enumerate(members)}
         block_of = unit_block.tolist()
         weights = sum_weights.to(self.device, self.dtype)
@@ -381,21 +436,4 @@ class GradientEngine:
                         block_gram[b][:, cols.T, rows.T] = part.transpose(1, 2)
             if nonfinite:
                 raise NonFiniteGradientError(sorted(nonfinite))
-        sum_dots = torch.stack([
-            sum((sums[n] @ sums[n].T).to("cpu", torch.float64) for n in members)
-            for members in self.group_members
-        ])
-        return UnitGradients(
-            param_names=self.names,
-            param_shapes=self.shapes,
-            groups=self.groups,
-            group_sizes=self.group_sizes,
-            blocks=[list(b) for b in blocks],
-            block_gram=block_gram,
-            sum_dots=sum_dots,
-            sums={n: v.view(-1, *shape).cpu() for (n, v), shape in zip(sums.items(), self.shapes)}
-            if keep_sums else None,
-            passes=passes,
-            chunk_size=chunk_size,
-            engine="vmap",
-        )
+        return self.selected.result(blocks, block_gram, sums, keep_sums, "vmap", passes, chunk_size)

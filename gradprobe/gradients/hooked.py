@@ -31,8 +31,9 @@ from gradprobe.gradients.engine import (
     NonFiniteGradientError,
     UnitBatch,
     UnitGradients,
+    SelectedParameters,
+    activation_bytes_per_token,
     halving_on_out_of_memory,
-    ordered_by_group,
 )
 from gradprobe.gradients.unit_rules import MicroBatchUnits, PerUnit, Rule, add_weighted, gram, rule_for
 from gradprobe.objective import token_logprobs
@@ -85,20 +86,11 @@ class HookedEngine:
         pad_token_id: int = 0,
     ) -> None:
         self.model = model.eval().requires_grad_(False)
-        named = dict(model.named_parameters())
-        self.names, self.groups, group_index = ordered_by_group(param_names)
-        self.group_of = dict(zip(self.names, group_index))
-        self.shapes = {n: tuple(named[n].shape) for n in self.names}
-        self.group_sizes = [sum(named[n].numel() for n in self.names if self.group_of[n] == g)
-                            for g in range(len(self.groups))]
-        self.n_selected = sum(named[n].numel() for n in self.names)
-        self.largest = max(named[n].numel() for n in self.names)
-        first = named[self.names[0]]
-        self.dtype = torch.promote_types(accumulate_dtype, first.dtype)
-        self.device = first.device
+        self.selected = SelectedParameters.of(model, param_names, accumulate_dtype)
+        self.names, self.dtype, self.device = self.selected.names, self.selected.dtype, self.selected.device
         self.temperature = temperature
         self.pad_token_id = pad_token_id
-        self.owners, self.n_uses = self._find_owners(named)
+        self.owners, self.n_uses = self._find_owners(dict(model.named_parameters()))
 
     def _find_owners(self, named: dict[str, torch.nn.Parameter]) -> tuple[list[_Owner], dict[str, int]]:
         by_id = {id(named[n]): n for n in self.names}
@@ -117,20 +109,13 @@ class HookedEngine:
         return owners, uses
 
     # ---- planning -------------------------------------------------------------------------
-    def _token_bytes(self) -> int:
-        """Activation bytes per token, an upper bound for a decoder (as the vmap engine plans)."""
-        config = getattr(self.model, "config", None)
-        vocab = getattr(config, "vocab_size", 32000)
-        hidden = getattr(config, "hidden_size", 1024)
-        layers = getattr(config, "num_hidden_layers", 8)
-        return 4 * (3 * vocab + 24 * hidden * layers)
-
     def plan(self, batch: UnitBatch, blocks: list[list[int]], max_tokens: int,
              max_retained_bytes: int) -> list[list[int]]:
         """Micro-batches of active units, block by block, each at most `max_tokens` padded tokens
         and at most as many units as keep the largest layer's per-unit gradients within them."""
         element = torch.finfo(self.dtype).bits // 8
-        unit_cap = max(1, (max_tokens * self._token_bytes() // 2) // max(1, 2 * self.largest * element))
+        largest = max(self.selected.size(n) for n in self.names)
+        unit_cap = max(1, (max_tokens * activation_bytes_per_token(self.model) // 2) // max(1, 2 * largest * element))
         packer = _Packer(batch, max_tokens, unit_cap)
         for members in blocks:
             active = [u for u in members if batch.is_active(u)]
@@ -151,7 +136,7 @@ class HookedEngine:
         for b, members in enumerate(blocks):
             active = [u for u in members if u in where]
             if len({where[u] for u in active}) > 1:
-                need = len(active) * self.n_selected * element
+                need = len(active) * self.selected.n_selected * element
                 if need > max_retained_bytes:
                     raise NeedsRecomputation(
                         f"block {b} spans several micro-batches and would retain {need / 2**30:.1f} GiB "
@@ -160,7 +145,7 @@ class HookedEngine:
     def default_max_tokens(self, max_memory: int) -> int:
         """Padded tokens per micro-batch so activations take about half of `max_memory`; on the
         CPU at most CPU_MAX_TOKENS, as larger micro-batches run slower there (benchmarks/RESULTS.md)."""
-        tokens = max(1, (max_memory // 2) // self._token_bytes())
+        tokens = max(1, (max_memory // 2) // activation_bytes_per_token(self.model))
         return tokens if self.device.type == "cuda" else min(tokens, CPU_MAX_TOKENS)
 
     # ---- running --------------------------------------------------------------------------
@@ -204,24 +189,8 @@ class HookedEngine:
                      for i in (~torch.isfinite(g.diagonal(dim1=1, dim2=2)).all(0)).nonzero().flatten().tolist()]
         if nonfinite:
             raise NonFiniteGradientError(sorted(nonfinite))
-        sum_dots = torch.zeros((len(self.groups), sum_weights.shape[0], sum_weights.shape[0]),
-                               dtype=torch.float64)
-        for name, value in state.sums.items():
-            flat = value.reshape(value.shape[0], -1)
-            sum_dots[self.group_of[name]] += (flat @ flat.T).to("cpu", torch.float64)
-        return UnitGradients(
-            param_names=self.names,
-            param_shapes=[self.shapes[n] for n in self.names],
-            groups=self.groups,
-            group_sizes=self.group_sizes,
-            blocks=[list(b) for b in blocks],
-            block_gram=[g.cpu() for g in state.block_gram],
-            sum_dots=sum_dots,
-            sums={n: state.sums[n].cpu() for n in self.names} if keep_sums else None,
-            passes=1,
-            chunk_size=max(len(u) for u in micro_batches) if micro_batches else 0,
-            engine="hooks",
-        )
+        return self.selected.result(blocks, state.block_gram, state.sums, keep_sums, "hooks", 1,
+                                    max((len(u) for u in micro_batches), default=0))
 
     def _forward_backward(self, batch: UnitBatch, units: list[int]) -> None:
         """sum_j coef_j log pi(x_j | x_<j) over the micro-batch's sequences, and its backward.
@@ -327,9 +296,9 @@ class _RunState:
         self.micro_batches = micro_batches
         device, dtype = engine.device, engine.dtype
         self.weights = sum_weights.to(device, dtype)
-        self.sums = {n: torch.zeros((sum_weights.shape[0], *engine.shapes[n]), dtype=dtype, device=device)
+        self.sums = {n: torch.zeros((sum_weights.shape[0], *engine.selected.shapes[n]), dtype=dtype, device=device)
                      for n in engine.names}
-        self.block_gram = [torch.zeros((len(engine.groups), len(b), len(b)), dtype=torch.float64, device=device)
+        self.block_gram = [torch.zeros((len(engine.selected.groups), len(b), len(b)), dtype=torch.float64, device=device)
                            for b in blocks]
         self.unit_place = {u: (b, i) for b, members in enumerate(blocks) for i, u in enumerate(members)}
         last = {}
@@ -402,7 +371,7 @@ class _RunState:
         for local, name in zip(owner.local_names, owner.global_names):
             part = parts[local]
             self.pending[name] = part if name not in self.pending else \
-                self.pending[name].plus(part, self.engine.shapes[name])
+                self.pending[name].plus(part, self.engine.selected.shapes[name])
             self.received[name] += 1
             if self.received[name] == self.engine.n_uses[name]:
                 self.reduce(name, self.pending.pop(name))
@@ -419,7 +388,7 @@ class _RunState:
 
     def reduce(self, name: str, part: PerUnit) -> None:
         """Add a parameter's per-unit gradients to the block Grams and the sums, then drop them."""
-        group = self.engine.group_of[name]
+        group = self.engine.selected.group_of[name]
         total, rows = self.sums[name], self.unit_rows_used
         if len(rows) == total.shape[0]:
             add_weighted(total, self.unit_weights, part)

@@ -60,10 +60,9 @@ def run_gradient_stage(
                 raise UnsupportedModel("activation checkpointing runs on the vmap engine")
             engine = HookedEngine(model, param_names, settings.temperature, settings.accumulate_dtype,
                                   settings.pad_token_id)
-            max_tokens = engine.default_max_tokens(max_memory)
-            engine.plan(batch, blocks, max_tokens, max_memory // 3)
-            return engine.run_adaptive(batch, blocks, sums, max_tokens, max_memory // 3, on_chunk,
-                                       keep_sums=keep_sums), None
+            # run() plans first and raises NeedsRecomputation before any work when the plan cannot fit.
+            return engine.run_adaptive(batch, blocks, sums, engine.default_max_tokens(max_memory),
+                                       max_memory // 3, on_chunk, keep_sums=keep_sums), None
         except (UnsupportedModel, NeedsRecomputation) as exc:
             if settings.engine == "hooks":
                 raise EngineUnavailable(str(exc)) from None
