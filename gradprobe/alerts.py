@@ -185,9 +185,13 @@ def _extreme(values: list[float], pick: Callable[[list[float]], float]) -> float
     return pick(values) if values else None
 
 
-@SCAN_METRICS.scalar("max_norm_ratio", "largest task grad_norm over the smallest nonzero one")
-def _max_norm_ratio(doc, _):
-    return _extreme(_task_values(doc, "norm_ratio"), max)
+def _over_tasks(key: str, pick: Callable[[list[float]], float]) -> Getter:
+    """The largest or smallest of a per-task field (None when no task has a number there)."""
+    return lambda doc, _: _extreme(_task_values(doc, key), pick)
+
+
+_max_norm_ratio = SCAN_METRICS.scalar(
+    "max_norm_ratio", "largest task grad_norm over the smallest nonzero one")(_over_tasks("norm_ratio", max))
 
 
 @SCAN_METRICS.scalar("max_sq_norm_ratio", "largest grad_sq_norm over the smallest nonzero one (the paper's ratio)")
@@ -206,19 +210,12 @@ def _min_cosine_unbiased(doc, _):
     return _extreme(_off_diagonal(doc["cosine_unbiased"]), min)
 
 
-@SCAN_METRICS.scalar("max_share", "largest share of the mixed update")
-def _max_share(doc, _):
-    return _extreme(_task_values(doc, "share"), max)
-
-
-@SCAN_METRICS.scalar("min_share", "smallest share of the mixed update")
-def _min_share(doc, _):
-    return _extreme(_task_values(doc, "share"), min)
-
-
-@SCAN_METRICS.scalar("max_degenerate_fraction", "largest fraction of all-equal-reward groups in a task")
-def _max_degenerate(doc, _):
-    return _extreme(_task_values(doc, "degenerate_fraction"), max)
+for _name, _key, _pick, _text in (
+    ("max_share", "share", max, "largest share of the mixed update"),
+    ("min_share", "share", min, "smallest share of the mixed update"),
+    ("max_degenerate_fraction", "degenerate_fraction", max, "largest fraction of all-equal-reward groups in a task"),
+):
+    SCAN_METRICS.scalar(_name, _text)(_over_tasks(_key, _pick))
 
 
 @SCAN_METRICS.scalar("mixed_grad_norm", "norm of the mixed gradient")
@@ -274,28 +271,13 @@ def _min_cosine_of(doc, task):
 COMPARE_METRICS = MetricRegistry("a comparison")
 
 
-def _compare_values(doc: dict[str, Any], key: str) -> list[float]:
-    return [v for v in (_number(t.get(key)) for t in doc["tasks"].values()) if v is not None]
-
-
-@COMPARE_METRICS.scalar("min_drift_cosine", "smallest cos(g_t under A, g_t under B) over tasks")
-def _min_drift(doc, _):
-    return _extreme(_compare_values(doc, "drift_cosine"), min)
-
-
-@COMPARE_METRICS.scalar("min_gain", "smallest learning gain over tasks")
-def _min_gain(doc, _):
-    return _extreme(_compare_values(doc, "gain"), min)
-
-
-@COMPARE_METRICS.scalar("max_gain", "largest learning gain over tasks")
-def _max_gain(doc, _):
-    return _extreme(_compare_values(doc, "gain"), max)
-
-
-@COMPARE_METRICS.scalar("max_norm_ratio_change", "largest change of a task's norm_ratio (B - A)")
-def _max_ratio_change(doc, _):
-    return _extreme(_compare_values(doc, "norm_ratio_change"), max)
+for _name, _key, _pick, _text in (
+    ("min_drift_cosine", "drift_cosine", min, "smallest cos(g_t under A, g_t under B) over tasks"),
+    ("min_gain", "gain", min, "smallest learning gain over tasks"),
+    ("max_gain", "gain", max, "largest learning gain over tasks"),
+    ("max_norm_ratio_change", "norm_ratio_change", max, "largest change of a task's norm_ratio (B - A)"),
+):
+    COMPARE_METRICS.scalar(_name, _text)(_over_tasks(_key, _pick))
 
 
 def _relation(against: str) -> Getter:
