@@ -12,7 +12,7 @@ from gradprobe.gradients.engine import EngineOutOfMemory, GradientEngine
 from gradprobe.gradients.layout import build_units
 from gradprobe.objective import LOSSES
 from gradprobe.scoring import assign_advantages
-from test_gradients_exact import gradprobe_run, make_model, make_rollouts
+from test_gradients_exact import gradprobe_run, make_model, make_rollouts, out_of_memory_above
 
 
 def gram_of(vectors: np.ndarray) -> torch.Tensor:
@@ -114,14 +114,7 @@ def test_out_of_memory_halves_the_chunk_and_gives_the_same_result(monkeypatch):
     batch, _ = build_units(assign_advantages(rollouts, ADVANTAGES.get("grpo")), LOSSES.get("grpo"), 7)
     engine = GradientEngine(model, [n for n, _ in model.named_parameters()], 0.7,
                             accumulate_dtype=torch.float64)
-    real = engine.unit_gradients
-
-    def small_only(batch, units):
-        if len(units) > 2:
-            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real(batch, units)
-
-    monkeypatch.setattr(engine, "unit_gradients", small_only)
+    monkeypatch.setattr(engine, "unit_gradients", out_of_memory_above(engine.unit_gradients, 2))
     retries = []
     result = engine.run_adaptive(batch, layout.task_units(), layout.task_matrix(), 16, 1 << 30,
                                  on_retry=retries.append)
@@ -129,7 +122,6 @@ def test_out_of_memory_halves_the_chunk_and_gives_the_same_result(monkeypatch):
     for ours, theirs in zip(result.block_gram, reference.block_gram, strict=True):
         assert torch.allclose(ours, theirs, rtol=1e-10, atol=1e-14)
 
-    monkeypatch.setattr(engine, "unit_gradients", lambda b, u: (_ for _ in ()).throw(
-        torch.OutOfMemoryError("out of memory")))
+    monkeypatch.setattr(engine, "unit_gradients", out_of_memory_above(engine.unit_gradients, 0))
     with pytest.raises(EngineOutOfMemory):
         engine.run_adaptive(batch, layout.task_units(), layout.task_matrix(), 4, 1 << 30)

@@ -150,6 +150,17 @@ def assert_same_result(a, b, tolerance=1e-10):
         assert torch.allclose(a.sums[name], b.sums[name], rtol=tolerance, atol=1e-14)
 
 
+def out_of_memory_above(call, max_units: int):
+    """`call(batch, units)`, raising an out-of-memory error for more than `max_units` units."""
+
+    def limited(batch, units):
+        if len(units) > max_units:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return call(batch, units)
+
+    return limited
+
+
 def rel(a, b) -> float:
     a, b = np.asarray(a, float), np.asarray(b, float)
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-300))

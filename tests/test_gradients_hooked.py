@@ -15,7 +15,14 @@ from gradprobe.gradients.params import select_parameters
 from gradprobe.gradients.stage import EngineUnavailable, StageSettings, run_gradient_stage
 from gradprobe.objective import LOSSES
 from gradprobe.scoring import assign_advantages
-from test_gradients_exact import MAX_NEW, TEMPERATURE, assert_same_result, make_model, make_rollouts
+from test_gradients_exact import (
+    MAX_NEW,
+    TEMPERATURE,
+    assert_same_result,
+    make_model,
+    make_rollouts,
+    out_of_memory_above,
+)
 
 
 def units_of(seed: int = 2):
@@ -126,21 +133,13 @@ def test_out_of_memory_halves_the_micro_batch(monkeypatch):
     names = [n for n, _ in model.named_parameters()]
     engine = HookedEngine(model, names, TEMPERATURE, accumulate_dtype=torch.float64)
     reference = engine.run(batch, layout.task_units(), layout.task_matrix(), max_tokens=1 << 14)
-    real = engine._forward_backward
-
-    def small_only(batch, units):
-        if len(units) > 3:
-            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real(batch, units)
-
-    monkeypatch.setattr(engine, "_forward_backward", small_only)
+    monkeypatch.setattr(engine, "_forward_backward", out_of_memory_above(engine._forward_backward, 3))
     retries = []
     result = engine.run_adaptive(batch, layout.task_units(), layout.task_matrix(), 1 << 14, 1 << 30,
                                  on_retry=retries.append)
     assert retries and retries == sorted(retries, reverse=True)
     assert_same_result(result, reference)
-    monkeypatch.setattr(engine, "_forward_backward", lambda b, u: (_ for _ in ()).throw(
-        torch.OutOfMemoryError("out of memory")))
+    monkeypatch.setattr(engine, "_forward_backward", out_of_memory_above(engine._forward_backward, 0))
     with pytest.raises(EngineOutOfMemory):
         engine.run_adaptive(batch, layout.task_units(), layout.task_matrix(), 64, 1 << 30)
 
