@@ -228,6 +228,22 @@ class SelectedParameters:
         )
 
 
+def pad_rows(batch: UnitBatch, rows: list[int | None], pad_token_id: int,
+             dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """[rows, length] token ids and loss coefficients of right-padded sequences (None: a row of
+    padding), and the first position with a coefficient (at least 1: position 0 has no logit)."""
+    length = max(len(batch.sequences[s]) for s in rows if s is not None)
+    ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
+    coef = torch.zeros((len(rows), length), dtype=dtype)
+    for row, s in enumerate(rows):
+        if s is not None:
+            n = len(batch.sequences[s])
+            ids[row, :n] = torch.tensor(batch.sequences[s])
+            coef[row, :n] = torch.tensor(batch.coefficients[s], dtype=dtype)
+    nonzero = (coef != 0).any(0).nonzero()
+    return ids, coef, max(1, int(nonzero[0])) if len(nonzero) else 1
+
+
 def activation_bytes_per_token(model: torch.nn.Module) -> int:
     """4 bytes x (3 x vocab + 24 x hidden x layers): an upper bound on a decoder's saved
     tensors per token in a forward and backward (logits and their softmax, each layer's)."""
@@ -277,17 +293,13 @@ class GradientEngine:
         logp = token_logprobs(logits.to(self.dtype), ids[..., first - 1 :], self.temperature)
         return (coef[..., first:] * logp).sum()
 
-    def _pad_chunk(self, batch: UnitBatch, units: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _pad_chunk(self, batch: UnitBatch, units: list[int]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """[units, width, length] ids and coefficients, a unit's missing sequences all padding."""
         width = max(len(batch.units[u]) for u in units)
-        length = max(len(batch.sequences[s]) for u in units for s in batch.units[u])
-        ids = torch.full((len(units), width, length), self.pad_token_id, dtype=torch.long)
-        coef = torch.zeros((len(units), width, length), dtype=self.dtype)
-        for i, u in enumerate(units):
-            for k, s in enumerate(batch.units[u]):
-                n = len(batch.sequences[s])
-                ids[i, k, :n] = torch.tensor(batch.sequences[s])
-                coef[i, k, :n] = torch.tensor(batch.coefficients[s], dtype=self.dtype)
-        return ids.to(self.device), coef.to(self.device)
+        rows = [s for u in units for s in batch.units[u] + [None] * (width - len(batch.units[u]))]
+        ids, coef, first = pad_rows(batch, rows, self.pad_token_id, self.dtype)
+        shape = (len(units), width, ids.shape[-1])
+        return ids.view(shape).to(self.device), coef.view(shape).to(self.device), first
 
     def unit_gradients(self, batch: UnitBatch, units: list[int]) -> dict[str, torch.Tensor]:
         """Gradients of `units` per parameter name, [len(units), n_elements] each.
@@ -295,9 +307,7 @@ class GradientEngine:
         Kept per parameter (views, no concatenation): copying c x n_selected floats into one
         matrix cost a third of the stage on CPU.
         """
-        ids, coef = self._pad_chunk(batch, units)
-        nonzero = (coef != 0).any(0).any(0).nonzero()
-        first = max(1, int(nonzero[0])) if len(nonzero) else 1
+        ids, coef, first = self._pad_chunk(batch, units)
         loss = functools.partial(self._unit_loss, first=first)
         if self.checkpoint_activations:
             grads = self._checkpointed_gradients(loss, ids, coef)

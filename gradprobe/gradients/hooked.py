@@ -34,6 +34,7 @@ from gradprobe.gradients.engine import (
     SelectedParameters,
     activation_bytes_per_token,
     halving_on_out_of_memory,
+    pad_rows,
 )
 from gradprobe.gradients.unit_rules import MicroBatchUnits, PerUnit, Rule, add_weighted, gram, rule_for
 from gradprobe.objective import token_logprobs
@@ -198,17 +199,9 @@ class HookedEngine:
         Rows are right-padded, so causal attention never sees padding; only the logits that
         predict tokens with a coefficient are computed (`logits_to_keep`).
         """
-        seqs = [s for u in units for s in batch.units[u]]
-        length = max(len(batch.sequences[s]) for s in seqs)
-        ids = torch.full((len(seqs), length), self.pad_token_id, dtype=torch.long)
-        coef = torch.zeros((len(seqs), length), dtype=self.dtype)
-        for row, s in enumerate(seqs):
-            n = len(batch.sequences[s])
-            ids[row, :n] = torch.tensor(batch.sequences[s])
-            coef[row, :n] = torch.tensor(batch.coefficients[s], dtype=self.dtype)
+        ids, coef, first = pad_rows(batch, [s for u in units for s in batch.units[u]], self.pad_token_id, self.dtype)
         ids, coef = ids.to(self.device), coef.to(self.device)
-        nonzero = (coef != 0).any(0).nonzero()
-        first = max(1, int(nonzero[0])) if len(nonzero) else 1
+        length = ids.shape[-1]
         with torch.enable_grad():
             logits = self.model(ids, use_cache=False, logits_to_keep=length - first + 1).logits
             logp = token_logprobs(logits.to(self.dtype), ids[:, first - 1 :], self.temperature)
