@@ -41,27 +41,21 @@ def _matrix(values: torch.Tensor) -> list[list[float | None]]:
     return [[_finite(v) for v in row] for row in values.tolist()]
 
 
-def _core_figures(block_grams: list[torch.Tensor], task_dots: torch.Tensor, layout: UnitLayout) -> dict[str, Any]:
+def _core_figures(block_grams: list[torch.Tensor], task_dots: torch.Tensor,
+                  parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> dict[str, Any]:
     """Norms, U-statistics and per-prompt Grams from one parameter set's (total or one module
-    group's) within-task unit Grams and task-gradient dot products."""
-    parts = [layout.block_coefficients(t) for t in range(len(layout.tasks))]
+    group's) within-task unit Grams and task-gradient dot products; `parts` are the tasks'
+    `layout.block_coefficients`."""
     blocks = [est.dot_matrix(g, to_prompts) for g, (to_prompts, _, _) in zip(block_grams, parts)]
     task_norms = est.norms(task_dots)
     return {
         "task_dots": task_dots,
         "blocks": blocks,
-        "sign_parts": parts,
         "grad_sq_norm": task_dots.diagonal(),
         "grad_norm": task_norms,
         "norm_ratio": est.norm_ratios(task_norms),
         "unbiased": [est.u_statistic(b) for b in blocks],
     }
-
-
-def _total_figures(result: UnitGradients, layout: UnitLayout) -> dict[str, Any]:
-    n_tasks = len(layout.tasks)
-    return _core_figures([result.total(b) for b in range(len(result.blocks))],
-                         result.sum_dots.sum(0)[:n_tasks, :n_tasks], layout)
 
 
 def summarise_gradients(result: UnitGradients, layout: UnitLayout) -> GradientSummary:
@@ -70,7 +64,10 @@ def summarise_gradients(result: UnitGradients, layout: UnitLayout) -> GradientSu
     `result` must come from an engine run with the tasks as blocks (`layout.task_units()`) and
     the task matrix as the first rows of its sums (`layout.task_matrix()`).
     """
-    core = _total_figures(result, layout)
+    n_tasks = len(layout.tasks)
+    parts = [layout.block_coefficients(t) for t in range(n_tasks)]
+    core = _core_figures([result.total(b) for b in range(len(result.blocks))],
+                         result.sum_dots.sum(0)[:n_tasks, :n_tasks], parts)
     weights = torch.as_tensor(layout.task_weights, dtype=torch.float64)
     shares = est.update_shares(core["task_dots"], weights)
     tasks: dict[str, dict[str, Any]] = {}
@@ -78,7 +75,7 @@ def summarise_gradients(result: UnitGradients, layout: UnitLayout) -> GradientSu
         block = core["blocks"][t]
         se, _ = est.u_statistic_jackknife(block)
         unbiased = core["unbiased"][t]
-        _, pos_coef, neg_coef = core["sign_parts"][t]
+        _, pos_coef, neg_coef = parts[t]
         unit_gram = result.total(t)
         pos_sq, neg_sq = float(pos_coef @ unit_gram @ pos_coef), float(neg_coef @ unit_gram @ neg_coef)
         pos, neg = max(pos_sq, 0.0) ** 0.5, max(neg_sq, 0.0) ** 0.5
@@ -99,7 +96,6 @@ def summarise_gradients(result: UnitGradients, layout: UnitLayout) -> GradientSu
             "pos_neg_ratio": _finite(pos / neg) if neg > 0 else None,
             "pos_neg_cosine": _finite(pos_neg / (pos * neg)) if pos > 0 and neg > 0 else None,
         }
-    n_tasks = len(layout.tasks)
     corrected = torch.full((n_tasks, n_tasks), float("nan"), dtype=torch.float64)
     for s in range(n_tasks):
         for t in range(n_tasks):
@@ -115,7 +111,7 @@ def summarise_gradients(result: UnitGradients, layout: UnitLayout) -> GradientSu
         mixed={"grad_norm": float(np.sqrt(max(mixed_sq, 0.0))), "grad_sq_norm": mixed_sq},
         prompt_grad_norm=torch.cat([est.norms(b) for b in core["blocks"]]).numpy(),
         prompt_gram={name: core["blocks"][t].numpy() for t, name in enumerate(layout.tasks)},
-        modules=_module_breakdown(result, layout),
+        modules=_module_breakdown(result, layout, parts, [_finite(v) for v in core["grad_norm"]]),
     )
 
 
@@ -139,14 +135,14 @@ def proxy_fidelity(proxy_norms: list[float | None], full_norms: list[float | Non
     return out
 
 
-def _module_breakdown(result: UnitGradients, layout: UnitLayout) -> dict[str, dict[str, Any]]:
+def _module_breakdown(result: UnitGradients, layout: UnitLayout, parts: list,
+                      full_norms: list[float | None]) -> dict[str, dict[str, Any]]:
     """Per module group: its size, each task's norms restricted to it, and its proxy fidelity."""
     out = {}
     n_tasks = len(layout.tasks)
-    full_norms = [_finite(v) for v in _total_figures(result, layout)["grad_norm"]]
     for g, group in enumerate(result.groups):
         core = _core_figures([gram[g] for gram in result.block_gram],
-                             result.sum_dots[g, :n_tasks, :n_tasks], layout)
+                             result.sum_dots[g, :n_tasks, :n_tasks], parts)
         out[group] = {
             "n_parameters": result.group_sizes[g],
             "proxy_fidelity": proxy_fidelity([_finite(v) for v in core["grad_norm"]], full_norms),
