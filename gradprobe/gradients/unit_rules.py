@@ -40,6 +40,10 @@ class MicroBatchUnits:
     def n_units(self) -> int:
         return len(self.unit_rows)
 
+    def sum_rows(self, per_row: torch.Tensor) -> torch.Tensor:
+        """[rows, ...] -> [units, ...]: each unit's sum over its rows."""
+        return per_row.new_zeros((self.n_units, *per_row.shape[1:])).index_add_(0, self.row_unit, per_row)
+
 
 @dataclass
 class PerUnit:
@@ -140,7 +144,7 @@ def linear_rule(module: torch.nn.Linear, names: list[str], x: torch.Tensor, g: t
         if rows * d_out * d_in * g.element_size() <= PER_ROW_LIMIT_BYTES:
             # Small layers: one batched matmul per row, then rows summed into units.
             per_row = torch.bmm(g.transpose(1, 2), x)
-            weight = per_row.new_zeros((units.n_units, d_out, d_in)).index_add_(0, units.row_unit, per_row)
+            weight = units.sum_rows(per_row)
         else:
             length = x.shape[1]
             flat_x, flat_g = x.reshape(-1, d_in), g.reshape(-1, d_out)
@@ -150,7 +154,7 @@ def linear_rule(module: torch.nn.Linear, names: list[str], x: torch.Tensor, g: t
                          out=weight[u])
         out["weight"] = PerUnit(weight)
     if "bias" in names:
-        out["bias"] = PerUnit(g.new_zeros((units.n_units, g.shape[-1])).index_add_(0, units.row_unit, g.sum(1)))
+        out["bias"] = PerUnit(units.sum_rows(g.sum(1)))
     return out
 
 
@@ -173,7 +177,7 @@ def rms_norm_rule(module: torch.nn.Module, names: list[str], x: torch.Tensor, g:
     wide = x.to(torch.float32)
     xhat = (wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + module.variance_epsilon)).to(x.dtype)
     per_row = (g.to(dtype) * xhat.to(dtype)).reshape(x.shape[0], -1, x.shape[-1]).sum(1)
-    return {"weight": PerUnit(per_row.new_zeros((units.n_units, x.shape[-1])).index_add_(0, units.row_unit, per_row))}
+    return {"weight": PerUnit(units.sum_rows(per_row))}
 
 
 def generic_rule(module: torch.nn.Module, names: list[str], x: torch.Tensor, g: torch.Tensor,
@@ -187,8 +191,4 @@ def generic_rule(module: torch.nn.Module, names: list[str], x: torch.Tensor, g: 
         return pull(g_row[None].to(x_row.dtype))[0]
 
     per_row = vmap(row_gradient)(x, g)
-    return {
-        n: PerUnit(v.new_zeros((units.n_units, *v.shape[1:]), dtype=dtype)
-                   .index_add_(0, units.row_unit, v.to(dtype)))
-        for n, v in per_row.items()
-    }
+    return {n: PerUnit(units.sum_rows(v.to(dtype))) for n, v in per_row.items()}
