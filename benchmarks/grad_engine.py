@@ -4,12 +4,14 @@ On the same model and rollouts, in one run:
   (a) plain: one forward+backward of the mixed loss (what a training step costs);
   (b) naive: one backward per task plus one backward per prompt (task norms, cosines and
       per-prompt norms the obvious way);
-  (c) gradprobe: the gradient stage as `gradprobe scan` runs it (engine `auto`: per-unit gradients
-      from module hooks in one forward+backward per micro-batch, Grams within tasks per module
-      group, task sums) and the estimators over it; gradprobe-vmap and gradprobe-ckpt force the
-      torch.func engine (without and with activation checkpointing).
-Prints seconds, c/a, c/b and the peak memory of each (each method runs in its own process so
-peak RSS is its own on the CPU; on CUDA, torch.cuda.max_memory_allocated).
+  (c) gradprobe: everything `gradprobe scan` does after the rollouts are read (the streaming
+      gradient stage, the summary and the saved task gradients) in one pass (`--intervals none`);
+      gradprobe-exact adds the second pass of exact intervals; gradprobe-vmap and gradprobe-ckpt
+      force the torch.func engine (without and with activation checkpointing);
+  (d) opacus: the peer, Opacus ghost clipping's per-sample gradient norms (one forward and
+      backward per micro-batch, linear layers), checked against gradprobe's per-completion norms.
+Prints seconds, the ratio to plain and the peak memory of each (each method runs in its own
+process so peak RSS is its own on the CPU; on CUDA, torch.cuda.max_memory_allocated).
 
     python benchmarks/grad_engine.py --model demo
     python benchmarks/grad_engine.py --model llama-20m --prompts 8 --tasks 4 --group-size 8
@@ -133,34 +135,103 @@ def method_naive(model, batch, layout, args):
             loss_of(model, batch, seqs, args.device, args.micro_batch)
 
 
-def method_gradprobe(model, batch, layout, args, engine="auto", checkpoint=False):
+def gradprobe_stage(model, batch, layout, args, engine="auto", intervals="exact", checkpoint=False):
+    """Everything `gradprobe scan` does after the rollouts are read: the gradient stage, the
+    summary, the saved task gradients (projected when over the default limit)."""
+    from gradprobe import task_grads
     from gradprobe.gradients.stage import StageSettings, run_gradient_stage
     from gradprobe.gradients.summary import summarise_gradients
     from gradprobe.pipeline import available_memory
 
     names = [n for n, _ in model.named_parameters()]
-    settings = StageSettings(engine=engine, checkpoint_activations=checkpoint, chunk_size=args.chunk_size)
+    settings = StageSettings(engine=engine, checkpoint_activations=checkpoint, chunk_size=args.chunk_size,
+                             intervals=intervals)
     # The same planning as `gradprobe scan` (from free memory) unless --max-memory-gb says otherwise.
     budget = int(args.max_memory_gb * 2**30) if args.max_memory_gb else available_memory(next(model.parameters()).device)
     result, fallback = run_gradient_stage(model, names, batch, layout, settings, budget)
-    summarise_gradients(result, layout)
-    return {"engine": result.engine, "passes": result.passes, "chunk_size": result.chunk_size,
-            "fallback": fallback}
+    summary = summarise_gradients(result, layout)
+    task_grads.from_sums(result.paired_sums(), layout.tasks, task_grads.DEFAULT_LIMIT_MB, 0)
+    return {"engine": result.engine, "passes": result.passes, "chunk_size": result.micro_batch,
+            "fallback": fallback, "summary": summary}
+
+
+def method_gradprobe_none(model, batch, layout, args):
+    return gradprobe_stage(model, batch, layout, args, intervals="none")
+
+
+def method_gradprobe_exact(model, batch, layout, args):
+    return gradprobe_stage(model, batch, layout, args, intervals="exact")
 
 
 def method_gradprobe_vmap(model, batch, layout, args):
-    return method_gradprobe(model, batch, layout, args, engine="vmap")
+    return gradprobe_stage(model, batch, layout, args, engine="vmap", intervals="none")
 
 
 def method_gradprobe_checkpointed(model, batch, layout, args):
-    return method_gradprobe(model, batch, layout, args, engine="vmap", checkpoint=True)
+    return gradprobe_stage(model, batch, layout, args, engine="vmap", intervals="none", checkpoint=True)
 
 
-METHODS = {"plain": method_plain, "naive": method_naive, "gradprobe": method_gradprobe,
-           "gradprobe-vmap": method_gradprobe_vmap, "gradprobe-ckpt": method_gradprobe_checkpointed}
+def completion_units(batch):
+    """Every completion its own unit and its own 'prompt': per-completion squared norms."""
+    from gradprobe.gradients.engine import Reductions, UnitBatch
+
+    sequences = [s for seqs in batch.units for s in seqs]
+    single = UnitBatch(batch.sequences, batch.coefficients, [[s] for s in sequences])
+    n = len(sequences)
+    reductions = Reductions([[u] for u in range(n)], torch.ones((1, n), dtype=torch.float64),
+                            torch.ones((1, 1), dtype=torch.float64), [0] * n)
+    return single, reductions
+
+
+def gradprobe_completion_norms(model, batch, args):
+    """gradprobe's hooked engine with completions as units: each completion's gradient norm."""
+    from gradprobe.gradients.hooked import HookedEngine
+
+    single, reductions = completion_units(batch)
+    engine = HookedEngine(model, [n for n, _ in model.named_parameters() if ".mlp." in n or "_proj" in n])
+    result = engine.run(single, reductions, max_tokens=args.micro_batch * 64, row_dots=False)
+    return result.total_prompt_gram()[:, 0, 0].sqrt()
+
+
+def method_opacus(model, batch, layout, args):
+    """Opacus ghost clipping's per-sample (per-completion) gradient norms, one forward and one
+    backward per micro-batch, over the decoder's linear layers (the layers both tools handle
+    with the same rule: Opacus has no rule for Llama's RMSNorm)."""
+    from opacus.grad_sample import GradSampleModuleFastGradientClipping
+
+    from gradprobe.objective import token_logprobs
+
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(".mlp." in name or "_proj" in name)
+    wrapped = GradSampleModuleFastGradientClipping(model, batch_first=True, loss_reduction="sum",
+                                                   use_ghost_clipping=True, strict=False)
+    wrapped.train()  # Opacus captures activations only in training mode (these configs have no dropout)
+    sequences = [s for seqs in batch.units for s in seqs]
+    norms = []
+    for start in range(0, len(sequences), args.micro_batch):
+        ids, coef = padded(batch, sequences[start : start + args.micro_batch], args.device)
+        logits = wrapped(ids, use_cache=False).logits
+        (coef[:, 1:] * token_logprobs(logits.float(), ids, 1.0)).sum().backward()
+        norms.append(wrapped.get_norm_sample().detach())
+        wrapped.zero_grad(set_to_none=True)
+    return {"norms": torch.cat(norms)}
+
+
+METHODS = {"plain": method_plain, "naive": method_naive, "gradprobe": method_gradprobe_none,
+           "gradprobe-exact": method_gradprobe_exact, "gradprobe-vmap": method_gradprobe_vmap,
+           "gradprobe-ckpt": method_gradprobe_checkpointed, "opacus": method_opacus}
 
 
 def run_method(name, args, queue):
+    try:
+        measure_method(name, args, queue)
+    except BaseException:
+        import traceback
+
+        queue.put({"method": name, "error": traceback.format_exc()})
+
+
+def measure_method(name, args, queue):
     torch.set_num_threads(args.threads)
     model, batch, layout = prepare(args)
     if args.device == "cuda":
@@ -174,6 +245,12 @@ def run_method(name, args, queue):
         torch.cuda.synchronize()
     start = time.perf_counter()
     extra = METHODS[name](model, batch, layout, args) or {}
+    extra.pop("summary", None)
+    if name == "opacus":  # the peer's per-completion norms against gradprobe's, same rollouts
+        ours = gradprobe_completion_norms(build_model(args.model, args.device, getattr(torch, args.dtype)),
+                                          prepare(args)[1], args).to(extra["norms"].dtype)
+        theirs = extra.pop("norms").cpu()
+        extra["norms_max_rel_diff"] = float(((ours - theirs).abs() / theirs.clamp_min(1e-30)).max())
     if args.device == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
@@ -203,7 +280,7 @@ def main() -> None:
                         help="memory the gradient stage plans for, as scan's --max-memory (default: free memory)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--methods", default="plain,naive,gradprobe",
+    parser.add_argument("--methods", default="plain,naive,gradprobe,gradprobe-exact,opacus",
                         help=f"comma-separated, of {', '.join(METHODS)}")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -215,21 +292,23 @@ def main() -> None:
         process.start()
         results[name] = queue.get()
         process.join()
+        if "error" in results[name]:
+            raise SystemExit(f"{name} failed:\n{results[name]['error']}")
     first = next(iter(results.values()))
     flops = 6 * first["n_params"] * first["tokens"]
     print(f"model {args.model}: {first['n_params']:,} parameters, {first['tokens']:,} tokens, "
-          f"{args.tasks} tasks x {args.prompts} prompts x {args.group_size} completions, {args.device} {args.dtype}")
+          f"{args.tasks} tasks x {args.prompts} prompts x {args.group_size} completions "
+          f"(prompt {args.prompt_len}, completion <= {args.completion_len} tokens), {args.device} {args.dtype}")
+    plain = results.get("plain")
     for name, r in results.items():
         rate = flops / r["seconds"] / 1e12
-        plan = (f"   {r['engine']}: {r['chunk_size']} units per call, {r['passes']} pass(es)"
+        ratio = f"  x{r['seconds'] / plain['seconds']:.2f} plain" if plain else ""
+        plan = (f"   {r['engine']}: {r['chunk_size']} units per micro-batch, {r['passes']} pass(es)"
                 if "passes" in r else "")
-        print(f"  {name:<15} {r['seconds']:8.3f} s   peak {r['peak_mib']:9.1f} MiB   "
-              f"{rate:7.3f} TFLOP/s (6 x params x tokens){plan}")
-    if "gradprobe" in results and "plain" in results:
-        print(f"  c/a = {results['gradprobe']['seconds'] / results['plain']['seconds']:.2f}", end="")
-    if "gradprobe" in results and "naive" in results:
-        print(f"   c/b = {results['gradprobe']['seconds'] / results['naive']['seconds']:.2f}", end="")
-    print()
+        check = (f"   norms vs gradprobe: max rel diff {r['norms_max_rel_diff']:.1e}"
+                 if "norms_max_rel_diff" in r else "")
+        print(f"  {name:<16} {r['seconds']:8.3f} s{ratio}   peak {r['peak_mib']:9.1f} MiB   "
+              f"{rate:7.3f} TFLOP/s (6 x params x tokens){plan}{check}")
     if args.json:
         print(json.dumps(results, indent=2))
 

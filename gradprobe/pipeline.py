@@ -23,6 +23,7 @@ import gradprobe
 from gradprobe import artifacts, task_grads
 from gradprobe.advantages import ADVANTAGES
 from gradprobe.errors import UserInputError
+from gradprobe.gradients import INTERVALS
 from gradprobe.objective import LOSSES
 from gradprobe.rewards import parse_reward_options
 from gradprobe.rollouts import Rollout, rollout_to_json
@@ -61,6 +62,8 @@ class ScanConfig:
     chunk_size: int | None = None
     max_memory_gib: float | None = None
     checkpoint_activations: bool = False
+    intervals: str = "exact"
+    sums: str = "auto"
     proxy_check: bool = True
     stats: bool = True
     bootstrap: int = 1000
@@ -117,6 +120,10 @@ def validate(config: ScanConfig) -> None:
         raise UserInputError("--bootstrap must be 0 or more")
     if config.engine not in ("auto", "hooks", "vmap"):
         raise UserInputError(f"--engine must be auto, hooks or vmap, not {config.engine!r}")
+    if config.intervals not in INTERVALS:
+        raise UserInputError(f"--intervals must be one of {', '.join(INTERVALS)}, not {config.intervals!r}")
+    if config.sums not in ("auto", "device", "host"):
+        raise UserInputError(f"--sums must be auto, device or host, not {config.sums!r}")
     if config.engine == "hooks" and config.checkpoint_activations:
         raise UserInputError("--checkpoint-activations runs on the vmap engine; use --engine auto or vmap")
     if config.chunk_size is not None and config.chunk_size < 1:
@@ -185,8 +192,12 @@ def scan(config: ScanConfig, progress: Progress | None = None) -> ScanResult:
                                 None if mix is None else mix.weights)
     all_names = select_parameters(model, ["all"])  # before the engine freezes every parameter
     settings = StageSettings(config.engine, config.temperature, tokenizer.pad_token_id or 0,
-                             config.checkpoint_activations, config.chunk_size)
-    active = sum(batch.is_active(u) for u in range(len(batch.units)))
+                             config.checkpoint_activations, config.chunk_size, intervals=config.intervals,
+                             sums_device="cpu" if config.sums == "host" else None)
+    passes = 2 if config.intervals == "exact" else 1
+    # The engines report whole prompts' units, once per pass.
+    active = passes * sum(len(units) for units in layout.prompt_units()
+                          if any(batch.is_active(u) for u in units))
     budget = int(config.max_memory_gib * 2**30) if config.max_memory_gib else available_memory(next(model.parameters()).device)
     with _timed(timings, "gradients_s"), progress.stage("gradients", active) as advance:
         result, fallback = _gradients(model, param_names, batch, layout, settings, budget, advance)
@@ -211,7 +222,7 @@ def scan(config: ScanConfig, progress: Progress | None = None) -> ScanResult:
             document["stats"] = run_statistics(document["prompts"], summary.prompt_gram,
                                                config.bootstrap, config.seed)
     with _timed(timings, "task_grads_s"):
-        saved_grads = task_grads.from_sums(result.sums, layout.tasks, config.task_grads_limit_mb,
+        saved_grads = task_grads.from_sums(result.paired_sums(), layout.tasks, config.task_grads_limit_mb,
                                            config.task_grads_seed)
     document["task_grads"] = saved_grads.info
     timings["total_s"] = round(time.perf_counter() - total_start, 4)
@@ -360,6 +371,8 @@ def _scan_document(config, loaded, mix, rollouts, layout, summary, result, timin
     import torch
     import transformers
 
+    from gradprobe.gradients.summary import CI_METHOD
+
     rows = _prompt_rows(rollouts, layout, summary)
     tasks = _task_table(rows, summary, layout)
     estimator = ADVANTAGES.get(config.advantage)
@@ -395,10 +408,12 @@ def _scan_document(config, loaded, mix, rollouts, layout, summary, result, timin
         "cosine_unbiased": {"tasks": layout.tasks, "matrix": summary.cosine_unbiased},
         "mixed": summary.mixed,
         "modules": summary.modules,
-        "estimators": {"grad_sq_norm_unbiased_ci": "delete-one-prompt jackknife, normal 95% interval"},
+        "estimators": {"grad_sq_norm_unbiased_ci": CI_METHOD if config.intervals == "exact" else
+                       "none (--intervals none)"},
         "verdict": dominance_verdict(tasks),
         "prompts": rows,
-        "engine": {"name": result.engine, "chunk_size": result.chunk_size, "passes": result.passes},
+        "engine": {"name": result.engine, "chunk_size": result.micro_batch, "passes": result.passes,
+                   "intervals": config.intervals, "sums_device": result.sums_device},
         "timings": timings,
     }
 

@@ -8,15 +8,19 @@ import torch
 
 from gradprobe.advantages import ADVANTAGES
 from gradprobe.gradients import estimators as est
-from gradprobe.gradients.engine import EngineOutOfMemory, GradientEngine
+from gradprobe.gradients.engine import EngineOutOfMemory
+from gradprobe.gradients.vmap_engine import GradientEngine
 from gradprobe.gradients.layout import build_units
 from gradprobe.objective import LOSSES
 from gradprobe.scoring import assign_advantages
 from test_gradients_exact import gradprobe_run, make_model, make_rollouts, out_of_memory_above
 
 
-def gram_of(vectors: np.ndarray) -> torch.Tensor:
-    return torch.as_tensor(vectors @ vectors.T, dtype=torch.float64)
+def moments_of(vectors: np.ndarray) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """What the streaming engine knows of m per-prompt vectors: ||S||^2, ||u_p||^2, <u_p, S>."""
+    u = torch.as_tensor(vectors, dtype=torch.float64)
+    total = u.sum(0)
+    return float(total @ total), (u * u).sum(1), u @ total
 
 
 def draw(rng, m: int, mean: np.ndarray, scale: float) -> np.ndarray:
@@ -31,7 +35,7 @@ def test_u_statistic_is_unbiased_where_the_naive_norm_is_not():
     u_values, naive = [], []
     for _ in range(draws):
         vectors = draw(rng, m, mean, scale)
-        u_values.append(est.u_statistic(gram_of(vectors)))
+        u_values.append(est.u_statistic(*moments_of(vectors)[:2]))
         naive.append(float(vectors.mean(0) @ vectors.mean(0)))
     u_values = np.array(u_values)
     standard_error = u_values.std(ddof=1) / np.sqrt(draws)
@@ -43,10 +47,9 @@ def test_u_statistic_is_unbiased_where_the_naive_norm_is_not():
 def test_jackknife_matches_brute_force_leave_one_out():
     rng = np.random.default_rng(1)
     vectors = draw(rng, 7, np.ones(5), 2.0)
-    gram = gram_of(vectors)
-    loo = np.array([est.u_statistic(gram_of(np.delete(vectors, i, 0))) for i in range(7)])
+    loo = np.array([est.u_statistic(*moments_of(np.delete(vectors, i, 0))[:2]) for i in range(7)])
     variance = 6 / 7 * ((loo - loo.mean()) ** 2).sum()
-    se, centre = est.u_statistic_jackknife(gram)
+    se, centre = est.u_statistic_jackknife(*moments_of(vectors))
     assert se == pytest.approx(np.sqrt(variance), rel=1e-10)
     assert centre == pytest.approx(loo.mean(), rel=1e-10)
 
@@ -58,9 +61,9 @@ def test_jackknife_interval_covers_the_truth_at_about_its_nominal_rate():
     truth = float(mean @ mean)
     covered = 0
     for _ in range(draws):
-        gram = gram_of(draw(rng, m, mean, 1.0))
-        value = est.u_statistic(gram)
-        se, _ = est.u_statistic_jackknife(gram)
+        moments = moments_of(draw(rng, m, mean, 1.0))
+        value = est.u_statistic(*moments[:2])
+        se, _ = est.u_statistic_jackknife(*moments)
         covered += value - est.Z_95 * se <= truth <= value + est.Z_95 * se
     assert 0.90 * draws <= covered <= 0.99 * draws
 
@@ -68,10 +71,10 @@ def test_jackknife_interval_covers_the_truth_at_about_its_nominal_rate():
 def test_noise_trace_and_scale_match_the_sample_covariance():
     rng = np.random.default_rng(3)
     vectors = draw(rng, 9, np.full(4, 2.0), 0.5)
-    gram = gram_of(vectors)
+    sum_sq, unit_sq, _ = moments_of(vectors)
     trace = np.trace(np.cov(vectors.T, ddof=1))
-    assert est.noise_trace(gram) == pytest.approx(trace, rel=1e-10)
-    assert est.noise_scale(gram) == pytest.approx(trace / est.u_statistic(gram), rel=1e-10)
+    assert est.noise_trace(sum_sq, unit_sq) == pytest.approx(trace, rel=1e-10)
+    assert est.noise_scale(sum_sq, unit_sq) == pytest.approx(trace / est.u_statistic(sum_sq, unit_sq), rel=1e-10)
 
 
 def test_corrected_cosine_and_shares_by_hand():
@@ -89,14 +92,6 @@ def test_sign_parts_sum_to_the_task_gradient_and_modules_to_the_total():
     model = make_model("llama")
     rollouts = make_rollouts(seed=11)
     layout, result, summary = gradprobe_run(model, rollouts, "grpo", "grpo")
-    pos, neg = layout.task_matrix(1), layout.task_matrix(-1)
-    engine_sums = GradientEngine(model, [n for n, _ in model.named_parameters()], 0.7,
-                                 accumulate_dtype=torch.float64)
-    batch, _ = build_units(assign_advantages(rollouts, ADVANTAGES.get("grpo")), LOSSES.get("grpo"), 7)
-    parts = engine_sums.run(batch, layout.task_units(), torch.cat([layout.task_matrix(), pos, neg]), chunk_size=4)
-    n_tasks = len(layout.tasks)
-    for name, value in parts.sums.items():
-        assert torch.allclose(value[n_tasks:2 * n_tasks] + value[2 * n_tasks:], value[:n_tasks], atol=1e-12)
     for task in layout.tasks:
         by_module = sum(group["tasks"][task]["grad_sq_norm"] for group in summary.modules.values())
         assert by_module == pytest.approx(summary.tasks[task]["grad_sq_norm"], rel=1e-9)
@@ -105,6 +100,12 @@ def test_sign_parts_sum_to_the_task_gradient_and_modules_to_the_total():
             rebuilt = (t["pos_grad_norm"] ** 2 + t["neg_grad_norm"] ** 2
                        + 2 * t["pos_neg_cosine"] * t["pos_grad_norm"] * t["neg_grad_norm"])
             assert rebuilt == pytest.approx(t["grad_sq_norm"], rel=1e-9)
+        # each prompt's squared norm is its sign parts plus twice their cross term
+        moments = summary.prompt_moments[task]
+        mine = np.flatnonzero(layout.prompt_task == layout.tasks.index(task))
+        gram = result.total_prompt_gram()[mine]
+        assert torch.allclose(moments.pos_sq + moments.neg_sq + 2 * gram[:, 0, 1], moments.unit_sq)
+        assert torch.allclose(gram[:, 0, 1], gram[:, 1, 0])
 
 
 def test_out_of_memory_halves_the_chunk_and_gives_the_same_result(monkeypatch):
@@ -116,12 +117,11 @@ def test_out_of_memory_halves_the_chunk_and_gives_the_same_result(monkeypatch):
                             accumulate_dtype=torch.float64)
     monkeypatch.setattr(engine, "unit_gradients", out_of_memory_above(engine.unit_gradients, 2))
     retries = []
-    result = engine.run_adaptive(batch, layout.task_units(), layout.task_matrix(), 16, 1 << 30,
-                                 on_retry=retries.append)
-    assert retries == [8, 4, 2] and result.chunk_size == 2
-    for ours, theirs in zip(result.block_gram, reference.block_gram, strict=True):
-        assert torch.allclose(ours, theirs, rtol=1e-10, atol=1e-14)
+    result = engine.run_adaptive(batch, layout.reductions(), 16, on_retry=retries.append)
+    assert retries == [8, 4, 2] and result.micro_batch == 2
+    assert torch.allclose(result.prompt_gram, reference.prompt_gram, rtol=1e-10, atol=1e-14)
+    assert torch.allclose(result.row_dots, reference.row_dots, rtol=1e-10, atol=1e-14)
 
     monkeypatch.setattr(engine, "unit_gradients", out_of_memory_above(engine.unit_gradients, 0))
     with pytest.raises(EngineOutOfMemory):
-        engine.run_adaptive(batch, layout.task_units(), layout.task_matrix(), 4, 1 << 30)
+        engine.run_adaptive(batch, layout.reductions(), 4)

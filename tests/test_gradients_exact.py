@@ -15,8 +15,8 @@ from transformers import AutoModelForCausalLM
 
 from gradprobe.advantages import ADVANTAGES
 from gradprobe.demo.charlm import tiny_llama_config, tiny_qwen2_config
-from gradprobe.gradients.engine import GradientEngine
 from gradprobe.gradients.hooked import HookedEngine
+from gradprobe.gradients.vmap_engine import GradientEngine
 from gradprobe.gradients.layout import build_units
 from gradprobe.gradients.summary import summarise_gradients
 from gradprobe.objective import LOSSES
@@ -126,28 +126,37 @@ def reference_loss_part(model, task_rollouts, members, advantages, loss):
             yield term / (len(task_rollouts) * MAX_NEW)
 
 
-def gradprobe_run(model, rollouts, advantage, loss, chunk_size=3, retained=1 << 30, checkpoint=False,
-                  engine="vmap", max_tokens=1 << 14):
+def gradprobe_run(model, rollouts, advantage, loss, chunk_size=4, checkpoint=False, engine="vmap",
+                  max_tokens=1 << 14, row_dots=True, sums_device=None, names=None):
     scored = assign_advantages(rollouts, ADVANTAGES.get(advantage))
     batch, layout = build_units(scored, LOSSES.get(loss), MAX_NEW)
-    names = [n for n, _ in model.named_parameters()]
-    blocks, sums = layout.task_units(), layout.task_matrix()
+    names = names or [n for n, _ in model.named_parameters()]
     if engine == "hooks":
-        hooked = HookedEngine(model, names, TEMPERATURE, accumulate_dtype=torch.float64)
-        result = hooked.run(batch, blocks, sums, max_tokens=max_tokens, max_retained_bytes=retained)
+        hooked = HookedEngine(model, names, TEMPERATURE, accumulate_dtype=torch.float64, sums_device=sums_device)
+        result = hooked.run(batch, layout.reductions(), max_tokens=max_tokens, row_dots=row_dots)
     else:
         vmapped = GradientEngine(model, names, TEMPERATURE, accumulate_dtype=torch.float64,
                                  checkpoint_activations=checkpoint)
-        result = vmapped.run(batch, blocks, sums, chunk_size=chunk_size, max_retained_bytes=retained)
+        result = vmapped.run(batch, layout.reductions(), chunk_size=chunk_size, row_dots=row_dots)
     return layout, result, summarise_gradients(result, layout)
 
 
+def task_sums(result, model, n_tasks) -> torch.Tensor:
+    """[T, n_parameters]: g_t = g_t+ + g_t- from the engine's sign sums, in model parameter order."""
+    rows = []
+    for t in range(n_tasks):
+        pos, neg = result.sum_of(2 * t), result.sum_of(2 * t + 1)
+        rows.append(torch.cat([(pos[n] + neg[n]).flatten() for n, _ in model.named_parameters()]))
+    return torch.stack(rows)
+
+
 def assert_same_result(a, b, tolerance=1e-10):
-    for x, y in zip(a.block_gram, b.block_gram, strict=True):
-        assert torch.allclose(x, y, rtol=tolerance, atol=1e-14)
+    assert torch.allclose(a.prompt_gram, b.prompt_gram, rtol=tolerance, atol=1e-14)
     assert torch.allclose(a.sum_dots, b.sum_dots, rtol=tolerance, atol=1e-14)
     for name in b.sums:
         assert torch.allclose(a.sums[name], b.sums[name], rtol=tolerance, atol=1e-14)
+    if b.row_dots is not None:
+        assert torch.allclose(a.row_dots, b.row_dots, rtol=tolerance, atol=1e-14)
 
 
 def out_of_memory_above(call, max_units: int):
@@ -177,8 +186,7 @@ def test_task_gradients_match_float64_autograd(advantage, loss, engine):
     tasks = layout.tasks
     ref = torch.stack([ref_grads[t] for t in tasks])
     # Task gradients themselves (engine sums, in parameter order of model.named_parameters()).
-    by_name = [result.sum_of(k) for k in range(len(tasks))]
-    ours = torch.stack([torch.cat([g[n].flatten() for n, _ in model.named_parameters()]) for g in by_name])
+    ours = task_sums(result, model, len(tasks))
     assert rel(ours, ref) < 1e-6
     dots = ref @ ref.T
     assert rel([summary.tasks[t]["grad_sq_norm"] for t in tasks], dots.diagonal()) < 1e-6
@@ -203,6 +211,14 @@ def test_task_gradients_match_float64_autograd(advantage, loss, engine):
         assert summary.tasks[task]["grad_sq_norm_unbiased"] == pytest.approx(unbiased, rel=1e-6, abs=1e-12)
         noise = (squares - m * float(u.mean(0).norm() ** 2)) / (m - 1)
         assert summary.tasks[task]["noise_trace"] == pytest.approx(noise, rel=1e-6, abs=1e-12)
+        # The second pass: row sums r_p = <u_p, S_t>, and the jackknife built on them.
+        moments = summary.prompt_moments[task]
+        assert rel(moments.row_sums, u @ u.sum(0)) < 1e-6
+        assert rel(moments.unit_sq, (u * u).sum(1)) < 1e-6
+        loo = torch.stack([(u.sum(0) - u[i]).norm() ** 2 - ((u * u).sum() - (u[i] * u[i]).sum())
+                           for i in range(m)]) / ((m - 1) * (m - 2))
+        se = float(((m - 1) / m * ((loo - loo.mean()) ** 2).sum()).sqrt())
+        assert summary.tasks[task]["grad_sq_norm_unbiased_se"] == pytest.approx(se, rel=1e-6, abs=1e-12)
 
 
 def test_mixed_weights_follow_the_aggregation():
@@ -225,26 +241,25 @@ def test_tied_and_untied_models(arch, engine):
     layout, result, summary = gradprobe_run(model, rollouts, "grpo", "grpo", engine=engine)
     ref_grads, ref_prompt = reference(model, rollouts, "grpo", "grpo")
     ref = torch.stack([ref_grads[t] for t in layout.tasks])
-    ours = torch.stack([torch.cat([result.sum_of(k)[n].flatten() for n, _ in model.named_parameters()])
-                        for k in range(len(layout.tasks))])
+    ours = task_sums(result, model, len(layout.tasks))
     assert rel(ours, ref) < 1e-6
     assert rel([summary.tasks[t]["grad_sq_norm"] for t in layout.tasks], (ref * ref).sum(1)) < 1e-6
     assert rel(summary.prompt_grad_norm, [float(ref_prompt[k].norm()) for k in layout.prompt_keys]) < 1e-6
 
 
-def test_results_do_not_depend_on_chunking_or_panels():
+def test_results_do_not_depend_on_chunking():
     model = make_model("llama")
     rollouts = make_rollouts(seed=5)
     _, base, _ = gradprobe_run(model, rollouts, "grpo", "bnpo", chunk_size=64)
-    for chunk, retained in [(1, 1 << 30), (2, 1), (5, 1)]:  # retained=1 forces one chunk per panel
-        _, other, _ = gradprobe_run(model, rollouts, "grpo", "bnpo", chunk_size=chunk, retained=retained)
+    for chunk, units in [(1, 2), (2, 2), (5, 4)]:  # whole prompts (2 units each) per chunk
+        _, other, _ = gradprobe_run(model, rollouts, "grpo", "bnpo", chunk_size=chunk)
         assert_same_result(other, base)
-    assert other.passes > 1
+        assert other.passes == 2 and other.micro_batch == units
 
 
 @pytest.mark.parametrize("max_tokens", [1 << 14, 60, 12])
 def test_hooks_equal_vmap_for_any_micro_batch(max_tokens):
-    """Small micro-batches split tasks, so earlier units' gradients are kept for the Gram."""
+    """Small micro-batches split tasks over several forward/backward passes: nothing is retained."""
     model = make_model("qwen2")
     rollouts = make_rollouts(seed=5)
     layout, vmapped, _ = gradprobe_run(model, rollouts, "grpo", "bnpo")
@@ -252,23 +267,35 @@ def test_hooks_equal_vmap_for_any_micro_batch(max_tokens):
     assert hooked.engine == "hooks" and vmapped.engine == "vmap"
     assert_same_result(hooked, vmapped)
     batch, _ = build_units(assign_advantages(rollouts, ADVANTAGES.get("grpo")), LOSSES.get("bnpo"), MAX_NEW)
-    plan = HookedEngine(model, [n for n, _ in model.named_parameters()]).plan(
-        batch, layout.task_units(), max_tokens, 1 << 30)
+    plan = HookedEngine(model, [n for n, _ in model.named_parameters()]).plan(batch, layout.prompt_units(), max_tokens)
     if max_tokens < 100:
-        assert any(len({i for i, mb in enumerate(plan) if set(mb) & set(b)}) > 1 for b in layout.task_units())
+        per_task = [{i for i, mb in enumerate(plan) for p in mb if layout.prompt_task[p] == t}
+                    for t in range(len(layout.tasks))]
+        assert any(len(batches) > 1 for batches in per_task)
     else:
         assert len(plan) == 1
 
 
-def test_hooks_refuse_a_split_task_past_the_retention_budget():
-    from gradprobe.gradients.hooked import NeedsRecomputation
-
+def test_one_pass_without_intervals_has_the_same_point_estimates():
     model = make_model("llama")
-    batch, layout = build_units(assign_advantages(make_rollouts(), ADVANTAGES.get("grpo")), LOSSES.get("grpo"), MAX_NEW)
-    engine = HookedEngine(model, [n for n, _ in model.named_parameters()])
-    with pytest.raises(NeedsRecomputation, match="retain"):
-        engine.plan(batch, layout.task_units(), 12, 1000)
-    assert engine.plan(batch, layout.task_units(), 1 << 14, 1000)  # unsplit tasks retain nothing
+    rollouts = make_rollouts(seed=6)
+    _, two, full = gradprobe_run(model, rollouts, "grpo", "grpo", engine="hooks")
+    _, one, point = gradprobe_run(model, rollouts, "grpo", "grpo", engine="hooks", row_dots=False)
+    assert one.passes == 1 and one.row_dots is None and two.passes == 2
+    assert torch.equal(one.prompt_gram, two.prompt_gram) and torch.equal(one.sum_dots, two.sum_dots)
+    for task, figures in point.tasks.items():
+        assert figures["grad_sq_norm_unbiased_se"] is None and figures["grad_sq_norm_unbiased_ci"] == [None, None]
+        assert figures["grad_sq_norm_unbiased"] == full.tasks[task]["grad_sq_norm_unbiased"]
+        assert figures["grad_norm"] == full.tasks[task]["grad_norm"]
+
+
+def test_host_resident_sums_give_the_same_result():
+    """Sums in host memory take the device-to-host path (contributions formed, then moved)."""
+    model = make_model("qwen2")
+    rollouts = make_rollouts(seed=8)
+    _, base, _ = gradprobe_run(model, rollouts, "grpo", "grpo", engine="hooks", max_tokens=30)
+    _, hosted, _ = gradprobe_run(model, rollouts, "grpo", "grpo", engine="hooks", max_tokens=30, sums_device="cpu")
+    assert_same_result(hosted, base)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -278,8 +305,7 @@ def test_activation_checkpointing_gives_the_same_gradients(arch):
     rollouts = make_rollouts(seed=7)
     layout, result, summary = gradprobe_run(model, rollouts, "grpo", "dapo", checkpoint=True)
     ref_grads, ref_prompt = reference(model, rollouts, "grpo", "dapo")
-    ours = torch.stack([torch.cat([result.sum_of(k)[n].flatten() for n, _ in model.named_parameters()])
-                        for k in range(len(layout.tasks))])
+    ours = task_sums(result, model, len(layout.tasks))
     assert rel(ours, torch.stack([ref_grads[t] for t in layout.tasks])) < 1e-6
     assert rel(summary.prompt_grad_norm, [float(ref_prompt[k].norm()) for k in layout.prompt_keys]) < 1e-6
     # Every decoder layer is wrapped inside the block and unwrapped afterwards.

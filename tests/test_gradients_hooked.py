@@ -8,7 +8,8 @@ import torch
 
 from gradprobe.advantages import ADVANTAGES
 from gradprobe.gradients import unit_rules
-from gradprobe.gradients.engine import EngineOutOfMemory, GradientEngine, NonFiniteGradientError
+from gradprobe.gradients.engine import EngineOutOfMemory, NonFiniteGradientError
+from gradprobe.gradients.vmap_engine import GradientEngine
 from gradprobe.gradients.hooked import HookedEngine, UnsupportedModel
 from gradprobe.gradients.layout import build_units
 from gradprobe.gradients.params import select_parameters
@@ -31,11 +32,10 @@ def units_of(seed: int = 2):
 
 
 def both_engines(model, names, batch, layout, max_tokens=1 << 14):
-    blocks, sums = layout.task_units(), layout.task_matrix()
     hooked = HookedEngine(model, names, TEMPERATURE, accumulate_dtype=torch.float64)
     vmapped = GradientEngine(model, names, TEMPERATURE, accumulate_dtype=torch.float64)
-    return (hooked.run(batch, blocks, sums, max_tokens=max_tokens),
-            vmapped.run(batch, blocks, sums, chunk_size=4))
+    return (hooked.run(batch, layout.reductions(), max_tokens=max_tokens),
+            vmapped.run(batch, layout.reductions(), chunk_size=4))
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -100,29 +100,32 @@ def test_linear_rule_paths_agree(monkeypatch):
 
 
 def test_sparse_embedding_rows_meet_dense_and_sparse_parts():
+    """Prompt products and sums over row-sparse (embedding) and dense parts, against dense algebra."""
     torch.manual_seed(0)
-    dense = unit_rules.PerUnit(torch.randn(2, 6, 3, dtype=torch.float64))
-    a = unit_rules.PerUnit(torch.randn(2, 3, 3, dtype=torch.float64), torch.tensor([0, 2, 5]))
-    b = unit_rules.PerUnit(torch.randn(3, 2, 3, dtype=torch.float64), torch.tensor([2, 4]))
     shape = (6, 3)
+    dense = unit_rules.PerUnit(torch.randn(4, *shape, dtype=torch.float64))
+    a = unit_rules.PerUnit(torch.randn(4, 3, 3, dtype=torch.float64), torch.tensor([0, 2, 5]))
+    b = unit_rules.PerUnit(torch.randn(4, 2, 3, dtype=torch.float64), torch.tensor([2, 4]))
     for left, right in [(a, b), (a, dense), (dense, b), (a, a)]:
-        expected = left.dense(shape).flatten(1) @ right.dense(shape).flatten(1).T
-        assert torch.allclose(unit_rules.gram(left, right), expected)
-    summed = unit_rules.PerUnit(dense.values.clone()).plus(a, shape)
-    assert torch.allclose(summed.values, dense.values + a.dense(shape))
+        full = left.dense(shape).flatten(1) @ right.dense(shape).flatten(1).T
+        expected = torch.stack([full[0:2, 0:2], full[2:4, 2:4]])  # two prompts of two units
+        assert torch.allclose(unit_rules.prompt_products(left, right, 2), expected)
+    kept = unit_rules.restricted(dense, torch.tensor([2, 4]))
+    assert torch.allclose(kept.dense(shape)[:, [2, 4]], dense.values[:, [2, 4]])
+    assert kept.dense(shape)[:, [0, 1, 3, 5]].abs().max() == 0
     total = torch.zeros((1, *shape), dtype=torch.float64)
-    unit_rules.add_weighted(total, torch.tensor([[1.0, 2.0]], dtype=torch.float64), a)
+    unit_rules.add_weighted(total, torch.tensor([[1.0, 2.0, 0.0, 0.0]], dtype=torch.float64), a)
     assert torch.allclose(total[0], a.dense(shape)[0] + 2 * a.dense(shape)[1])
 
 
 def test_non_finite_gradients_name_their_units():
     model = make_model("llama")
     batch, layout = units_of()
-    first_task_unit = layout.task_units()[0][0]
+    first_task_unit = next(u for u in range(len(batch.units)) if batch.units[u])
     batch.coefficients[batch.units[first_task_unit][0]][-1] = float("nan")
     engine = HookedEngine(model, [n for n, _ in model.named_parameters()], TEMPERATURE)
     with pytest.raises(NonFiniteGradientError) as error:
-        engine.run(batch, layout.task_units(), layout.task_matrix())
+        engine.run(batch, layout.reductions())
     assert first_task_unit in error.value.units
     assert all(layout.prompt_task[layout.unit_prompt[u]] == 0 for u in error.value.units)
 
@@ -132,16 +135,15 @@ def test_out_of_memory_halves_the_micro_batch(monkeypatch):
     batch, layout = units_of(seed=4)
     names = [n for n, _ in model.named_parameters()]
     engine = HookedEngine(model, names, TEMPERATURE, accumulate_dtype=torch.float64)
-    reference = engine.run(batch, layout.task_units(), layout.task_matrix(), max_tokens=1 << 14)
+    reference = engine.run(batch, layout.reductions(), max_tokens=1 << 14)
     monkeypatch.setattr(engine, "_forward_backward", out_of_memory_above(engine._forward_backward, 3))
     retries = []
-    result = engine.run_adaptive(batch, layout.task_units(), layout.task_matrix(), 1 << 14, 1 << 30,
-                                 on_retry=retries.append)
+    result = engine.run_adaptive(batch, layout.reductions(), 1 << 14, on_retry=retries.append)
     assert retries and retries == sorted(retries, reverse=True)
     assert_same_result(result, reference)
     monkeypatch.setattr(engine, "_forward_backward", out_of_memory_above(engine._forward_backward, 0))
     with pytest.raises(EngineOutOfMemory):
-        engine.run_adaptive(batch, layout.task_units(), layout.task_matrix(), 64, 1 << 30)
+        engine.run_adaptive(batch, layout.reductions(), 64)
 
 
 def test_unsupported_module_falls_back_to_vmap():
@@ -157,6 +159,7 @@ def test_unsupported_module_falls_back_to_vmap():
                                         StageSettings(temperature=TEMPERATURE), 1 << 30)
     assert result.engine == "vmap" and "submodules" in reason
     assert result.sum_of(0)["model.layers.0.extra"].abs().max() == 0  # unused in forward
+    assert result.sum_of(0)["model.layers.0.mlp.down_proj.weight"].abs().max() > 0
     with pytest.raises(EngineUnavailable):
         run_gradient_stage(model, names, batch, layout, StageSettings(engine="hooks"), 1 << 30)
 
@@ -169,7 +172,7 @@ def test_a_module_called_twice_is_refused():
     batch, layout = units_of()
     engine = HookedEngine(model, ["model.layers.0.input_layernorm.weight"], TEMPERATURE)
     with pytest.raises(UnsupportedModel, match="twice"):
-        engine.run(batch, layout.task_units(), layout.task_matrix())
+        engine.run(batch, layout.reductions())
     result, reason = run_gradient_stage(model, ["model.layers.0.input_layernorm.weight"], batch, layout,
                                         StageSettings(temperature=TEMPERATURE), 1 << 30)
     assert result.engine == "vmap" and "twice" in reason
@@ -184,4 +187,4 @@ def test_all_groups_degenerate_give_zero_gradients():
     names = [n for n, _ in model.named_parameters()]
     result, reason = run_gradient_stage(model, names, batch, layout, StageSettings(temperature=TEMPERATURE), 1 << 30)
     assert result.engine == "hooks" and reason is None
-    assert all(g.abs().max() == 0 for g in result.block_gram) and result.sum_dots.abs().max() == 0
+    assert result.prompt_gram.abs().max() == 0 and result.sum_dots.abs().max() == 0

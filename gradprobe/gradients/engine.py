@@ -1,46 +1,37 @@
-"""The vmap engine: per-unit policy gradients with torch.func, reduced to Grams and linear sums.
-
-(`gradients.hooked` computes the same from one forward and backward per micro-batch and is the
-default where it applies; `gradients.stage` chooses. Both return `UnitGradients`.)
+"""What the gradient engines share: their input, their result, and the streaming reductions.
 
 A *unit* is a set of completions whose gradient is wanted as one vector: a prompt's completions
-with positive advantage, say. The engine knows nothing of tasks or prompts. It receives token
-sequences with one loss coefficient per token and returns, for the selected parameters,
+with positive advantage, say (docs/engine.md, "Units"). The engines know nothing of tasks. They
+receive token sequences with one loss coefficient per token, grouped into units and the units
+into prompts, and return for the selected parameters, per module group g,
 
-- within each block of units (a task's), the Gram matrix G[g, a, b] = <grad_a, grad_b> restricted
-  to each module group g, where grad_a = d/dtheta sum_{s in unit a} sum_j coef_sj log pi(x_sj | x_s<j);
-- the linear sums s_k = sum_a W[k, a] grad_a (task gradients), their dot products per group, and
-  optionally the sums themselves (for saving and comparing).
+- each prompt's Gram of its own units, G[g, p, a, b] = <grad_a, grad_b> for units a, b of p, where
+  grad_a = d/dtheta sum_{s in unit a} sum_j coef_sj log pi(x_sj | x_s<j);
+- the linear sums s_k = sum_a W[k, a] grad_a (the tasks' sign sums), their dot products, and
+  optionally the sums themselves (for saving and comparing);
+- optionally the row dots <grad_a, t_a>, each unit against a target vector that is a linear
+  combination of the sums (its task gradient); known only once the sums are complete, so they
+  take a second pass.
 
-Every norm, cosine, share and unbiased estimate of metrics.md is a quadratic form of these (see
-`estimators` and `summary`), so one pass serves them all exactly.
-
-Per-unit gradients come from ``vmap(grad(unit_loss))`` over a chunk of units, each unit a padded
-[K, L] batch of right-padded sequences (so causal attention never sees padding and no attention
-mask is needed). Units with all-zero coefficients (degenerate groups) have a zero gradient and are
-not computed. The Gram of all pairs in a block needs their gradients at once; they are kept in
-"panels" of as many chunks as ``max_retained_bytes`` allows, and chunks outside the panel are
-recomputed, so memory stays bounded and a model too large to retain everything costs more passes.
-
-With ``checkpoint_activations`` the engine trades speed for memory on long completions: torch.func
-transforms cannot run through torch.utils.checkpoint, so each unit's gradient is then taken with
-plain autograd while every decoder layer recomputes its activations in the backward pass.
+Nothing of size units x parameters is ever held: per-unit gradients are reduced into these as
+they are made and freed, so memory does not grow with the number of prompts (beyond O(units)
+scalars). Every norm, cosine, share, U-statistic and jackknife interval of docs/metrics.md is a
+function of these (`summary`). Two engines fill them: `hooked` (one forward and backward per
+micro-batch; the default) and `vmap_engine` (torch.func, for models the hooks cannot serve).
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
-from torch.func import functional_call, grad, vmap
 
 from gradprobe.gradients.params import module_group
-from gradprobe.objective import token_logprobs
-
+from gradprobe.gradients.unit_rules import PerUnit, add_weighted, prompt_products
 
 @dataclass
 class UnitBatch:
@@ -58,38 +49,75 @@ class UnitBatch:
 
 
 @dataclass
-class UnitGradients:
-    """What an engine returns: within-block Gram matrices per module group, and linear sums.
+class Reductions:
+    """What per-unit gradients are reduced into, besides each prompt's Gram of its units."""
 
-    Blocks are sets of units (a task's units) whose every pair is needed (per-prompt norms, the
-    U-statistic and its jackknife, the sign parts); across blocks only the linear sums meet.
-    """
+    prompts: list[list[int]]
+    """Each prompt's units (the same number for every prompt, in unit order)."""
+    sum_weights: torch.Tensor
+    """[n_sums, n_units]: s_k = sum_a W[k, a] grad_a."""
+    targets: torch.Tensor
+    """[n_targets, n_sums]: target vectors of the row dots, as combinations of the sums."""
+    unit_target: list[int]
+    """Per unit, the index of its target."""
+
+    @property
+    def units_per_prompt(self) -> int:
+        return len(self.prompts[0]) if self.prompts else 1
+
+
+@dataclass
+class UnitGradients:
+    """What an engine returns (float64 on the CPU unless said otherwise)."""
 
     param_names: list[str]
     param_shapes: list[tuple[int, ...]]
     groups: list[str]
     group_sizes: list[int]
-    blocks: list[list[int]]
-    """Unit indices of each block."""
-    block_gram: list[torch.Tensor]
-    """Per block, [n_groups, n_b, n_b] float64 on the CPU: <grad_a, grad_b> within each group."""
+    prompts: list[list[int]]
+    prompt_gram: torch.Tensor
+    """[n_groups, n_prompts, k, k]: <grad_a, grad_b> for the k units a, b of each prompt."""
     sum_dots: torch.Tensor
-    """[n_groups, n_sums, n_sums] float64: <s_i, s_j> per group for the sums s = W grads."""
+    """[n_groups, n_sums, n_sums]: <s_i, s_j> per group for the sums s = W grads."""
     sums: dict[str, torch.Tensor] | None
-    """Per parameter name, [n_sums, *shape]: the linear sums, when kept."""
+    """Per parameter name, [n_sums, *shape] (float32 or the accumulation dtype), when kept."""
+    row_dots: torch.Tensor | None
+    """[n_groups, n_units]: <grad_a, target of a> per group; None when intervals are off."""
     passes: int = 1
-    chunk_size: int = 0
-    engine: str = "vmap"
-    nonfinite_units: list[int] = field(default_factory=list)
+    micro_batch: int = 0
+    """The most units one forward and backward (or vmapped call) held."""
+    engine: str = "hooks"
+    sums_device: str = "cpu"
 
-    def total(self, block: int) -> torch.Tensor:
-        """[n_b, n_b]: a block's Gram over all selected parameters."""
-        return self.block_gram[block].sum(0)
+    def total_prompt_gram(self) -> torch.Tensor:
+        """[n_prompts, k, k] over all selected parameters."""
+        return self.prompt_gram.sum(0)
 
     def sum_of(self, k: int) -> dict[str, torch.Tensor]:
         """The k-th linear sum as named parameter tensors."""
         assert self.sums is not None
         return {name: value[k] for name, value in self.sums.items()}
+
+    def paired_sums(self) -> Mapping[str, torch.Tensor]:
+        """Per parameter, [n_sums / 2, *shape]: sums 2t and 2t+1 added (a task's two sign sums
+        give its gradient), formed one parameter at a time as it is read, where the sums live."""
+        assert self.sums is not None
+        return _PairedSums(self.sums)
+
+
+class _PairedSums(Mapping):
+    def __init__(self, sums: dict[str, torch.Tensor]) -> None:
+        self.sums = sums
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        value = self.sums[name]
+        return value.view(value.shape[0] // 2, 2, *value.shape[1:]).sum(1)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.sums)
+
+    def __len__(self) -> int:
+        return len(self.sums)
 
 
 class EngineOutOfMemory(RuntimeError):
@@ -204,28 +232,6 @@ class SelectedParameters:
     def n_selected(self) -> int:
         return sum(self.size(n) for n in self.names)
 
-    def result(self, blocks: list[list[int]], block_gram: list[torch.Tensor], sums: dict[str, torch.Tensor],
-               keep_sums: bool, engine: str, passes: int, chunk_size: int) -> UnitGradients:
-        """An engine's `UnitGradients`, with the sums' dot products per group; `sums[name]` is
-        [n_sums, ...] (any shape after the first axis)."""
-        n_sums = next(iter(sums.values())).shape[0]
-        sum_dots = torch.zeros((len(self.groups), n_sums, n_sums), dtype=torch.float64)
-        for name, value in sums.items():
-            flat = value.reshape(n_sums, -1)
-            sum_dots[self.group_of[name]] += (flat @ flat.T).to("cpu", torch.float64)
-        return UnitGradients(
-            param_names=self.names,
-            param_shapes=[self.shapes[n] for n in self.names],
-            groups=self.groups,
-            group_sizes=self.group_sizes,
-            blocks=[list(b) for b in blocks],
-            block_gram=[g.cpu() for g in block_gram],
-            sum_dots=sum_dots,
-            sums={n: sums[n].reshape(n_sums, *self.shapes[n]).cpu() for n in self.names} if keep_sums else None,
-            passes=passes,
-            chunk_size=chunk_size,
-            engine=engine,
-        )
 
 
 def pad_rows(batch: UnitBatch, rows: list[int | None], pad_token_id: int,
@@ -254,196 +260,123 @@ def activation_bytes_per_token(model: torch.nn.Module) -> int:
     return 4 * (3 * vocab + 24 * hidden * layers)
 
 
-class GradientEngine:
-    """Computes per-unit gradients of a causal LM chunk by chunk, reduced as the module says."""
 
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        param_names: list[str],
-        temperature: float = 1.0,
-        accumulate_dtype: torch.dtype = torch.float32,
-        pad_token_id: int = 0,
-        checkpoint_activations: bool = False,
-    ) -> None:
-        self.model = model.eval().requires_grad_(False)
-        self.checkpoint_activations = checkpoint_activations
-        use_eager_attention(model)
-        self.selected = SelectedParameters.of(model, param_names, accumulate_dtype)
-        self.names, self.dtype, self.device = self.selected.names, self.selected.dtype, self.selected.device
-        named = dict(model.named_parameters())
-        self.params = {n: named[n].detach() for n in self.names}
-        self.temperature = temperature
-        self.pad_token_id = pad_token_id
 
-    def _unit_loss(self, params: dict[str, torch.Tensor] | None, ids: torch.Tensor,
-                   coef: torch.Tensor, first: int) -> torch.Tensor:
-        """sum_j coef_j log pi(x_j | x_<j) over positions j >= first of a unit's sequences.
+class StreamingReductions:
+    """The running reductions of one engine run: prompt Grams and sums (pass 1), row dots (pass 2).
 
-        Only the logits that predict positions >= first are computed (`logits_to_keep`): prompt
-        positions carry no loss, and the vocabulary projection is a large part of the cost.
-        With `params` None the model runs with its own parameters (the checkpointed path).
-        """
-        keep = ids.shape[-1] - first + 1
-        kwargs = {"use_cache": False, "logits_to_keep": keep}
-        if params is None:
-            logits = self.model(ids, **kwargs).logits
+    Callers hand over per-unit gradients of one parameter for the units of whole prompts
+    (`prompt_ids`, each prompt's k units in order); everything is added at once and nothing
+    per-unit is kept. The sums live on `sums_device` (the model's device, or host memory when the
+    device cannot hold them: contributions are formed on the device and added there).
+    """
+
+    def __init__(self, selected: SelectedParameters, reductions: Reductions,
+                 sums_device: torch.device | None = None) -> None:
+        self.selected, self.reductions = selected, reductions
+        self.k = reductions.units_per_prompt
+        device = selected.device
+        # Host-resident when asked for: contributions are formed on the device, then moved.
+        self.hosted = sums_device is not None
+        self.sums_device = torch.device(sums_device) if sums_device is not None else device
+        n_groups, n_sums = len(selected.groups), reductions.sum_weights.shape[0]
+        self.prompt_gram = torch.zeros((n_groups, len(reductions.prompts), self.k, self.k),
+                                       dtype=torch.float64, device=device)
+        self.weights = reductions.sum_weights.to(device, selected.dtype)
+        pinned = self.sums_device.type == "cpu" and device.type == "cuda"
+        self.sums = {n: torch.zeros((n_sums, *selected.shapes[n]), dtype=selected.dtype,
+                                    device=self.sums_device, pin_memory=pinned) for n in selected.names}
+        self.row_dots = torch.zeros((n_groups, reductions.sum_weights.shape[1]), dtype=torch.float64, device=device)
+        self.targets = reductions.targets.to(self.sums_device, selected.dtype)
+        self.unit_target = torch.as_tensor(reductions.unit_target, device=device)
+
+    def prompt_units(self, prompt_ids: list[int]) -> torch.Tensor:
+        """Global unit indices of these prompts, in order."""
+        units = [u for p in prompt_ids for u in self.reductions.prompts[p]]
+        return torch.tensor(units, device=self.selected.device)
+
+    def add_gram(self, name: str, prompt_ids: list[int], part: PerUnit, other: PerUnit | None = None) -> None:
+        """Each prompt's Gram of its units (`part` holds the prompts' units in order); with
+        `other` (another use of a tied parameter, same units) the cross terms
+        <a_i, b_j> + <b_i, a_j> instead."""
+        if other is None:
+            products = prompt_products(part, part, self.k).to(torch.float64)
         else:
-            logits = functional_call(self.model, params, (ids,), kwargs).logits
-        logp = token_logprobs(logits.to(self.dtype), ids[..., first - 1 :], self.temperature)
-        return (coef[..., first:] * logp).sum()
+            cross = prompt_products(part, other, self.k).to(torch.float64)
+            products = cross + cross.transpose(1, 2)
+        ids = torch.tensor(prompt_ids, device=self.selected.device)
+        self.prompt_gram[self.selected.group_of[name]].index_add_(0, ids, products)
 
-    def _pad_chunk(self, batch: UnitBatch, units: list[int]) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """[units, width, length] ids and coefficients, a unit's missing sequences all padding."""
-        width = max(len(batch.units[u]) for u in units)
-        rows = [s for u in units for s in batch.units[u] + [None] * (width - len(batch.units[u]))]
-        ids, coef, first = pad_rows(batch, rows, self.pad_token_id, self.dtype)
-        shape = (len(units), width, ids.shape[-1])
-        return ids.view(shape).to(self.device), coef.view(shape).to(self.device), first
+    def add_sums(self, name: str, prompt_ids: list[int], part: PerUnit) -> None:
+        """sums[name] += W[:, units] @ part, only over the sums these units touch."""
+        units = self.prompt_units(prompt_ids)
+        weights = self.weights[:, units]
+        rows = (weights != 0).any(1).nonzero().flatten()
+        total = self.sums[name]
+        if not self.hosted:
+            if len(rows) == total.shape[0]:
+                add_weighted(total, weights, part)
+            else:
+                for r in rows.tolist():
+                    add_weighted(total[r:r + 1], weights[r:r + 1], part)
+            return
+        contribution = torch.zeros((len(rows), *total.shape[1:]), dtype=total.dtype, device=self.selected.device)
+        add_weighted(contribution, weights[rows], part)
+        total[rows.to(self.sums_device)] += contribution.to(self.sums_device)
 
-    def unit_gradients(self, batch: UnitBatch, units: list[int]) -> dict[str, torch.Tensor]:
-        """Gradients of `units` per parameter name, [len(units), n_elements] each.
+    def target_of(self, name: str, index: int) -> torch.Tensor:
+        """Target vector `index` restricted to one parameter, on the compute device."""
+        value = torch.tensordot(self.targets[index], self.sums[name], dims=1)
+        return value.to(self.selected.device)
 
-        Kept per parameter (views, no concatenation): copying c x n_selected floats into one
-        matrix cost a third of the stage on CPU.
-        """
-        ids, coef, first = self._pad_chunk(batch, units)
-        loss = functools.partial(self._unit_loss, first=first)
-        if self.checkpoint_activations:
-            grads = self._checkpointed_gradients(loss, ids, coef)
-        else:
-            grads = vmap(grad(loss), in_dims=(None, 0, 0))(self.params, ids, coef)
-        return {n: grads[n].reshape(len(units), -1).to(self.dtype) for n in self.names}
+    def add_row_dots(self, name: str, prompt_ids: list[int], part: PerUnit) -> None:
+        """row_dots[group, a] += <part_a, target of a> for these prompts' units (pass 2)."""
+        units = self.prompt_units(prompt_ids)
+        group = self.selected.group_of[name]
+        local_targets = self.unit_target[units]
+        for index in torch.unique(local_targets).tolist():
+            mine = (local_targets == index).nonzero().flatten()
+            target = self.target_of(name, index)
+            if part.rows is not None:
+                target = target[part.rows]
+            values = part.values[mine].reshape(len(mine), -1)
+            self.row_dots[group, units[mine]] += (values @ target.reshape(-1).to(values.dtype)).to(torch.float64)
 
-    def _checkpointed_gradients(self, loss: Callable, ids: torch.Tensor, coef: torch.Tensor
-                                ) -> dict[str, torch.Tensor]:
-        """Per-unit gradients one unit at a time with plain autograd and recomputed activations.
+    def nonfinite_units(self) -> list[int]:
+        """Units whose squared norm (a prompt Gram's diagonal, any group) is NaN or Inf."""
+        diagonal = self.prompt_gram.diagonal(dim1=2, dim2=3)  # [groups, prompts, k]
+        bad = (~torch.isfinite(diagonal)).any(0).nonzero().tolist()
+        return sorted(self.reductions.prompts[p][a] for p, a in bad)
 
-        The model runs with its own parameters (a recomputation in backward happens outside any
-        functional_call), the selected ones switched to requires_grad for the duration.
-        """
-        named = dict(self.model.named_parameters())
-        selected = [named[n] for n in self.names]
-        rows: list[tuple[torch.Tensor, ...]] = []
-        try:
-            for parameter in selected:
-                parameter.requires_grad_(True)
-            with checkpointed_layers(self.model), torch.enable_grad():
-                for i in range(ids.shape[0]):
-                    rows.append(torch.autograd.grad(loss(None, ids[i], coef[i]), selected,
-                                                    allow_unused=True, materialize_grads=True))
-        finally:
-            self.model.requires_grad_(False)
-        return {n: torch.stack([row[j] for row in rows]) for j, n in enumerate(self.names)}
+    def result(self, keep_sums: bool, with_row_dots: bool, engine: str, passes: int,
+               micro_batch: int) -> UnitGradients:
+        """The run's `UnitGradients`; the sums' dot products accumulated in float64 per group."""
+        n_sums = self.reductions.sum_weights.shape[0]
+        sum_dots = torch.zeros((len(self.selected.groups), n_sums, n_sums), dtype=torch.float64)
+        for name, value in self.sums.items():
+            sum_dots[self.selected.group_of[name]] += float64_gram(value.reshape(n_sums, -1)).cpu()
+        return UnitGradients(
+            param_names=self.selected.names,
+            param_shapes=[self.selected.shapes[n] for n in self.selected.names],
+            groups=self.selected.groups,
+            group_sizes=self.selected.group_sizes,
+            prompts=[list(p) for p in self.reductions.prompts],
+            prompt_gram=self.prompt_gram.cpu(),
+            sum_dots=sum_dots,
+            sums=self.sums if keep_sums else None,
+            row_dots=self.row_dots.cpu() if with_row_dots else None,
+            passes=passes,
+            micro_batch=micro_batch,
+            engine=engine,
+            sums_device=str(self.sums_device),
+        )
 
-    def _gram_block(self, x: dict[str, torch.Tensor], y: dict[str, torch.Tensor]) -> torch.Tensor:
-        """[n_groups, len(x units), len(y units)]: per-group inner products of two chunks."""
-        blocks = []
-        for members in self.selected.group_members:
-            block = sum(x[n] @ y[n].T for n in members)
-            blocks.append(block)
-        return torch.stack(blocks).to("cpu", torch.float64)
 
-    def plan_chunk_size(self, batch: UnitBatch, max_memory: int) -> int:
-        """Units per chunk so that per-unit gradients and activations use about half `max_memory`.
-
-        Per unit: its gradient (n_selected values, held about three times over by vmap, the
-        dtype cast and the Gram products) plus activations, estimated per token as
-        4 bytes x (3 x vocab + 24 x hidden x layers), which upper-bounds a decoder's saved tensors.
-        """
-        config = getattr(self.model, "config", None)
-        vocab = getattr(config, "vocab_size", 32000)
-        hidden = getattr(config, "hidden_size", 1024)
-        layers = getattr(config, "num_hidden_layers", 8)
-        n_selected = self.selected.n_selected
-        width = max((len(u) for u in batch.units), default=1)
-        length = max((len(s) for s in batch.sequences), default=1)
-        element = torch.finfo(self.dtype).bits // 8
-        tokens = width * length
-        # Past 16 units a vmapped call is slower per unit on CPU (benchmarks/RESULTS.md).
-        largest = 64 if self.device.type == "cuda" else 16
-        if self.checkpoint_activations:
-            # One unit's activations at a time: layer inputs plus one layer's worth and the logits.
-            activations = tokens * 4 * (3 * vocab + 24 * hidden + 2 * hidden * layers)
-            return int(max(1, min(largest, (max_memory // 2 - activations) // (3 * n_selected * element))))
-        per_unit = 3 * n_selected * element + tokens * activation_bytes_per_token(self.model)
-        return int(max(1, min(largest, (max_memory // 2) // per_unit)))
-
-    def run_adaptive(self, batch: UnitBatch, blocks: list[list[int]], sum_weights: torch.Tensor,
-                     chunk_size: int, max_retained_bytes: int,
-                     on_chunk: Callable[[int], None] | None = None,
-                     on_retry: Callable[[int], None] | None = None, keep_sums: bool = True) -> UnitGradients:
-        """`run`, halving the chunk size (and the retained panel) after an out-of-memory error,
-        down to one unit. Results do not depend on the chunk size (to rounding)."""
-        return halving_on_out_of_memory(
-            lambda size: self.run(batch, blocks, sum_weights, size, max_retained_bytes * size // chunk_size,
-                                  on_chunk, keep_sums),
-            chunk_size, 1, self.device, on_retry)
-
-    def run(
-        self,
-        batch: UnitBatch,
-        blocks: list[list[int]],
-        sum_weights: torch.Tensor,
-        chunk_size: int = 8,
-        max_retained_bytes: int = 2 << 30,
-        on_chunk: Callable[[int], None] | None = None,
-        keep_sums: bool = True,
-    ) -> UnitGradients:
-        """Gram matrices within `blocks` and the sums ``sum_weights @ grads``, in one or more passes.
-
-        Chunks run in unit order; a pair of chunks with no block in common is skipped.
-        `on_chunk(n_units)` is called after each chunk of the first pass (for progress bars).
-        """
-        n_units = len(batch.units)
-        unit_block = torch.full((n_units,), -1, dtype=torch.long)
-        for b, members in enumerate(blocks):
-            unit_block[torch.as_tensor(members, dtype=torch.long)] = b
-        active = [u for u in range(n_units) if batch.is_active(u)]
-        chunks = [active[i : i + chunk_size] for i in range(0, len(active), chunk_size)]
-        chunk_blocks = [set(unit_block[units].tolist()) - {-1} for units in chunks]
-        row_bytes = self.selected.n_selected * torch.finfo(self.dtype).bits // 8
-        panel_len = max(1, max_retained_bytes // max(1, chunk_size * row_bytes))
-        block_gram = [torch.zeros((len(self.selected.groups), len(b), len(b)), dtype=torch.float64) for b in blocks]
-        position = {u: i for members in blocks for i, u in enumerate(members)}
-        block_of = unit_block.tolist()
-        weights = sum_weights.to(self.device, self.dtype)
-        sums = {n: torch.zeros((weights.shape[0], self.params[n].numel()), dtype=self.dtype,
-                               device=self.device) for n in self.names}
-        nonfinite: list[int] = []
-        passes = 0
-        for start in range(0, len(chunks), panel_len):
-            passes += 1
-            panel: list[tuple[int, dict[str, torch.Tensor]]] = []
-            panel_blocks = set().union(*chunk_blocks[start : start + panel_len])
-            for ci in range(start, len(chunks)):
-                units = chunks[ci]
-                if start > 0 and ci >= start + panel_len and not chunk_blocks[ci] & panel_blocks:
-                    continue  # a recomputation would pair with nothing in this panel
-                x = self.unit_gradients(batch, units)
-                if on_chunk is not None and start == 0:
-                    on_chunk(len(units))
-                if start == 0:
-                    bad = torch.zeros(len(units), dtype=torch.bool, device=self.device)
-                    for value in x.values():
-                        bad |= ~torch.isfinite(value).all(1)
-                    nonfinite += [units[i] for i in bad.nonzero().flatten().tolist()]
-                    for n, value in x.items():
-                        sums[n] += weights[:, units] @ value
-                if ci < start + panel_len:
-                    panel.append((ci, x))
-                for pi, p in panel:
-                    if not chunk_blocks[pi] & chunk_blocks[ci]:
-                        continue
-                    products = self._gram_block(p, x)
-                    for b in chunk_blocks[pi] & chunk_blocks[ci]:
-                        i = [k for k, u in enumerate(chunks[pi]) if block_of[u] == b]
-                        j = [k for k, u in enumerate(units) if block_of[u] == b]
-                        rows = torch.tensor([position[chunks[pi][k]] for k in i])[:, None]
-                        cols = torch.tensor([position[units[k]] for k in j])[None, :]
-                        part = products[:, i][:, :, j]
-                        block_gram[b][:, rows, cols] = part
-                        block_gram[b][:, cols.T, rows.T] = part.transpose(1, 2)
-            if nonfinite:
-                raise NonFiniteGradientError(sorted(nonfinite))
-        return self.selected.result(blocks, block_gram, sums, keep_sums, "vmap", passes, chunk_size)
+def float64_gram(rows: torch.Tensor, chunk: int = 1 << 22) -> torch.Tensor:
+    """rows @ rows.T accumulated in float64, chunk by chunk of columns (the sums are float32:
+    sign parts that nearly cancel must not lose the task gradient's norm to float32 rounding)."""
+    out = torch.zeros((rows.shape[0], rows.shape[0]), dtype=torch.float64, device=rows.device)
+    for start in range(0, rows.shape[1], chunk):
+        piece = rows[:, start:start + chunk].to(torch.float64)
+        out += piece @ piece.T
+    return out

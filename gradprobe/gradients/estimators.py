@@ -1,8 +1,9 @@
 """Estimators over Gram matrices: norms, cosines, shares, unbiased norms, noise scales.
 
-Definitions: ../shared/design/metrics.md, "Task gradients". Every quantity is a quadratic form
-of the unit Gram matrix G (G[a, b] = <grad_a, grad_b>): a vector built as v = sum_a C[a] grad_a
-has <v_i, v_j> = (C G C^T)[i, j]. All functions are pure, float64, and take or return tensors.
+Definitions: docs/metrics.md, "Task gradients". Every quantity is a function of what one
+streaming pass knows exactly (docs/engine.md): the dot products of the task sums, each prompt's
+squared norm ||u_p||^2, and, from a second pass, the row sums r_p = <u_p, S_t>. All functions
+are pure, float64, and take or return tensors.
 """
 
 from __future__ import annotations
@@ -48,49 +49,47 @@ def update_shares(task_dots: torch.Tensor, weights: torch.Tensor) -> torch.Tenso
     return weights * mixed_dots / total
 
 
-def u_statistic(prompt_gram: torch.Tensor) -> float:
-    """Unbiased ||E u||^2 from m per-prompt vectors with Gram K:
+def u_statistic(sum_sq: float, unit_sq: torch.Tensor) -> float:
+    """Unbiased ||E u||^2 from m per-prompt vectors u_p with S = sum_p u_p:
 
-        U = (||sum_p u_p||^2 - sum_p ||u_p||^2) / (m (m-1)) = sum_{p != q} K_pq / (m (m-1)).
+        U = (||S||^2 - sum_p ||u_p||^2) / (m (m-1)) = sum_{p != q} <u_p, u_q> / (m (m-1)).
     """
-    m = prompt_gram.shape[0]
+    m = unit_sq.shape[0]
     if m < 2:
         return float("nan")
-    return float((prompt_gram.sum() - prompt_gram.trace()) / (m * (m - 1)))
+    return float((sum_sq - unit_sq.sum()) / (m * (m - 1)))
 
 
-def u_statistic_jackknife(prompt_gram: torch.Tensor) -> tuple[float, float]:
-    """Delete-one jackknife standard error of `u_statistic`, and the jackknife's bias-free centre.
+def u_statistic_jackknife(sum_sq: float, unit_sq: torch.Tensor, row_sums: torch.Tensor) -> tuple[float, float]:
+    """Delete-one jackknife standard error of `u_statistic`, and the mean of the leave-one-out
+    values, from the row sums r_i = <u_i, S> (exact from a second pass, docs/engine.md):
 
-    U_(-i) drops prompt i: (S - 2 r_i + K_ii - (tr K - K_ii)) / ((m-1)(m-2)), with S = sum K and
-    r_i = sum_q K_iq. Var = (m-1)/m sum_i (U_(-i) - mean U_(-i))^2. Needs m >= 3.
-    Returns (standard error, mean of the leave-one-out values).
+        U_(-i) = (||S||^2 - 2 r_i + ||u_i||^2 - (sum_q ||u_q||^2 - ||u_i||^2)) / ((m-1)(m-2)),
+        Var = (m-1)/m sum_i (U_(-i) - mean U_(-i))^2.    Needs m >= 3.
     """
-    m = prompt_gram.shape[0]
+    m = unit_sq.shape[0]
     if m < 3:
         return float("nan"), float("nan")
-    total, trace = prompt_gram.sum(), prompt_gram.trace()
-    rows, diag = prompt_gram.sum(1), prompt_gram.diagonal()
-    off_diagonal = total - 2 * rows + diag - (trace - diag)
-    loo = off_diagonal / ((m - 1) * (m - 2))
+    squares = unit_sq.sum()
+    loo = (sum_sq - 2 * row_sums + unit_sq - (squares - unit_sq)) / ((m - 1) * (m - 2))
     variance = (m - 1) / m * ((loo - loo.mean()) ** 2).sum()
     return float(variance.sqrt()), float(loo.mean())
 
 
-def noise_trace(prompt_gram: torch.Tensor) -> float:
-    """tr(Sigma_u) = (sum_p ||u_p||^2 - m ||mean u||^2) / (m-1)."""
-    m = prompt_gram.shape[0]
+def noise_trace(sum_sq: float, unit_sq: torch.Tensor) -> float:
+    """tr(Sigma_u) = (sum_p ||u_p||^2 - m ||mean u||^2) / (m-1), with m ||mean u||^2 = ||S||^2 / m."""
+    m = unit_sq.shape[0]
     if m < 2:
         return float("nan")
-    return float((prompt_gram.trace() - prompt_gram.sum() / m) / (m - 1))
+    return float((unit_sq.sum() - sum_sq / m) / (m - 1))
 
 
-def noise_scale(prompt_gram: torch.Tensor) -> float:
+def noise_scale(sum_sq: float, unit_sq: torch.Tensor) -> float:
     """B_t = tr(Sigma_u) / ||E u||^2 with the unbiased U; NaN when U <= 0 (noise dominates)."""
-    signal = u_statistic(prompt_gram)
+    signal = u_statistic(sum_sq, unit_sq)
     if not signal > 0:
         return float("nan")
-    return noise_trace(prompt_gram) / signal
+    return noise_trace(sum_sq, unit_sq) / signal
 
 
 def corrected_cosine(cross_dot: float, u_a: float, u_b: float) -> float:

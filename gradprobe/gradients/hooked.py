@@ -1,22 +1,22 @@
-"""Per-unit gradients from one ordinary forward and backward per micro-batch, with module hooks.
+"""The streaming engine: one ordinary forward and backward per micro-batch, with module hooks.
 
-The vmap engine (`gradients.engine`) differentiates every unit separately; this one runs the
-model as a training step would, over micro-batches of whole units, with the selected parameters
-frozen so autograd computes no weight gradient at all. For each module owning a selected
-parameter a forward hook keeps the module's input, and a hook on its output receives the output
-gradient in backward; the module's rule (`unit_rules`) turns the two into per-unit gradients,
-which are reduced at once into
+The model runs as a training step would, over micro-batches of whole prompts, with the selected
+parameters frozen so autograd computes no weight gradient at all. For each module owning a
+selected parameter a forward hook keeps the module's input, and a hook on its output receives
+the output gradient in backward; the module's rule (`unit_rules`) turns the two into per-unit
+gradients, a few prompts at a time, which `StreamingReductions` adds at once into
 
-- the Gram matrix of every pair of units within a block (a task's units), per module group;
-- the linear sums ``W @ grads`` (task gradients), whose dot products give the cross-block figures;
+- each prompt's Gram of its units (its per-prompt squared norms and sign parts), per group;
+- the sign sums of every task (float32, on the device or in host memory);
 
-and freed, layer by layer. A block split over several micro-batches keeps its earlier units'
-gradients until its last micro-batch (the retained bytes are planned; past the budget
-`plan` raises `NeedsRecomputation` and the scan uses the vmap engine, which recomputes instead).
+and frees, layer by layer. Nothing per unit outlives its layer, so memory is flat in the number
+of prompts. With row dots asked for (exact intervals), a second pass of the same shape takes each
+unit's inner product with its task gradient, now complete (docs/engine.md).
 
-Tied weights (an embedding shared with the output layer) have one owner per use; their
-contributions are added before any product. Results equal the vmap engine's to rounding and
-float64 autograd's to 1e-6 (tests/test_gradients_hooked.py).
+Tied weights (an embedding shared with the output layer) have one owner per use. Each use is
+reduced as it comes; the Gram of the sum needs the cross terms between uses, so the first use
+keeps its per-unit gradients restricted to the rows the other, sparse use can touch (the
+micro-batch's token ids) until the second arrives.
 """
 
 from __future__ import annotations
@@ -29,22 +29,22 @@ import torch
 
 from gradprobe.gradients.engine import (
     NonFiniteGradientError,
+    Reductions,
+    SelectedParameters,
+    StreamingReductions,
     UnitBatch,
     UnitGradients,
-    SelectedParameters,
     activation_bytes_per_token,
     halving_on_out_of_memory,
     pad_rows,
 )
-from gradprobe.gradients.unit_rules import MicroBatchUnits, PerUnit, Rule, add_weighted, gram, rule_for
+from gradprobe.gradients.unit_rules import MicroBatchUnits, PerUnit, Rule, embedding_rule, restricted, rule_for
 from gradprobe.objective import token_logprobs
 
-
 CPU_MAX_TOKENS = 4096
-
-
-class NeedsRecomputation(RuntimeError):
-    """The plan does not fit: a block's retained unit gradients would exceed the budget."""
+DEFAULT_WORK_BYTES = 1 << 30
+"""Per-unit gradients of one parameter in flight at once (a few prompts' worth of the largest
+layer); the rest of a micro-batch's units wait their turn within the same hook."""
 
 
 class UnsupportedModel(RuntimeError):
@@ -61,22 +61,8 @@ class _Owner:
     global_names: list[str]
 
 
-@dataclass
-class _BlockSlice:
-    block: int
-    start: int
-    end: int
-    """Local units [start, end) of the micro-batch."""
-    positions: torch.Tensor
-    """Their positions within the block."""
-    continues: bool
-    """Whether later micro-batches hold more of the block's units."""
-    whole: bool
-    """Whether these are all the block's units, in order (its Gram is then added as is)."""
-
-
 class HookedEngine:
-    """Gram matrices within blocks and linear sums of per-unit gradients, via module hooks."""
+    """Streaming prompt Grams, sign sums and row dots of per-unit gradients, via module hooks."""
 
     def __init__(
         self,
@@ -85,13 +71,18 @@ class HookedEngine:
         temperature: float = 1.0,
         accumulate_dtype: torch.dtype = torch.float32,
         pad_token_id: int = 0,
+        sums_device: torch.device | str | None = None,
+        work_bytes: int = DEFAULT_WORK_BYTES,
     ) -> None:
         self.model = model.eval().requires_grad_(False)
         self.selected = SelectedParameters.of(model, param_names, accumulate_dtype)
         self.names, self.dtype, self.device = self.selected.names, self.selected.dtype, self.selected.device
         self.temperature = temperature
         self.pad_token_id = pad_token_id
+        self.sums_device = sums_device
+        self.work_bytes = work_bytes
         self.owners, self.n_uses = self._find_owners(dict(model.named_parameters()))
+        self.sparse_names = {n for o in self.owners if o.rule is embedding_rule for n in o.global_names}
 
     def _find_owners(self, named: dict[str, torch.nn.Parameter]) -> tuple[list[_Owner], dict[str, int]]:
         by_id = {id(named[n]): n for n in self.names}
@@ -110,38 +101,26 @@ class HookedEngine:
         return owners, uses
 
     # ---- planning -------------------------------------------------------------------------
-    def plan(self, batch: UnitBatch, blocks: list[list[int]], max_tokens: int,
-             max_retained_bytes: int) -> list[list[int]]:
-        """Micro-batches of active units, block by block, each at most `max_tokens` padded tokens
-        and at most as many units as keep the largest layer's per-unit gradients within them."""
-        element = torch.finfo(self.dtype).bits // 8
-        largest = max(self.selected.size(n) for n in self.names)
-        unit_cap = max(1, (max_tokens * activation_bytes_per_token(self.model) // 2) // max(1, 2 * largest * element))
-        packer = _Packer(batch, max_tokens, unit_cap)
-        for members in blocks:
-            active = [u for u in members if batch.is_active(u)]
-            if active and packer.fits_alone(active) and not packer.fits(active):
-                packer.close()  # a block that fits whole in one micro-batch is not split
-            for u in active:
-                if not packer.fits([u]):
-                    packer.close()
-                packer.add(u)
-        packer.close()
-        micro_batches = packer.micro_batches
-        self._check_retention(batch, blocks, micro_batches, max_retained_bytes, element)
+    def plan(self, batch: UnitBatch, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+        """Micro-batches of whole prompts (indices into `prompts`), in order, each at most
+        `max_tokens` padded tokens unless one prompt alone is larger; prompts whose units carry
+        no loss (degenerate groups) are left out."""
+        micro_batches: list[list[int]] = []
+        current: list[int] = []
+        rows = length = 0
+        for p, units in enumerate(prompts):
+            if not any(batch.is_active(u) for u in units):
+                continue
+            sequences = [s for u in units for s in batch.units[u]]
+            p_rows, p_length = len(sequences), max(len(batch.sequences[s]) for s in sequences)
+            if current and (rows + p_rows) * max(length, p_length) > max_tokens:
+                micro_batches.append(current)
+                current, rows, length = [], 0, 0
+            current.append(p)
+            rows, length = rows + p_rows, max(length, p_length)
+        if current:
+            micro_batches.append(current)
         return micro_batches
-
-    def _check_retention(self, batch: UnitBatch, blocks: list[list[int]], micro_batches: list[list[int]],
-                         max_retained_bytes: int, element: int) -> None:
-        where = {u: i for i, mb in enumerate(micro_batches) for u in mb}
-        for b, members in enumerate(blocks):
-            active = [u for u in members if u in where]
-            if len({where[u] for u in active}) > 1:
-                need = len(active) * self.selected.n_selected * element
-                if need > max_retained_bytes:
-                    raise NeedsRecomputation(
-                        f"block {b} spans several micro-batches and would retain {need / 2**30:.1f} GiB "
-                        f"of unit gradients (budget {max_retained_bytes / 2**30:.1f} GiB)")
 
     def default_max_tokens(self, max_memory: int) -> int:
         """Padded tokens per micro-batch so activations take about half of `max_memory`; on the
@@ -150,48 +129,42 @@ class HookedEngine:
         return tokens if self.device.type == "cuda" else min(tokens, CPU_MAX_TOKENS)
 
     # ---- running --------------------------------------------------------------------------
-    def run_adaptive(self, batch: UnitBatch, blocks: list[list[int]], sum_weights: torch.Tensor,
-                     max_tokens: int, max_retained_bytes: int,
+    def run_adaptive(self, batch: UnitBatch, reductions: Reductions, max_tokens: int,
                      on_chunk: Callable[[int], None] | None = None,
-                     on_retry: Callable[[int], None] | None = None, keep_sums: bool = True) -> UnitGradients:
+                     on_retry: Callable[[int], None] | None = None, keep_sums: bool = True,
+                     row_dots: bool = True) -> UnitGradients:
         """`run`, halving the micro-batch's tokens after an out-of-memory error, down to the
         longest sequence."""
         longest = max((len(s) for s in batch.sequences), default=1)
         return halving_on_out_of_memory(
-            lambda tokens: self.run(batch, blocks, sum_weights, tokens, max_retained_bytes, on_chunk, keep_sums),
+            lambda tokens: self.run(batch, reductions, tokens, on_chunk, keep_sums, row_dots),
             max(max_tokens, longest), longest, self.device, on_retry)
 
-    def run(
-        self,
-        batch: UnitBatch,
-        blocks: list[list[int]],
-        sum_weights: torch.Tensor,
-        max_tokens: int = 1 << 14,
-        max_retained_bytes: int = 2 << 30,
-        on_chunk: Callable[[int], None] | None = None,
-        keep_sums: bool = True,
-    ) -> UnitGradients:
-        """One forward and backward per micro-batch; `on_chunk(n_units)` after each."""
-        micro_batches = self.plan(batch, blocks, max_tokens, max_retained_bytes)
-        state = _RunState(self, blocks, sum_weights, micro_batches)
-        handles = self._install(state)
-        try:
-            for index, units in enumerate(micro_batches):
-                state.begin(batch, index)
-                self._forward_backward(batch, units)
-                state.end()
-                if on_chunk is not None:
-                    on_chunk(len(units))
-        finally:
-            for handle in handles:
-                handle.remove()
-        # A NaN or Inf anywhere in a unit's gradient reaches its squared norm, the Gram diagonal.
-        nonfinite = [blocks[b][i] for b, g in enumerate(state.block_gram)
-                     for i in (~torch.isfinite(g.diagonal(dim1=1, dim2=2)).all(0)).nonzero().flatten().tolist()]
-        if nonfinite:
-            raise NonFiniteGradientError(sorted(nonfinite))
-        return self.selected.result(blocks, state.block_gram, state.sums, keep_sums, "hooks", 1,
-                                    max((len(u) for u in micro_batches), default=0))
+    def run(self, batch: UnitBatch, reductions: Reductions, max_tokens: int = 1 << 14,
+            on_chunk: Callable[[int], None] | None = None, keep_sums: bool = True,
+            row_dots: bool = True) -> UnitGradients:
+        """Pass 1 (prompt Grams and sums), then with `row_dots` pass 2; `on_chunk(n_units)` after
+        each micro-batch of each pass."""
+        micro_batches = self.plan(batch, reductions.prompts, max_tokens)
+        totals = StreamingReductions(self.selected, reductions, self.sums_device)
+        passes = ["sums", "row_dots"] if row_dots else ["sums"]
+        for mode in passes:
+            state = _PassState(self, totals, mode)
+            handles = self._install(state)
+            try:
+                for prompt_ids in micro_batches:
+                    state.begin(batch, prompt_ids)
+                    self._forward_backward(batch, state.units)
+                    state.end()
+                    if on_chunk is not None:
+                        on_chunk(len(state.units))
+            finally:
+                for handle in handles:
+                    handle.remove()
+            if mode == "sums" and (bad := totals.nonfinite_units()):
+                raise NonFiniteGradientError(bad)
+        largest = max((len(p) * reductions.units_per_prompt for p in micro_batches), default=0)
+        return totals.result(keep_sums, row_dots, "hooks", len(passes), largest)
 
     def _forward_backward(self, batch: UnitBatch, units: list[int]) -> None:
         """sum_j coef_j log pi(x_j | x_<j) over the micro-batch's sequences, and its backward.
@@ -209,7 +182,7 @@ class HookedEngine:
             if loss.requires_grad:
                 loss.backward()
 
-    def _install(self, state: _RunState) -> list[torch.utils.hooks.RemovableHandle]:
+    def _install(self, state: _PassState) -> list[torch.utils.hooks.RemovableHandle]:
         handles = []
         for owner in self.owners:
             module = owner.module
@@ -219,49 +192,12 @@ class HookedEngine:
         return handles
 
 
-class _Packer:
-    """Greedy packing of units into micro-batches of at most `max_tokens` padded tokens."""
-
-    def __init__(self, batch: UnitBatch, max_tokens: int, unit_cap: int) -> None:
-        self.batch, self.max_tokens, self.unit_cap = batch, max_tokens, unit_cap
-        self.micro_batches: list[list[int]] = []
-        self.current: list[int] = []
-        self.rows = self.length = 0
-
-    def _shape(self, units: list[int]) -> tuple[int, int]:
-        seqs = [s for u in units for s in self.batch.units[u]]
-        return len(seqs), max(len(self.batch.sequences[s]) for s in seqs)
-
-    def fits_alone(self, units: list[int]) -> bool:
-        rows, length = self._shape(units)
-        return len(units) <= self.unit_cap and rows * length <= self.max_tokens
-
-    def fits(self, units: list[int]) -> bool:
-        """Whether `units` fit in the open micro-batch (always, when it is empty)."""
-        if not self.current:
-            return True
-        rows, length = self._shape(units)
-        return (len(self.current) + len(units) <= self.unit_cap
-                and (self.rows + rows) * max(self.length, length) <= self.max_tokens)
-
-    def add(self, unit: int) -> None:
-        rows, length = self._shape([unit])
-        self.current.append(unit)
-        self.rows, self.length = self.rows + rows, max(self.length, length)
-
-    def close(self) -> None:
-        if self.current:
-            self.micro_batches.append(self.current)
-        self.current, self.rows, self.length = [], 0, 0
-
-
 class _BufferPool:
     """Per-unit output buffers reused across layers and micro-batches (fresh large allocations are
     page-faulted in on the CPU and cost as much as the matmul that fills them). Holds no reference
     to the run's state, so nothing keeps a finished run's memory alive."""
 
-    def __init__(self, max_units: int) -> None:
-        self.max_units = max_units
+    def __init__(self) -> None:
         self.free: dict[tuple, list[torch.Tensor]] = {}
         self.lent: dict[int, tuple[tuple, torch.Tensor]] = {}
 
@@ -269,7 +205,12 @@ class _BufferPool:
         """A [shape[0], ...] view of a pooled buffer, lent until `give_back`."""
         key = (tuple(shape[1:]), dtype, device)
         free = self.free.setdefault(key, [])
-        base = free.pop() if free else torch.empty((self.max_units, *shape[1:]), dtype=dtype, device=device)
+        fitting = [b for b in free if b.shape[0] >= shape[0]]
+        if fitting:
+            base = fitting[0]
+            free.remove(base)
+        else:
+            base = torch.empty(shape, dtype=dtype, device=device)
         self.lent[base.data_ptr()] = (key, base)
         return base[: shape[0]]
 
@@ -279,54 +220,34 @@ class _BufferPool:
             self.free[lent[0]].append(lent[1])
 
 
-class _RunState:
-    """What one run accumulates, and the hooks' per-micro-batch bookkeeping."""
+class _PassState:
+    """One pass over the micro-batches: the hooks' bookkeeping, feeding `StreamingReductions`.
 
-    def __init__(self, engine: HookedEngine, blocks: list[list[int]], sum_weights: torch.Tensor,
-                 micro_batches: list[list[int]]) -> None:
-        self.engine = engine
-        self.blocks = blocks
-        self.micro_batches = micro_batches
-        device, dtype = engine.device, engine.dtype
-        self.weights = sum_weights.to(device, dtype)
-        self.sums = {n: torch.zeros((sum_weights.shape[0], *engine.selected.shapes[n]), dtype=dtype, device=device)
-                     for n in engine.names}
-        self.block_gram = [torch.zeros((len(engine.selected.groups), len(b), len(b)), dtype=torch.float64, device=device)
-                           for b in blocks]
-        self.unit_place = {u: (b, i) for b, members in enumerate(blocks) for i, u in enumerate(members)}
-        last = {}
-        for index, units in enumerate(micro_batches):
-            for u in units:
-                last[self.unit_place[u][0]] = index
-        self.last_micro_batch = last
-        self.retained: dict[str, dict[int, list[tuple[torch.Tensor, PerUnit]]]] = {}
+    mode "sums": prompt Grams and sums; mode "row_dots": each unit against its task gradient.
+    """
+
+    def __init__(self, engine: HookedEngine, totals: StreamingReductions, mode: str) -> None:
+        self.engine, self.totals, self.mode = engine, totals, mode
+        self.k = totals.k
         self.in_rule = False
-        self.buffers = _BufferPool(max((len(units) for units in micro_batches), default=1))
+        self.buffers = _BufferPool()
+        selected = engine.selected
+        element = torch.finfo(engine.dtype).bits // 8
+        self.unit_bytes = {n: selected.size(n) * element for n in selected.names}
 
-    def begin(self, batch: UnitBatch, index: int) -> None:
-        units = self.micro_batches[index]
-        self.units = units
-        row_unit, unit_rows, row = [], [], 0
-        for local, u in enumerate(units):
-            unit_rows.append((row, row + len(batch.units[u])))
-            row_unit += [local] * len(batch.units[u])
+    def begin(self, batch: UnitBatch, prompt_ids: list[int]) -> None:
+        self.prompt_ids = prompt_ids
+        self.units = [u for p in prompt_ids for u in self.totals.reductions.prompts[p]]
+        self.unit_rows, self.row_unit, row = [], [], 0
+        for local, u in enumerate(self.units):
+            self.unit_rows.append((row, row + len(batch.units[u])))
+            self.row_unit += [local] * len(batch.units[u])
             row += len(batch.units[u])
-        self.layout = MicroBatchUnits(torch.tensor(row_unit, device=self.engine.device), unit_rows,
-                                      self.buffers.allocate)
-        self.slices: list[_BlockSlice] = []
-        for b in dict.fromkeys(self.unit_place[u][0] for u in units):
-            local = [i for i, u in enumerate(units) if self.unit_place[u][0] == b]
-            positions = [self.unit_place[units[i]][1] for i in local]
-            self.slices.append(_BlockSlice(b, local[0], local[-1] + 1,
-                                           torch.tensor(positions, device=self.engine.device),
-                                           self.last_micro_batch[b] > index,
-                                           positions == list(range(len(self.blocks[b])))))
+        sequences = [batch.sequences[s] for u in self.units for s in batch.units[u]]
+        self.token_rows = torch.unique(torch.tensor([t for s in sequences for t in s], device=self.engine.device))
         self.inputs: dict[int, torch.Tensor] = {}
-        self.pending: dict[str, PerUnit] = {}
+        self.kept: dict[str, list[tuple[int, PerUnit]]] = {}
         self.received = dict.fromkeys(self.engine.names, 0)
-        self.unit_weights = self.weights[:, torch.tensor(units, device=self.engine.device)]
-        # Sums this micro-batch touches (a task's row has no weight on other tasks' units).
-        self.unit_rows_used = (self.unit_weights != 0).any(1).nonzero().flatten().tolist()
 
     def before(self, owner: _Owner, module: torch.nn.Module, args: tuple, kwargs: dict):
         """Forward pre-hook: one tensor input, called once; make it a leaf that needs a gradient
@@ -354,54 +275,62 @@ class _RunState:
         output.register_hook(functools.partial(self.on_output_grad, owner))
         return replaced
 
+    def _chunks(self, owner: _Owner) -> list[tuple[int, int]]:
+        """Local prompt ranges whose per-unit gradients of this owner fit `work_bytes` at once."""
+        per_prompt = self.k * max(self.unit_bytes[n] for n in owner.global_names)
+        step = max(1, self.engine.work_bytes // max(1, per_prompt))
+        n = len(self.prompt_ids)
+        return [(i, min(n, i + step)) for i in range(0, n, step)]
+
     def on_output_grad(self, owner: _Owner, grad: torch.Tensor) -> None:
         x = self.inputs.pop(id(owner.module))
-        self.in_rule = True
-        try:
-            parts = owner.rule(owner.module, owner.local_names, x, grad, self.layout, self.engine.dtype)
-        finally:
-            self.in_rule = False
-        for local, name in zip(owner.local_names, owner.global_names):
-            part = parts[local]
-            self.pending[name] = part if name not in self.pending else \
-                self.pending[name].plus(part, self.engine.selected.shapes[name])
+        for first, last in self._chunks(owner):
+            row_start, row_end = self.unit_rows[first * self.k][0], self.unit_rows[last * self.k - 1][1]
+            local_units = range(first * self.k, last * self.k)
+            units = MicroBatchUnits(
+                torch.tensor(self.row_unit[row_start:row_end], device=x.device) - first * self.k,
+                [(self.unit_rows[u][0] - row_start, self.unit_rows[u][1] - row_start) for u in local_units],
+                self.buffers.allocate)
+            self.in_rule = True
+            try:
+                parts = owner.rule(owner.module, owner.local_names, x[row_start:row_end], grad[row_start:row_end],
+                                   units, self.engine.dtype)
+            finally:
+                self.in_rule = False
+            for local, name in zip(owner.local_names, owner.global_names):
+                self._reduce(name, first, parts[local], last_use=self.received[name] + 1 == self.engine.n_uses[name])
+                self.buffers.give_back(parts[local].values)
+        for name in owner.global_names:
             self.received[name] += 1
-            if self.received[name] == self.engine.n_uses[name]:
-                self.reduce(name, self.pending.pop(name))
+
+    def _reduce(self, name: str, first: int, part: PerUnit, last_use: bool) -> None:
+        """Add one use's per-unit gradients of a few prompts (local prompts first, first + 1, ...)."""
+        prompt_ids = self.prompt_ids[first:first + part.values.shape[0] // self.k]
+        if self.mode == "row_dots":
+            self.totals.add_row_dots(name, prompt_ids, part)
+            return
+        self.totals.add_gram(name, prompt_ids, part)
+        self.totals.add_sums(name, prompt_ids, part)
+        if self.engine.n_uses[name] == 1:
+            return
+        for kept_first, kept in self.kept.get(name, []):
+            self._add_cross(name, first, part, kept_first, kept)
+        if not last_use:
+            keep = restricted(part, self.token_rows) if name in self.engine.sparse_names else PerUnit(
+                part.values.clone(), part.rows)
+            self.kept.setdefault(name, []).append((first, keep))
+
+    def _add_cross(self, name: str, first: int, part: PerUnit, kept_first: int, kept: PerUnit) -> None:
+        """Cross terms between two uses of a tied parameter over the prompts both cover."""
+        k = self.k
+        start = max(first, kept_first)
+        end = min(first + part.values.shape[0] // k, kept_first + kept.values.shape[0] // k)
+        if start >= end:
+            return
+        mine = PerUnit(part.values[(start - first) * k:(end - first) * k], part.rows)
+        theirs = PerUnit(kept.values[(start - kept_first) * k:(end - kept_first) * k], kept.rows)
+        self.totals.add_gram(name, self.prompt_ids[start:end], mine, other=theirs)
 
     def end(self) -> None:
-        """After backward: reduce what is still pending (a use whose output got no gradient)."""
-        for name in list(self.pending):
-            self.reduce(name, self.pending.pop(name))
         self.inputs.clear()
-        for piece in self.slices:
-            if not piece.continues:
-                for kept in self.retained.values():
-                    kept.pop(piece.block, None)
-
-    def reduce(self, name: str, part: PerUnit) -> None:
-        """Add a parameter's per-unit gradients to the block Grams and the sums, then drop them."""
-        group = self.engine.selected.group_of[name]
-        total, rows = self.sums[name], self.unit_rows_used
-        if len(rows) == total.shape[0]:
-            add_weighted(total, self.unit_weights, part)
-        else:
-            for r in rows:
-                add_weighted(total[r : r + 1], self.unit_weights[r : r + 1], part)
-        for piece in self.slices:
-            mine = PerUnit(part.values[piece.start : piece.end], part.rows)
-            inner = gram(mine, mine).to(torch.float64)
-            target = self.block_gram[piece.block][group]
-            p = piece.positions
-            if piece.whole:
-                target += inner
-            else:
-                target[p[:, None], p[None, :]] += inner
-            for q, earlier in self.retained.get(name, {}).get(piece.block, []):
-                cross = gram(mine, earlier).to(torch.float64)
-                target[p[:, None], q[None, :]] += cross
-                target[q[:, None], p[None, :]] += cross.T
-            if piece.continues:
-                kept = PerUnit(mine.values.clone(), mine.rows)
-                self.retained.setdefault(name, {}).setdefault(piece.block, []).append((p, kept))
-        self.buffers.give_back(part.values)
+        self.kept.clear()

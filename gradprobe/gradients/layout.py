@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from gradprobe.errors import UserInputError
-from gradprobe.gradients.engine import UnitBatch
+from gradprobe.gradients.engine import Reductions, UnitBatch
 from gradprobe.objective import Aggregation
 from gradprobe.rollouts import Rollout
 from gradprobe.scoring import group_indices
@@ -49,22 +49,27 @@ class UnitLayout:
         matrix[torch.as_tensor(self.unit_prompt), torch.arange(len(self.unit_prompt))] = 1.0
         return matrix
 
-    def task_units(self) -> list[list[int]]:
-        """Each task's units in unit order: the engines' blocks (every pair within one is needed)."""
-        unit_task = self.prompt_task[self.unit_prompt]
-        return [np.flatnonzero(unit_task == t).tolist() for t in range(len(self.tasks))]
+    @property
+    def unit_task(self) -> np.ndarray:
+        return self.prompt_task[self.unit_prompt]
 
-    def block_coefficients(self, task: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """For the task's block of units: [m, n] summing units into its prompts' u_p, and the
-        [n] vectors giving g_t+ and g_t- (1/m on the units of that advantage sign)."""
-        units = np.flatnonzero(self.prompt_task[self.unit_prompt] == task)
-        prompts = np.flatnonzero(self.prompt_task == task)
-        local = np.searchsorted(prompts, self.unit_prompt[units])
-        to_prompts = torch.zeros((len(prompts), len(units)), dtype=torch.float64)
-        to_prompts[torch.as_tensor(local), torch.arange(len(units))] = 1.0
-        sign = torch.as_tensor(self.unit_sign[units])
-        m = float(len(prompts))
-        return to_prompts, (sign == POSITIVE).double() / m, (sign == NEGATIVE).double() / m
+    def prompt_units(self) -> list[list[int]]:
+        """Each prompt's units, positive then negative (`build_units` makes them in that order)."""
+        return [np.flatnonzero(self.unit_prompt == p).tolist() for p in range(len(self.prompt_keys))]
+
+    def reductions(self) -> Reductions:
+        """What the engines compute for a scan: each prompt's Gram of its sign units; the sums
+        g_t+ and g_t- (rows 2t and 2t+1, `sign_sum_rows`); each unit's dot with its task's g_t."""
+        n_tasks = len(self.tasks)
+        targets = torch.zeros((n_tasks, 2 * n_tasks), dtype=torch.float64)
+        for t in range(n_tasks):
+            targets[t, 2 * t] = targets[t, 2 * t + 1] = 1.0
+        return Reductions(self.prompt_units(), self.sign_sum_matrix(), targets, self.unit_task.tolist())
+
+    def sign_sum_matrix(self) -> torch.Tensor:
+        """[2T, U]: rows 2t and 2t+1 give g_t+ and g_t- (1/m_t on the task's units of that sign)."""
+        positive, negative = self.task_matrix(POSITIVE), self.task_matrix(NEGATIVE)
+        return torch.stack([positive, negative], 1).reshape(2 * len(self.tasks), -1)
 
     def task_matrix(self, sign: int | None = None) -> torch.Tensor:
         """[T, U]: row t gives g_t = (1/m_t) sum_p u_p, or its part from one advantage sign."""

@@ -1,10 +1,9 @@
-"""The gradient stage's engine choice: hooks when the model allows, else vmap.
+"""The gradient stage's engine choice: the streaming hooks engine where the model allows, else vmap.
 
-Both engines return the same `UnitGradients` (Grams within each task, task-gradient sums) to
-rounding. `hooks` runs one forward and backward per micro-batch, as a training step does; `vmap`
-differentiates each unit by itself and is what remains when hooks cannot be used: activation
-checkpointing, a module the hook rules do not cover, or a task whose unit gradients must be
-recomputed because they cannot all be kept in memory.
+Both engines stream the same reductions (`engine.StreamingReductions`), so they return the same
+`UnitGradients` to rounding, with memory flat in the number of prompts. `hooks` runs one forward
+and backward per micro-batch, as a training step does; `vmap` differentiates each unit by itself
+and serves what hooks cannot: activation checkpointing, and modules the hook rules do not cover.
 """
 
 from __future__ import annotations
@@ -14,14 +13,15 @@ from dataclasses import dataclass
 
 import torch
 
-from gradprobe.gradients.engine import GradientEngine, UnitBatch, UnitGradients
-from gradprobe.gradients.hooked import HookedEngine, NeedsRecomputation, UnsupportedModel
+from gradprobe.gradients.engine import UnitBatch, UnitGradients
+from gradprobe.gradients.hooked import HookedEngine, UnsupportedModel
 from gradprobe.gradients.layout import UnitLayout
+from gradprobe.gradients.vmap_engine import GradientEngine
 
 ENGINES = {
-    "auto": "hooks when the model and memory allow, else vmap",
+    "auto": "hooks when the model allows, else vmap",
     "hooks": "one forward and backward per micro-batch with per-module hooks (fastest)",
-    "vmap": "torch.func vmap(grad) per unit (any model; recomputes when memory is short)",
+    "vmap": "torch.func vmap(grad) per unit (any model; activation checkpointing)",
 }
 
 
@@ -38,6 +38,9 @@ class StageSettings:
     chunk_size: int | None = None
     """Units per vmapped call (vmap engine); planned from memory when None."""
     accumulate_dtype: torch.dtype = torch.float32
+    intervals: str = "exact"
+    sums_device: str | None = None
+    """Where the task sums live: None for the model's device, "cpu" for host memory."""
 
 
 def run_gradient_stage(
@@ -50,26 +53,26 @@ def run_gradient_stage(
     on_chunk: Callable[[int], None] | None = None,
     keep_sums: bool = True,
 ) -> tuple[UnitGradients, str | None]:
-    """Per-task Grams and task sums of the selected parameters; also why vmap was used, if it
-    was used under `auto`. Raises EngineUnavailable when `hooks` was required and cannot run."""
-    blocks, sums = layout.task_units(), layout.task_matrix()
+    """Prompt Grams, task sign sums and (exact intervals) row dots of the selected parameters;
+    also why vmap was used, if it was used under `auto`. Raises EngineUnavailable when `hooks`
+    was required and cannot run."""
+    reductions = layout.reductions()
+    row_dots = settings.intervals == "exact"
     fallback = None
     if settings.engine != "vmap":
         try:
             if settings.checkpoint_activations:
                 raise UnsupportedModel("activation checkpointing runs on the vmap engine")
             engine = HookedEngine(model, param_names, settings.temperature, settings.accumulate_dtype,
-                                  settings.pad_token_id)
-            # run() plans first and raises NeedsRecomputation before any work when the plan cannot fit.
-            return engine.run_adaptive(batch, blocks, sums, engine.default_max_tokens(max_memory),
-                                       max_memory // 3, on_chunk, keep_sums=keep_sums), None
-        except (UnsupportedModel, NeedsRecomputation) as exc:
+                                  settings.pad_token_id, settings.sums_device)
+            return engine.run_adaptive(batch, reductions, engine.default_max_tokens(max_memory), on_chunk,
+                                       keep_sums=keep_sums, row_dots=row_dots), None
+        except UnsupportedModel as exc:
             if settings.engine == "hooks":
                 raise EngineUnavailable(str(exc)) from None
             fallback = str(exc)
     engine = GradientEngine(model, param_names, settings.temperature, settings.accumulate_dtype,
                             settings.pad_token_id, settings.checkpoint_activations)
     chunk_size = settings.chunk_size or engine.plan_chunk_size(batch, max_memory)
-    result = engine.run_adaptive(batch, blocks, sums, chunk_size, max_memory // 3, on_chunk,
-                                 keep_sums=keep_sums)
+    result = engine.run_adaptive(batch, reductions, chunk_size, on_chunk, keep_sums=keep_sums, row_dots=row_dots)
     return result, fallback

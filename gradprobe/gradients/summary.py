@@ -1,7 +1,7 @@
 """The gradient stage's plain-data result: per-task, per-prompt and per-module figures.
 
-Turns the engine's unit Gram matrices into every "Task gradients" quantity of metrics.md, with
-the estimator formulas in `estimators`.
+Turns the engine's streaming reductions (prompt Grams of sign units, sign-sum dots, row dots)
+into every "Task gradients" quantity of docs/metrics.md, with the formulas in `estimators`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,19 @@ from gradprobe.gradients import estimators as est
 from gradprobe.gradients.engine import UnitGradients
 from gradprobe.gradients.layout import UnitLayout
 
-CI_METHOD = "delete-one-prompt jackknife, normal 95% interval"
+CI_METHOD = "delete-one-prompt jackknife from exact row sums, normal 95% interval"
+
+
+@dataclass
+class TaskPrompts:
+    """One task's per-prompt moments over a parameter set (docs/metrics.md): with S = sum_p u_p,
+    ||S||^2, each ||u_p||^2 (and its sign parts), and the row sums r_p = <u_p, S> when known."""
+
+    sum_sq: float
+    unit_sq: torch.Tensor
+    pos_sq: torch.Tensor
+    neg_sq: torch.Tensor
+    row_sums: torch.Tensor | None
 
 
 @dataclass
@@ -28,7 +40,7 @@ class GradientSummary:
     cosine_unbiased: list[list[float | None]]
     mixed: dict[str, float]
     prompt_grad_norm: np.ndarray
-    prompt_gram: dict[str, np.ndarray]
+    prompt_moments: dict[str, TaskPrompts]
     modules: dict[str, dict[str, Any]]
 
 
@@ -41,45 +53,71 @@ def _matrix(values: torch.Tensor) -> list[list[float | None]]:
     return [[_finite(v) for v in row] for row in values.tolist()]
 
 
-def _core_figures(block_grams: list[torch.Tensor], task_dots: torch.Tensor,
-                  parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> dict[str, Any]:
-    """Norms, U-statistics and per-prompt Grams from one parameter set's (total or one module
-    group's) within-task unit Grams and task-gradient dot products; `parts` are the tasks'
-    `layout.block_coefficients`."""
-    blocks = [est.dot_matrix(g, to_prompts) for g, (to_prompts, _, _) in zip(block_grams, parts)]
+def _sign_to_task(n_tasks: int) -> torch.Tensor:
+    """[T, 2T]: g_t = g_t+ + g_t- from the sign sums' rows 2t, 2t+1."""
+    combine = torch.zeros((n_tasks, 2 * n_tasks), dtype=torch.float64)
+    for t in range(n_tasks):
+        combine[t, 2 * t] = combine[t, 2 * t + 1] = 1.0
+    return combine
+
+
+def _core_figures(prompt_gram: torch.Tensor, sign_dots: torch.Tensor, row_dots: torch.Tensor | None,
+                  layout: UnitLayout) -> dict[str, Any]:
+    """Norms, U-statistics and per-prompt moments of one parameter set (all selected parameters,
+    or one module group) from its prompt Grams [P, 2, 2], sign-sum dots [2T, 2T] and row dots."""
+    n_tasks = len(layout.tasks)
+    combine = _sign_to_task(n_tasks)
+    task_dots = combine @ sign_dots @ combine.T
+    unit_sq = prompt_gram.sum((1, 2))
+    prompt_rows = None if row_dots is None else row_dots.view(-1, 2).sum(1)  # <u_p, g_t>
     task_norms = est.norms(task_dots)
+    moments = []
+    for t in range(n_tasks):
+        mine = torch.as_tensor(np.flatnonzero(layout.prompt_task == t))
+        m = len(mine)
+        moments.append(TaskPrompts(
+            sum_sq=float(task_dots[t, t]) * m * m,
+            unit_sq=unit_sq[mine],
+            pos_sq=prompt_gram[mine, 0, 0],
+            neg_sq=prompt_gram[mine, 1, 1],
+            row_sums=None if prompt_rows is None else m * prompt_rows[mine],
+        ))
     return {
         "task_dots": task_dots,
-        "blocks": blocks,
+        "sign_dots": sign_dots,
+        "moments": moments,
+        "unit_sq": unit_sq,
         "grad_sq_norm": task_dots.diagonal(),
         "grad_norm": task_norms,
         "norm_ratio": est.norm_ratios(task_norms),
-        "unbiased": [est.u_statistic(b) for b in blocks],
+        "unbiased": [est.u_statistic(mo.sum_sq, mo.unit_sq) for mo in moments],
     }
 
 
 def summarise_gradients(result: UnitGradients, layout: UnitLayout) -> GradientSummary:
     """Every per-task, per-prompt and per-module gradient figure of a scan.
 
-    `result` must come from an engine run with the tasks as blocks (`layout.task_units()`) and
-    the task matrix as the first rows of its sums (`layout.task_matrix()`).
+    `result` must come from an engine run with `layout.reductions()`.
     """
     n_tasks = len(layout.tasks)
-    parts = [layout.block_coefficients(t) for t in range(n_tasks)]
-    core = _core_figures([result.total(b) for b in range(len(result.blocks))],
-                         result.sum_dots.sum(0)[:n_tasks, :n_tasks], parts)
+    row_dots = None if result.row_dots is None else result.row_dots.sum(0)
+    core = _core_figures(result.total_prompt_gram(), result.sum_dots.sum(0), row_dots, layout)
     weights = torch.as_tensor(layout.task_weights, dtype=torch.float64)
     shares = est.update_shares(core["task_dots"], weights)
+    sign_dots = core["sign_dots"]
     tasks: dict[str, dict[str, Any]] = {}
     for t, name in enumerate(layout.tasks):
-        block = core["blocks"][t]
-        se, _ = est.u_statistic_jackknife(block)
+        moments = core["moments"][t]
         unbiased = core["unbiased"][t]
-        _, pos_coef, neg_coef = parts[t]
-        unit_gram = result.total(t)
-        pos_sq, neg_sq = float(pos_coef @ unit_gram @ pos_coef), float(neg_coef @ unit_gram @ neg_coef)
+        if moments.row_sums is None:
+            se, interval = None, [None, None]
+        else:
+            se = _finite(est.u_statistic_jackknife(moments.sum_sq, moments.unit_sq, moments.row_sums)[0])
+            interval = [None, None] if se is None else [_finite(unbiased - est.Z_95 * se),
+                                                         _finite(unbiased + est.Z_95 * se)]
+        pos_sq, neg_sq = float(sign_dots[2 * t, 2 * t]), float(sign_dots[2 * t + 1, 2 * t + 1])
         pos, neg = max(pos_sq, 0.0) ** 0.5, max(neg_sq, 0.0) ** 0.5
-        pos_neg = float(pos_coef @ unit_gram @ neg_coef)
+        pos_neg = float(sign_dots[2 * t, 2 * t + 1])
         tasks[name] = {
             "grad_norm": _finite(core["grad_norm"][t]),
             "grad_sq_norm": _finite(core["grad_sq_norm"][t]),
@@ -87,10 +125,10 @@ def summarise_gradients(result: UnitGradients, layout: UnitLayout) -> GradientSu
             "share": _finite(shares[t]),
             "mix_weight": float(weights[t]),
             "grad_sq_norm_unbiased": _finite(unbiased),
-            "grad_sq_norm_unbiased_se": _finite(se),
-            "grad_sq_norm_unbiased_ci": [_finite(unbiased - est.Z_95 * se), _finite(unbiased + est.Z_95 * se)],
-            "noise_trace": _finite(est.noise_trace(block)),
-            "noise_scale": _finite(est.noise_scale(block)),
+            "grad_sq_norm_unbiased_se": se,
+            "grad_sq_norm_unbiased_ci": interval,
+            "noise_trace": _finite(est.noise_trace(moments.sum_sq, moments.unit_sq)),
+            "noise_scale": _finite(est.noise_scale(moments.sum_sq, moments.unit_sq)),
             "pos_grad_norm": pos,
             "neg_grad_norm": neg,
             "pos_neg_ratio": _finite(pos / neg) if neg > 0 else None,
@@ -109,9 +147,9 @@ def summarise_gradients(result: UnitGradients, layout: UnitLayout) -> GradientSu
         cosine=_matrix(est.cosine_matrix(core["task_dots"])),
         cosine_unbiased=_matrix(corrected),
         mixed={"grad_norm": float(np.sqrt(max(mixed_sq, 0.0))), "grad_sq_norm": mixed_sq},
-        prompt_grad_norm=torch.cat([est.norms(b) for b in core["blocks"]]).numpy(),
-        prompt_gram={name: core["blocks"][t].numpy() for t, name in enumerate(layout.tasks)},
-        modules=_module_breakdown(result, layout, parts, [_finite(v) for v in core["grad_norm"]]),
+        prompt_grad_norm=core["unit_sq"].clamp_min(0).sqrt().numpy(),
+        prompt_moments={name: core["moments"][t] for t, name in enumerate(layout.tasks)},
+        modules=_module_breakdown(result, layout, [_finite(v) for v in core["grad_norm"]]),
     )
 
 
@@ -135,14 +173,13 @@ def proxy_fidelity(proxy_norms: list[float | None], full_norms: list[float | Non
     return out
 
 
-def _module_breakdown(result: UnitGradients, layout: UnitLayout, parts: list,
+def _module_breakdown(result: UnitGradients, layout: UnitLayout,
                       full_norms: list[float | None]) -> dict[str, dict[str, Any]]:
     """Per module group: its size, each task's norms restricted to it, and its proxy fidelity."""
     out = {}
-    n_tasks = len(layout.tasks)
     for g, group in enumerate(result.groups):
-        core = _core_figures([gram[g] for gram in result.block_gram],
-                             result.sum_dots[g, :n_tasks, :n_tasks], parts)
+        row_dots = None if result.row_dots is None else result.row_dots[g]
+        core = _core_figures(result.prompt_gram[g], result.sum_dots[g], row_dots, layout)
         out[group] = {
             "n_parameters": result.group_sizes[g],
             "proxy_fidelity": proxy_fidelity([_finite(v) for v in core["grad_norm"]], full_norms),

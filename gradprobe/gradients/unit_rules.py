@@ -75,19 +75,33 @@ class PerUnit:
         return PerUnit(self.dense(shape)).plus(other, shape)
 
 
-def gram(a: PerUnit, b: PerUnit) -> torch.Tensor:
-    """[units of a, units of b]: inner products of the per-unit gradients of one parameter."""
+def _aligned(a: PerUnit, b: PerUnit) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both parts' values over the rows they share (all rows when both are dense)."""
     if a.rows is not None and b.rows is not None:
         # torch.unique sorts, so the shared rows come in the same order on both sides.
-        a_values = a.values[:, torch.isin(a.rows, b.rows)]
-        b_values = b.values[:, torch.isin(b.rows, a.rows)]
-    elif a.rows is not None:
-        a_values, b_values = a.values, b.values[:, a.rows]
-    elif b.rows is not None:
-        a_values, b_values = a.values[:, b.rows], b.values
-    else:
-        a_values, b_values = a.values, b.values
-    return a_values.reshape(a_values.shape[0], -1) @ b_values.reshape(b_values.shape[0], -1).T
+        return a.values[:, torch.isin(a.rows, b.rows)], b.values[:, torch.isin(b.rows, a.rows)]
+    if a.rows is not None:
+        return a.values, b.values[:, a.rows]
+    if b.rows is not None:
+        return a.values[:, b.rows], b.values
+    return a.values, b.values
+
+
+def prompt_products(a: PerUnit, b: PerUnit, k: int) -> torch.Tensor:
+    """[prompts, k, k]: <a_i, b_j> for units i, j of the same prompt, the units coming k per
+    prompt in order (a batched matmul: no pair across prompts is formed)."""
+    a_values, b_values = _aligned(a, b)
+    n = a_values.shape[0] // k
+    return torch.bmm(a_values.reshape(n, k, -1), b_values.reshape(n, k, -1).transpose(1, 2))
+
+
+def restricted(part: PerUnit, rows: torch.Tensor) -> PerUnit:
+    """A copy of the part's values at `rows` only (sorted, unique): what a tied parameter's
+    other, sparse use can meet."""
+    if part.rows is None:
+        return PerUnit(part.values[:, rows].clone(), rows)
+    keep = torch.isin(part.rows, rows)
+    return PerUnit(part.values[:, keep].clone(), part.rows[keep])
 
 
 def add_weighted(total: torch.Tensor, weights: torch.Tensor, part: PerUnit) -> None:
