@@ -407,9 +407,9 @@ def _gib_bytes(gib: float, flag: str) -> int:
 
 def _host_memory_bytes(gib: Optional[float]) -> int:
     """--host-memory in bytes; by default this machine's physical memory."""
-    if gib is not None:
-        return _gib_bytes(gib, "--host-memory")
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    from gradprobe.gradients.plan import physical_host_memory
+
+    return physical_host_memory() if gib is None else _gib_bytes(gib, "--host-memory")
 
 
 def _model_config(spec: str):

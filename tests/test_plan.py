@@ -236,6 +236,11 @@ def test_checkpointing_devices_and_the_cpu_cap():
     assert two.buffers["task sign sums"].bytes == math.ceil(one.buffers["task sign sums"].bytes / 2)
     assert one.micro_batch_prompts == 128 and two.micro_batch_prompts == 64  # the prompts each device gets
     assert two.micro_batches == one.micro_batches == 1
+    hosted = planned.plan(rollout, replace(settings, device_kind="cuda", devices=2, sums="host", intervals="sketch"))
+    shards = {name: hosted.buffers[name].bytes for name in ("task sign sums", "unit sketches", "per-unit scalars")}
+    assert shards["unit sketches"] == 128 * 7 * 1024 * 8  # each device sketches its 128 of the 256 units
+    assert hosted.host_peak_bytes == 2 * shards["task sign sums"] + 2 * shards["unit sketches"] + shards["per-unit scalars"]
+    assert planned.plan(rollout, replace(settings, sums="host")).sums_location == "device"  # on CPU, host is the device
 
 
 # ----------------------------------------------------------------------------- against autograd

@@ -39,6 +39,9 @@ TOKEN_ID = 8  # int64
 MAX_DEVICES_ADVISED = 64
 SUBSET_PRESETS = ("mlp", "attention", "last-block")
 
+# Buffers each device holds its own share of: on the host, all devices' shares add up.
+PER_DEVICE = frozenset({"task sign sums", "unit sketches"})
+
 Where = Literal["device", "host"]
 INTERVALS = ("exact", "sketch", "none")
 SUMS = ("auto", "device", "host")
@@ -46,10 +49,17 @@ DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, 
                "float64": 8}
 
 
+def physical_host_memory() -> int:
+    """This machine's physical memory in bytes (the default --host-memory)."""
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def dtype_bytes(dtype: str | torch.dtype) -> int:
     """Bytes per element of a model dtype given by name (bfloat16, float32, ...) or torch dtype."""
     if isinstance(dtype, torch.dtype):
-        return torch.empty((), dtype=dtype).element_size()
+        return dtype.itemsize
     if dtype not in DTYPE_BYTES:
         raise UserInputError(f"--dtype {dtype!r}: choose bfloat16, float16 or float32")
     return DTYPE_BYTES[dtype]
@@ -73,7 +83,10 @@ class Architecture:
 
     @classmethod
     def of(cls, config: Any) -> "Architecture":
-        """From a PretrainedConfig; a missing intermediate_size means 4 x hidden (GPT-2 style)."""
+        """From a PretrainedConfig; a missing intermediate_size means 4 x hidden (GPT-2 style).
+
+    The activation formulas are derived for Llama/Qwen2-style decoders; for other decoders
+    (LayerNorm, GELU MLP) they are an estimate of the same order, not a derivation."""
         missing = [key for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
                    if getattr(config, key, None) is None]
         if missing:
@@ -497,9 +510,10 @@ def _fixed_buffers(shape: ModelShape, selected: Sequence[str], rollout: RolloutS
         buffers["task gradient (exact pass)"] = Buffer(largest * FLOAT32, "device",
                                                        f"largest selected layer, {largest:,} x 4 B")
     if settings.intervals == "sketch":
+        units = math.ceil(rollout.units / n)
         buffers["unit sketches"] = Buffer(
-            sketch_bytes(rollout.units, groups, settings.sketch_dim), sums_where,
-            f"{rollout.units} units x {groups} groups x k={settings.sketch_dim} x 8 B")
+            sketch_bytes(units, groups, settings.sketch_dim), sums_where,
+            f"{units} units x {groups} groups x k={settings.sketch_dim} x 8 B")
     buffers["per-unit scalars"] = Buffer(unit_scalar_bytes(rollout.units, groups), "host",
                                          f"{rollout.units} units x {groups} groups x 2 x 8 B")
     return buffers
@@ -540,9 +554,8 @@ def _plan_at(shape: ModelShape, selected: Sequence[str], rollout: RolloutShape, 
         shown * logits, "device",
         f"{prompts_phrase(shown)} x {rollout.completion_tokens:,} positions x {arch.vocab:,} x (b + 12) B")
     peak = fixed + shown * prompt_bytes
-    host_peak = sum(x.bytes for x in buffers.values() if x.where == "host")
-    if sums_where == "host" and settings.devices > 1:  # every device's shard lives on the one host
-        host_peak += buffers["task sign sums"].bytes * (settings.devices - 1)
+    host_peak = sum(x.bytes * (settings.devices if name in PER_DEVICE else 1)
+                    for name, x in buffers.items() if x.where == "host")
     host_fits = host_peak <= settings.host_memory * (1 - SAFETY_MARGIN)
     steps = math.ceil(rollout.prompts / (shown * settings.devices))
     return ScanPlan(
@@ -561,7 +574,9 @@ def _plan_without_advice(shape: ModelShape, selected: Sequence[str], rollout: Ro
     """`--sums auto`: on the device when the scan fits so, else in host memory when that fits;
     failing both, where it comes closer (host when the host can hold them). On CPU the device is
     the host: sums stay put."""
-    if settings.sums != "auto" or settings.device_kind == "cpu":
+    if settings.device_kind == "cpu":
+        return _plan_at(shape, selected, rollout, settings, "device")
+    if settings.sums != "auto":
         return _plan_at(shape, selected, rollout, settings, "host" if settings.sums == "host" else "device")
     on_device = _plan_at(shape, selected, rollout, settings, "device")
     if on_device.fits:
@@ -672,17 +687,19 @@ def subset_selections(model: torch.nn.Module) -> dict[str, list[str]]:
 
 
 def plan_for_model(model: torch.nn.Module, param_names: Sequence[str], rollout: RolloutShape,
-                   device_memory: int, host_memory: int, *, devices: int = 1, intervals: str = "exact",
+                   device_memory: int, host_memory: int | None = None, *, devices: int = 1, intervals: str = "exact",
                    checkpoint_activations: bool = False, sums: str = "auto",
                    sketch_dim: int = DEFAULT_SKETCH_DIM) -> ScanPlan:
     """The plan of scanning `param_names` of a loaded (or meta) `model` over `rollout`.
 
     The dtype and the device kind are the model's (CPU caps micro-batches at 4096 padded tokens);
-    build `rollout` from the real lengths with `RolloutShape.from_lengths`. Memory in bytes.
+    build `rollout` from the real lengths with `RolloutShape.from_lengths`. Memory in bytes;
+    `host_memory` defaults to this machine's. On CPU the sums stay in (host) memory.
     """
     first = next(model.parameters())
     settings = PlanSettings(
-        dtype_bytes=first.element_size(), device_memory=device_memory, host_memory=host_memory,
+        dtype_bytes=first.element_size(), device_memory=device_memory,
+        host_memory=physical_host_memory() if host_memory is None else host_memory,
         devices=devices, intervals=intervals, checkpoint_activations=checkpoint_activations, sums=sums,
         device_kind="cpu" if first.device.type == "cpu" else "cuda", sketch_dim=sketch_dim)
     return plan_scan(ModelShape.of(model), list(param_names), rollout, settings, subset_selections(model))
