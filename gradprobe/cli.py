@@ -1,6 +1,6 @@
 """The gradprobe command line: parses flags, calls the pipeline, maps errors to exit codes.
 
-Exit codes: 0 success, 1 a --fail-on alert fired, 2 bad input (one line on stderr, no traceback).
+Exit codes: 0 success, 1 a --fail-on alert fired (plan: the scan does not fit), 2 bad input (one line on stderr, no traceback).
 """
 
 from __future__ import annotations
