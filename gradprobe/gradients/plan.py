@@ -591,12 +591,13 @@ def plan_scan(shape: ModelShape, selected: Sequence[str], rollout: RolloutShape,
     """The plan of a scan of `selected` parameters of `shape` over `rollout`, under `settings`.
 
     `shape` comes from `ModelShape.of(model)` (a loaded or a meta-device model), `selected` are
-    parameter names as `select_parameters` returns them. Peak per device = its fixed buffers + micro_batch_prompts x (activations + head logits of one
-    prompt), the micro-batch holding as many whole prompts as fit in (1 - 10%) of the device's
-    memory after the fixed buffers. It fits when one prompt does and host memory holds what lives
-    there. When it does not, `advice` plans the options: host-resident sums, --checkpoint-activations,
-    both, the fewest --devices that fit, and each `subsets` entry (a --params preset -> its names)
-    that selects fewer parameters; when none of these fits, each subset with checkpointing too.
+    parameter names as `select_parameters` returns them. Peak per device = its fixed buffers +
+    micro_batch_prompts x (activations + head logits of one prompt), the micro-batch holding as
+    many whole prompts as fit in (1 - 10%) of the device's memory after the fixed buffers. It fits
+    when one prompt does and host memory holds what lives there. When it does not, `advice` plans
+    the options: host-resident sums, --checkpoint-activations, both, the fewest --devices that
+    fit, and each `subsets` entry (a --params preset -> its names) that selects fewer parameters;
+    when none of these fits, each subset with checkpointing too.
     """
     if rollout.sequence_len > (shape.architecture.max_positions or rollout.sequence_len):
         raise UserInputError(
