@@ -172,8 +172,14 @@ def scan(config: ScanConfig, progress: Progress | None = None) -> ScanResult:
         loaded = load_model(config.model, config.device, config.dtype, config.allow_pickle,
                             config.trust_remote_code, config.adapter)
     model, tokenizer = loaded.model, loaded.tokenizer
+    param_names = select_parameters(model, config.params)
+    budget = int(config.max_memory_gib * 2**30) if config.max_memory_gib else available_memory(next(model.parameters()).device)
+    settings = StageSettings(config.engine, config.temperature, tokenizer.pad_token_id or 0,
+                             config.checkpoint_activations, config.chunk_size, intervals=config.intervals,
+                             sums=config.sums)
     if config.rollouts is None:
         rendered = [render_prompt(tokenizer, p.prompt) for p in prompts]
+        _check_plan_before_sampling(model, param_names, prompts, rendered, tokenizer, config, settings, budget)
         with _timed(timings, "generate_s"), progress.stage("sampling", len(prompts)) as advance:
             rollouts = sample_rollouts(
                 model, tokenizer, prompts, rendered, config.group_size, config.max_new_tokens,
@@ -187,18 +193,13 @@ def scan(config: ScanConfig, progress: Progress | None = None) -> ScanResult:
         _check_rollout_tasks(rollouts)
     rollouts = assign_advantages(rollouts, ADVANTAGES.get(config.advantage))
 
-    param_names = select_parameters(model, config.params)
     batch, layout = build_units(rollouts, LOSSES.get(config.loss), config.max_new_tokens,
                                 None if mix is None else mix.weights)
     all_names = select_parameters(model, ["all"])  # before the engine freezes every parameter
-    settings = StageSettings(config.engine, config.temperature, tokenizer.pad_token_id or 0,
-                             config.checkpoint_activations, config.chunk_size, intervals=config.intervals,
-                             sums_device="cpu" if config.sums == "host" else None)
     passes = 2 if config.intervals == "exact" else 1
     # The engines report whole prompts' units, once per pass.
     active = passes * sum(len(units) for units in layout.prompt_units()
                           if any(batch.is_active(u) for u in units))
-    budget = int(config.max_memory_gib * 2**30) if config.max_memory_gib else available_memory(next(model.parameters()).device)
     with _timed(timings, "gradients_s"), progress.stage("gradients", active) as advance:
         result, fallback = _gradients(model, param_names, batch, layout, settings, budget, advance)
     summary = summarise_gradients(result, layout)
@@ -292,6 +293,25 @@ def run_statistics(rows: list[dict[str, Any]], prompt_gram: dict[str, np.ndarray
         degenerate=np.array([row["zero_advantage"] for row in rows], dtype=bool),
     )
     return compute_stats(table, prompt_gram, n_bootstrap=n_bootstrap, seed=seed)
+
+
+def _check_plan_before_sampling(model: Any, param_names: list[str], prompts: list[Any], rendered: list[str],
+                                tokenizer: Any, config: ScanConfig, settings: Any, budget: int) -> None:
+    """Plan the gradient stage for the longest completions `--max-new-tokens` allows before any
+    sampling: a scan that cannot fit exits 2 now, not after the rollouts."""
+    from gradprobe.gradients.plan import RolloutShape
+    from gradprobe.gradients.stage import plan_stage
+    from gradprobe.rollouts import encode_prompt
+
+    if config.engine == "vmap" or config.checkpoint_activations or not prompts:
+        return
+    counts: dict[str, int] = {}
+    for p in prompts:
+        counts[p.task] = counts.get(p.task, 0) + 1
+    longest = max(len(encode_prompt(tokenizer, p, r)) for p, r in zip(prompts, rendered))
+    shape = RolloutShape(len(counts), max(counts.values()), config.group_size, max(1, longest),
+                         max(1, config.max_new_tokens))
+    plan_stage(model, param_names, shape, settings, budget)
 
 
 def _check_rollout_tasks(rollouts: list[Rollout]) -> None:

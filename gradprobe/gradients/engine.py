@@ -82,7 +82,11 @@ class UnitGradients:
     sums: dict[str, torch.Tensor] | None
     """Per parameter name, [n_sums, *shape] (float32 or the accumulation dtype), when kept."""
     row_dots: torch.Tensor | None
-    """[n_groups, n_units]: <grad_a, target of a> per group; None when intervals are off."""
+    """[n_groups, n_units]: <grad_a, target of a> per group (exact intervals), else None."""
+    sketched_row_dots: torch.Tensor | None = None
+    """[n_units]: <P grad_a, P target of a> over all selected parameters through a count sketch P
+    of `sketch_dim` buckets (sketched intervals), else None."""
+    sketch_dim: int | None = None
     passes: int = 1
     micro_batch: int = 0
     """The most units one forward and backward (or vmapped call) held."""
@@ -272,7 +276,8 @@ class StreamingReductions:
     """
 
     def __init__(self, selected: SelectedParameters, reductions: Reductions,
-                 sums_device: torch.device | None = None) -> None:
+                 sums_device: torch.device | None = None, sketch_dim: int | None = None,
+                 sketch_seed: int = 0) -> None:
         self.selected, self.reductions = selected, reductions
         self.k = reductions.units_per_prompt
         device = selected.device
@@ -289,6 +294,10 @@ class StreamingReductions:
         self.row_dots = torch.zeros((n_groups, reductions.sum_weights.shape[1]), dtype=torch.float64, device=device)
         self.targets = reductions.targets.to(self.sums_device, selected.dtype)
         self.unit_target = torch.as_tensor(reductions.unit_target, device=device)
+        self.sketch_dim, self.sketch_seed = sketch_dim, sketch_seed
+        if sketch_dim is not None:  # bucket sums of each sign, [units, 2 x dim] (projection.add_count_sketch)
+            self.unit_sketch = torch.zeros((reductions.sum_weights.shape[1], 2 * sketch_dim),
+                                           dtype=torch.float64, device=device)
 
     def prompt_units(self, prompt_ids: list[int]) -> torch.Tensor:
         """Global unit indices of these prompts, in order."""
@@ -342,6 +351,28 @@ class StreamingReductions:
             values = part.values[mine].reshape(len(mine), -1)
             self.row_dots[group, units[mine]] += (values @ target.reshape(-1).to(values.dtype)).to(torch.float64)
 
+    def add_sketch(self, name: str, prompt_ids: list[int], part: PerUnit) -> None:
+        """Each unit's count sketch of this parameter's gradient, added to its running sketch
+        (the same buckets and signs as the saved task gradients' projection, docs/engine.md)."""
+        from gradprobe.gradients.projection import add_count_sketch, add_count_sketch_rows
+
+        units = self.prompt_units(prompt_ids)
+        halves = torch.zeros((len(units), 2 * self.sketch_dim), dtype=torch.float64, device=self.selected.device)
+        if part.rows is None:
+            add_count_sketch(part.values, name, self.sketch_seed, halves)
+        else:
+            add_count_sketch_rows(part.values, part.rows, self.selected.shapes[name], name, self.sketch_seed, halves)
+        self.unit_sketch.index_add_(0, units, halves)
+
+    def sketched_row_dots(self) -> torch.Tensor:
+        """[units]: <P grad_a, P t_a>, the target sketches formed from the unit sketches by the
+        same linear maps as the targets from the gradients (P is linear)."""
+        dim = self.sketch_dim
+        sketch = self.unit_sketch[:, :dim] - self.unit_sketch[:, dim:]
+        weights = self.reductions.sum_weights.to(sketch.device, torch.float64)
+        targets = self.reductions.targets.to(sketch.device, torch.float64) @ (weights @ sketch)
+        return (sketch * targets[self.unit_target]).sum(1)
+
     def nonfinite_units(self) -> list[int]:
         """Units whose squared norm (a prompt Gram's diagonal, any group) is NaN or Inf."""
         diagonal = self.prompt_gram.diagonal(dim1=2, dim2=3)  # [groups, prompts, k]
@@ -365,6 +396,8 @@ class StreamingReductions:
             sum_dots=sum_dots,
             sums=self.sums if keep_sums else None,
             row_dots=self.row_dots.cpu() if with_row_dots else None,
+            sketched_row_dots=None if self.sketch_dim is None else self.sketched_row_dots().cpu(),
+            sketch_dim=self.sketch_dim,
             passes=passes,
             micro_batch=micro_batch,
             engine=engine,

@@ -73,6 +73,7 @@ class HookedEngine:
         pad_token_id: int = 0,
         sums_device: torch.device | str | None = None,
         work_bytes: int = DEFAULT_WORK_BYTES,
+        sketch_dim: int | None = None,
     ) -> None:
         self.model = model.eval().requires_grad_(False)
         self.selected = SelectedParameters.of(model, param_names, accumulate_dtype)
@@ -81,6 +82,7 @@ class HookedEngine:
         self.pad_token_id = pad_token_id
         self.sums_device = sums_device
         self.work_bytes = work_bytes
+        self.sketch_dim = sketch_dim
         self.owners, self.n_uses = self._find_owners(dict(model.named_parameters()))
         self.sparse_names = {n for o in self.owners if o.rule is embedding_rule for n in o.global_names}
 
@@ -146,7 +148,7 @@ class HookedEngine:
         """Pass 1 (prompt Grams and sums), then with `row_dots` pass 2; `on_chunk(n_units)` after
         each micro-batch of each pass."""
         micro_batches = self.plan(batch, reductions.prompts, max_tokens)
-        totals = StreamingReductions(self.selected, reductions, self.sums_device)
+        totals = StreamingReductions(self.selected, reductions, self.sums_device, self.sketch_dim)
         passes = ["sums", "row_dots"] if row_dots else ["sums"]
         for mode in passes:
             state = _PassState(self, totals, mode)
@@ -311,6 +313,8 @@ class _PassState:
             return
         self.totals.add_gram(name, prompt_ids, part)
         self.totals.add_sums(name, prompt_ids, part)
+        if self.totals.sketch_dim is not None:
+            self.totals.add_sketch(name, prompt_ids, part)
         if self.engine.n_uses[name] == 1:
             return
         for kept_first, kept in self.kept.get(name, []):

@@ -13,9 +13,12 @@ from dataclasses import dataclass
 
 import torch
 
+from gradprobe.errors import UserInputError
+from gradprobe.gradients import SKETCH_DIM
 from gradprobe.gradients.engine import UnitBatch, UnitGradients
 from gradprobe.gradients.hooked import HookedEngine, UnsupportedModel
 from gradprobe.gradients.layout import UnitLayout
+from gradprobe.gradients.plan import RolloutShape, ScanPlan, plan_for_model
 from gradprobe.gradients.vmap_engine import GradientEngine
 
 ENGINES = {
@@ -39,8 +42,8 @@ class StageSettings:
     """Units per vmapped call (vmap engine); planned from memory when None."""
     accumulate_dtype: torch.dtype = torch.float32
     intervals: str = "exact"
-    sums_device: str | None = None
-    """Where the task sums live: None for the model's device, "cpu" for host memory."""
+    sums: str = "auto"
+    """Where the task sums live: device, host (pinned memory) or auto (the plan decides)."""
 
 
 def run_gradient_stage(
@@ -58,21 +61,66 @@ def run_gradient_stage(
     was required and cannot run."""
     reductions = layout.reductions()
     row_dots = settings.intervals == "exact"
+    sketch_dim = SKETCH_DIM if settings.intervals == "sketch" else None
     fallback = None
     if settings.engine != "vmap":
         try:
             if settings.checkpoint_activations:
                 raise UnsupportedModel("activation checkpointing runs on the vmap engine")
+            plan = plan_stage(model, param_names, rollout_shape(batch, layout), settings, max_memory)
+            hosted = plan.sums_location == "host" and next(model.parameters()).device.type != "cpu"
             engine = HookedEngine(model, param_names, settings.temperature, settings.accumulate_dtype,
-                                  settings.pad_token_id, settings.sums_device)
-            return engine.run_adaptive(batch, reductions, engine.default_max_tokens(max_memory), on_chunk,
+                                  settings.pad_token_id, "cpu" if hosted or settings.sums == "host" else None,
+                                  sketch_dim=sketch_dim)
+            return engine.run_adaptive(batch, reductions, plan.micro_batch_tokens, on_chunk,
                                        keep_sums=keep_sums, row_dots=row_dots), None
         except UnsupportedModel as exc:
             if settings.engine == "hooks":
                 raise EngineUnavailable(str(exc)) from None
             fallback = str(exc)
     engine = GradientEngine(model, param_names, settings.temperature, settings.accumulate_dtype,
-                            settings.pad_token_id, settings.checkpoint_activations)
+                            settings.pad_token_id, settings.checkpoint_activations, sketch_dim)
     chunk_size = settings.chunk_size or engine.plan_chunk_size(batch, max_memory)
     result = engine.run_adaptive(batch, reductions, chunk_size, on_chunk, keep_sums=keep_sums, row_dots=row_dots)
     return result, fallback
+
+
+def rollout_shape(batch: UnitBatch, layout: UnitLayout) -> RolloutShape:
+    """The planner's view of the rollouts: per prompt its task, prompt length (the tokens before
+    the first loss coefficient of its sequences) and its completions' lengths."""
+    tasks, prompt_lens, completion_lens = [], [], []
+    for p, units in enumerate(layout.prompt_units()):
+        sequences = [s for u in units for s in batch.units[u]]
+        if not sequences:
+            continue
+        lengths = [len(batch.sequences[s]) for s in sequences]
+        prompt = min(_loss_start(batch.coefficients[s]) for s in sequences)
+        tasks.append(layout.tasks[layout.prompt_task[p]])
+        prompt_lens.append(max(1, prompt))
+        completion_lens.append([max(1, n - prompt) for n in lengths])
+    return RolloutShape.from_lengths(tasks, prompt_lens, completion_lens)
+
+
+def _loss_start(coefficients: list[float]) -> int:
+    return next((i for i, c in enumerate(coefficients) if c != 0.0), len(coefficients))
+
+
+def plan_stage(model: torch.nn.Module, param_names: list[str], shape: RolloutShape,
+               settings: StageSettings, max_memory: int) -> ScanPlan:
+    """The memory plan of the hooked run; a scan that cannot fit is a one-line error with what
+    it needs and what would make it fit (`gradprobe plan` tells more). The scan calls it before
+    sampling, with the longest completion `--max-new-tokens` allows, and the stage again with the
+    rollouts' real lengths."""
+    plan = plan_for_model(model, param_names, shape, max_memory,
+                          intervals=settings.intervals, checkpoint_activations=settings.checkpoint_activations,
+                          sums=settings.sums)
+    if plan.fits:
+        return plan
+    from gradprobe.views.plan_view import gib
+
+    need = f"it needs {gib(plan.advice.needs_device_memory)} per device" if plan.advice else "it needs more"
+    options = [o.flags for o in (plan.advice.options if plan.advice else []) if o.fits]
+    raise UserInputError(
+        f"the gradient stage does not fit in {gib(max_memory)}: {need}; "
+        + (f"options that fit: {'; '.join(options)}" if options else "no single option fits")
+        + " (gradprobe plan shows every buffer)")

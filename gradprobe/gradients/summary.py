@@ -100,7 +100,7 @@ def summarise_gradients(result: UnitGradients, layout: UnitLayout) -> GradientSu
     `result` must come from an engine run with `layout.reductions()`.
     """
     n_tasks = len(layout.tasks)
-    row_dots = None if result.row_dots is None else result.row_dots.sum(0)
+    row_dots = result.sketched_row_dots if result.row_dots is None else result.row_dots.sum(0)
     core = _core_figures(result.total_prompt_gram(), result.sum_dots.sum(0), row_dots, layout)
     weights = torch.as_tensor(layout.task_weights, dtype=torch.float64)
     shares = est.update_shares(core["task_dots"], weights)

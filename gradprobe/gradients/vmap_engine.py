@@ -52,9 +52,11 @@ class GradientEngine:
         accumulate_dtype: torch.dtype = torch.float32,
         pad_token_id: int = 0,
         checkpoint_activations: bool = False,
+        sketch_dim: int | None = None,
     ) -> None:
         self.model = model.eval().requires_grad_(False)
         self.checkpoint_activations = checkpoint_activations
+        self.sketch_dim = sketch_dim
         use_eager_attention(model)
         self.selected = SelectedParameters.of(model, param_names, accumulate_dtype)
         self.names, self.dtype, self.device = self.selected.names, self.selected.dtype, self.selected.device
@@ -170,13 +172,15 @@ class GradientEngine:
         active = [p for p, units in enumerate(reductions.prompts) if any(batch.is_active(u) for u in units)]
         per_chunk = max(1, chunk_size // k)
         chunks = [active[i : i + per_chunk] for i in range(0, len(active), per_chunk)]
-        totals = StreamingReductions(self.selected, reductions)
+        totals = StreamingReductions(self.selected, reductions, sketch_dim=self.sketch_dim)
         for prompt_ids in chunks:
             units = [u for p in prompt_ids for u in reductions.prompts[p]]
             for name, value in self.unit_gradients(batch, units).items():
                 part = PerUnit(value)
                 totals.add_gram(name, prompt_ids, part)
                 totals.add_sums(name, prompt_ids, part)
+                if self.sketch_dim is not None:
+                    totals.add_sketch(name, prompt_ids, part)
             if on_chunk is not None:
                 on_chunk(len(units))
         if bad := totals.nonfinite_units():
