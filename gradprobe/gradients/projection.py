@@ -109,40 +109,44 @@ def _signed_buckets(start: int, count: int, key: int, dim: int, device: torch.de
     return counter_hash(counters, key) & (2 * dim - 1)
 
 
-def count_sketch_parameter(value: torch.Tensor, name: str, dim: int, seed: int) -> torch.Tensor:
-    """S x for the T vectors of one parameter, `value` [T, *shape], computed on value's device:
-    [T, dim] float64 with (S x)[b] = sum_{i : h(i) mod dim = b} (-1)^{(h(i) // dim) mod 2} x_i,
-    h the `counter_hash` of i mod 2^32 keyed by `parameter_key(seed, name, i // 2^32)`.
+def add_count_sketch(value: torch.Tensor, name: str, seed: int, halves: torch.Tensor) -> None:
+    """Add one parameter's signed bucket sums to `halves` [T, 2 dim] float64 (on value's device):
+    halves[t, k] += sum_{i : h(i) mod 2 dim = k} value[t].flat[i], h the `counter_hash` of
+    i mod 2^32 keyed by `parameter_key(seed, name, i // 2^32)`. The sketch is then
+    S x = halves[:, :dim] - halves[:, dim:]: bucket h mod dim, sign from bit (h // dim) mod 2.
 
-    Adds in value's dtype promoted to at least float32, per chunk, then in float64.
+    Adds in value's dtype promoted to at least float32 within a chunk, then in float64.
     """
     flat = value.detach().reshape(value.shape[0], -1)
-    accumulate = torch.promote_types(flat.dtype, torch.float32)
-    halves = torch.zeros((flat.shape[0], 2 * dim), dtype=torch.float64, device=flat.device)
-    chunk = torch.empty((2 * dim,), dtype=accumulate, device=flat.device)
+    width = halves.shape[1]
+    chunk = torch.empty((width,), dtype=torch.promote_types(flat.dtype, torch.float32), device=flat.device)
     for start in range(0, flat.shape[1], SKETCH_CHUNK_ELEMENTS):
         count = min(SKETCH_CHUNK_ELEMENTS, flat.shape[1] - start)
         block, offset = divmod(start, COUNTER_BLOCK)
-        index = _signed_buckets(offset, count, parameter_key(seed, name, block), dim, flat.device)
+        index = _signed_buckets(offset, count, parameter_key(seed, name, block), width // 2, flat.device)
         for t in range(flat.shape[0]):
-            chunk.zero_().index_add_(0, index, flat[t, start : start + count].to(accumulate))
+            chunk.zero_().index_add_(0, index, flat[t, start : start + count].to(chunk.dtype))
             halves[t] += chunk
-    return halves[:, :dim] - halves[:, dim:]
 
 
 def count_sketch(vectors: Mapping[str, torch.Tensor], dim: int = DEFAULT_DIM, seed: int = 0) -> torch.Tensor:
-    """S v for each of T vectors stored per parameter, `vectors[name]` [T, *shape] on any device:
-    [T, dim] float64 on the CPU, the sum over parameters (in name order) of
-    `count_sketch_parameter`. `dim` must be a power of two."""
+    """S v for each of T vectors stored per parameter, `vectors[name]` [T, *shape] on any devices:
+    [T, dim] float64 on the CPU, (S v)[t, b] = sum over parameters and their coordinates i with
+    h(i) mod dim = b of (-1)^((h(i) // dim) mod 2) v[name][t].flat[i] (`add_count_sketch`), each
+    parameter added on its own device. `dim` must be a power of two."""
     if dim < 1 or dim & (dim - 1) or dim > 2**30:
         raise ValueError(f"count sketch dimension must be a power of two up to 2^30, not {dim}")
-    out: torch.Tensor | None = None
-    for name in sorted(vectors):
-        part = count_sketch_parameter(vectors[name], name, dim, seed).cpu()
-        out = part if out is None else out + part
-    if out is None:
+    if not vectors:
         raise ValueError("nothing to project: no parameters")
-    return out
+    rows = next(iter(vectors.values())).shape[0]
+    halves: dict[torch.device, torch.Tensor] = {}  # one buffer per device: no allocation per parameter
+    for name in sorted(vectors):
+        device = vectors[name].device
+        if device not in halves:
+            halves[device] = torch.zeros((rows, 2 * dim), dtype=torch.float64, device=device)
+        add_count_sketch(vectors[name], name, seed, halves[device])
+    parts = [(h[:, :dim] - h[:, dim:]).cpu() for h in halves.values()]
+    return sum(parts[1:], parts[0])
 
 
 def parameter_seed(seed: int, name: str) -> int:
