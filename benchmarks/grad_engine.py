@@ -150,7 +150,7 @@ def gradprobe_stage(model, batch, layout, args, engine="auto", intervals="exact"
     budget = int(args.max_memory_gb * 2**30) if args.max_memory_gb else available_memory(next(model.parameters()).device)
     result, fallback = run_gradient_stage(model, names, batch, layout, settings, budget)
     summary = summarise_gradients(result, layout)
-    task_grads.from_sums(result.paired_sums(), layout.tasks, task_grads.DEFAULT_LIMIT_MB, 0)
+    task_grads.from_sums(result.paired_sums(), layout.tasks)  # what the scan saves, at its default limit
     return {"engine": result.engine, "passes": result.passes, "chunk_size": result.micro_batch,
             "fallback": fallback, "summary": summary}
 

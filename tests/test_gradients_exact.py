@@ -314,3 +314,37 @@ def test_activation_checkpointing_gives_the_same_gradients(arch):
     with checkpointed_layers(model) as wrapped:
         assert wrapped == model.config.num_hidden_layers
     assert all("forward" not in vars(m) for m in model.modules())
+
+
+@pytest.mark.parametrize("engine", ["hooks", "vmap"])
+def test_sketched_row_sums_are_the_count_sketch_of_the_reference_vectors(engine):
+    """--intervals sketch: r_p ~ <P u_p, P S_t> with P the count sketch of the saved task
+    gradients; checked against P applied to float64 autograd's per-prompt vectors."""
+    from gradprobe.gradients import projection
+    from gradprobe.gradients.vmap_engine import GradientEngine as VmapEngine
+
+    model = make_model("llama")  # tied: the head's and the embedding's uses both reach the sketch
+    rollouts = make_rollouts(seed=12)
+    scored = assign_advantages(rollouts, ADVANTAGES.get("grpo"))
+    batch, layout = build_units(scored, LOSSES.get("grpo"), MAX_NEW)
+    names = [n for n, _ in model.named_parameters()]
+    if engine == "hooks":
+        run = HookedEngine(model, names, TEMPERATURE, accumulate_dtype=torch.float64, sketch_dim=64)
+        result = run.run(batch, layout.reductions(), max_tokens=40, row_dots=False)
+    else:
+        run = VmapEngine(model, names, TEMPERATURE, accumulate_dtype=torch.float64, sketch_dim=64)
+        result = run.run(batch, layout.reductions(), chunk_size=4, row_dots=False)
+    assert result.row_dots is None and result.sketch_dim == 64
+    summary = summarise_gradients(result, layout)
+    _, ref_prompt = reference(model, rollouts, "grpo", "grpo")
+    shapes = [(n, p.shape) for n, p in model.named_parameters()]
+    for task in layout.tasks:
+        u = torch.stack([ref_prompt[key] for key in layout.prompt_keys if key[0] == task])
+        named, start = {}, 0
+        for name, shape in shapes:
+            size = int(np.prod(shape))
+            named[name] = u[:, start:start + size].reshape(len(u), *shape)
+            start += size
+        sketch = projection.count_sketch(named, 64, 0)
+        expected = sketch @ sketch.sum(0)
+        assert rel(summary.prompt_moments[task].row_sums, expected) < 1e-6
