@@ -58,7 +58,7 @@ def _quiet_libraries() -> None:
 @app.command()
 def scan(
     model: Annotated[Optional[str], typer.Argument(help="Checkpoint directory, or a hub id in the local cache.", show_default=False)] = None,
-    mix: Annotated[Optional[Path], typer.Argument(help="Task-labelled prompts: .jsonl, .json, .parquet, .csv or a datasets directory (gradprobe, verl or TRL columns, detected), or a .toml mix spec.", show_default=False)] = None,
+    mix: Annotated[Optional[Path], typer.Argument(help="Task-labelled prompts: .jsonl, .json, .parquet, .csv, a folder of such files (verl's data/gsm8k/train.parquet, ...) or one saved by datasets (gradprobe, verl or TRL columns, detected), or a .toml mix spec.", show_default=False)] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Scan directory to write (must not exist unless --overwrite) [default: gradprobe-scan; with --demo gradprobe-scan-demo, replaced on a rerun].")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing scan directory.")] = False,
     demo: Annotated[bool, typer.Option("--demo", help="Scan the tiny model and mix that ship with gradprobe.")] = False,
@@ -66,6 +66,7 @@ def scan(
     task_field: Annotated[str, typer.Option(help="Mix column holding the task name.")] = "task",
     prompt_field: Annotated[str, typer.Option(help="Mix column holding the prompt (string or chat messages).")] = "prompt",
     answer_field: Annotated[str, typer.Option(help="Mix column holding the reference answer.")] = "answer",
+    split: Annotated[Optional[str], typer.Option(help="Split of a MIX folder to read: a DatasetDict saved with save_to_disk, or a folder of data files split by their names like verl's data/gsm8k/{train,test}.parquet.  [default: train]", show_default=False)] = None,
     prompts_per_task: Annotated[Optional[int], typer.Option(help="Seeded subset size, equal for every task [default: the smallest task's size].")] = None,
     group_size: Annotated[Optional[int], typer.Option("--group-size", "-k", help="Completions sampled per prompt (K).  [default: 8]")] = None,
     max_new_tokens: Annotated[Optional[int], typer.Option(help="Longest completion; also L_max of --loss dr_grpo.  [default: 256]")] = None,
@@ -133,7 +134,7 @@ def scan(
     config = ScanConfig(
         model=model, mix=None if mix is None else str(mix),
         rollouts=None if rollouts is None else str(rollouts), out=str(out), overwrite=overwrite,
-        task_field=task_field, prompt_field=prompt_field, answer_field=answer_field,
+        task_field=task_field, prompt_field=prompt_field, answer_field=answer_field, split=split,
         top_p=top_p, seed=seed, rewards=rewards, advantage=advantage, loss=loss,
         params=list(params or (["lora"] if adapter else ["all"])), device=device, dtype=dtype, engine=engine, chunk_size=chunk_size, max_memory_gib=max_memory,
         checkpoint_activations=checkpoint_activations,
@@ -351,11 +352,12 @@ app.add_typer(mix_app, name="mix")
 
 @mix_app.command("inspect")
 def mix_inspect(
-    mix: Annotated[Path, typer.Argument(metavar="MIX", help="A mix file, datasets directory or .toml mix spec.")],
+    mix: Annotated[Path, typer.Argument(metavar="MIX", help="A mix file, a folder of data files or one saved by datasets, or a .toml mix spec.")],
     model: Annotated[Optional[str], typer.Option(help="Checkpoint whose tokenizer and chat template render the sample prompts.")] = None,
     task_field: Annotated[str, typer.Option(help="Mix column holding the task name.")] = "task",
     prompt_field: Annotated[str, typer.Option(help="Mix column holding the prompt.")] = "prompt",
     answer_field: Annotated[str, typer.Option(help="Mix column holding the reference answer.")] = "answer",
+    split: Annotated[Optional[str], typer.Option(help="Split of a MIX folder to read (a saved DatasetDict, or data files split by name).  [default: train]", show_default=False)] = None,
     trust_remote_code: Annotated[bool, typer.Option(help="Allow the tokenizer's own Python code to run.")] = False,
 ) -> None:
     """Print a mix's tasks, counts, detected format and field mapping, and one prompt per task.
@@ -372,7 +374,7 @@ def mix_inspect(
     from gradprobe.views.mix_view import render_mix, sample_prompts
 
     try:
-        loaded = load_mix(mix, task_field, prompt_field, answer_field)
+        loaded = load_mix(mix, task_field, prompt_field, answer_field, split)
         tokenizer = None
         if model is not None:
             _quiet_libraries()

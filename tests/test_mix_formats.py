@@ -208,17 +208,19 @@ def test_mix_inspect(tiny_llama, spec_dir):
     assert_user_error(run("mix", "inspect", spec_dir / "nope.jsonl"), "no such file")
 
 
-def test_verl_structured_ground_truth_becomes_json(tmp_path):
+def test_verl_structured_ground_truth_kept_as_stored(tmp_path):
     import datasets
 
     from gradprobe.mix import load_mix
+    from gradprobe.mix.conventions import answer_text
 
     rows = [{"data_source": "countdown", "prompt": [{"role": "user", "content": f"make {t}"}],
              "reward_model": {"style": "rule", "ground_truth": {"target": t, "numbers": [t, 1]}}}
             for t in (3, 4)]
     datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "c.parquet"))
     mix = load_mix(tmp_path / "c.parquet")
-    assert json.loads(mix.records[0].answer) == {"target": 3, "numbers": [3, 1]}
+    assert mix.records[0].answer == {"target": 3, "numbers": [3, 1]}  # for verl's compute_score
+    assert json.loads(answer_text(mix.records[0].answer)) == {"target": 3, "numbers": [3, 1]}
     assert mix.records[0].extra == {}  # mapped columns are not handed on twice
 
 
