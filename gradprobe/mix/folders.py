@@ -131,6 +131,14 @@ def split_files(path: Path) -> dict[str, list[Path]]:
     return {split: sorted(files) for split, files in by_split.items() if files}
 
 
+def unsplit_files(path: Path) -> list[Path]:
+    """A data folder's readable files in no split: once some names carry split words, datasets
+    reads only files whose names do (``gsm8k_train.parquet``), so ``math.parquet`` is left out."""
+    listed = {f for files in split_files(path).values() for f in files}
+    return sorted(f for f in path.rglob("*") if f.suffix.lower() in SUFFIXES and f not in listed
+                  and not any(part.startswith((".", "_")) for part in f.relative_to(path).parts))
+
+
 def _data_folder_parts(path: Path, split: str | None, how: str) -> list[TablePart]:
     by_split = split_files(path)
     if not by_split:

@@ -175,11 +175,24 @@ def load_mix(
         if len(labels) > 1:
             sources[task] = replace(sources[task], data=f"{path} ({len(labels)} files)")
     mix_format = detect_format(path)
+    if mix_format == "data-folder":
+        notes += _unsplit_note(path)
     digest = content_sha256(path, [p.path for p in parts] if mix_format == "data-folder" else None)
     fields = next(iter(sources.values())).fields
     if any(s.fields != fields for s in sources.values()):
         fields = {}
     return Mix(records, path, mix_format, digest, fields, sources, notes, parts[0].split)
+
+
+def _unsplit_note(path: Path) -> list[str]:
+    from gradprobe.mix.folders import unsplit_files
+
+    left_out = unsplit_files(path)
+    if not left_out:
+        return []
+    names = ", ".join(str(f.relative_to(path)) for f in left_out[:5]) + (", ..." if len(left_out) > 5 else "")
+    return [f"{path}: {len(left_out)} file(s) in no split, not read: {names} (datasets reads only "
+            "files named by split, like train.parquet or gsm8k_train.parquet, once any is)"]
 
 
 def task_column_hints(table: Any, label: str, task: str) -> list[str]:
