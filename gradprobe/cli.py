@@ -73,7 +73,7 @@ def scan(
     temperature: Annotated[Optional[float], typer.Option(help="Sampling temperature; log-probs use logits / temperature.  [default: 1.0]")] = None,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling threshold.")] = 1.0,
     seed: Annotated[int, typer.Option(help="Seed for the prompt subset and sampling; same seed, same scan.")] = 0,
-    reward: Annotated[Optional[list[str]], typer.Option(help="TASK=SPEC per task, or SPEC as the default. Built in: exact, numeric, regex:PATTERN, math, countdown, python_tests, format[:STYLE]; or package.module:function. Several with weights: TASK=math+0.2*format (a term with :VALUE goes last).")] = None,
+    reward: Annotated[Optional[list[str]], typer.Option(help="TASK=SPEC per task, or SPEC as the default. Built in: exact, numeric, regex:PATTERN, math, countdown, python_tests, format[:STYLE]; or package.module:function (written for gradprobe, verl's compute_score or TRL, told apart by its parameters). Several with weights: TASK=math+0.2*format (a term with :VALUE goes last).")] = None,
     reward_workers: Annotated[int, typer.Option(help="Worker processes for the rewards (slow verifiers); 1 scores in this process. Same results either way.")] = 1,
     advantage: Annotated[str, typer.Option(help="Advantage estimator: grpo, dr_grpo, rloo or none.")] = "grpo",
     loss: Annotated[str, typer.Option(help="Loss aggregation: grpo, bnpo, dapo or dr_grpo.")] = "grpo",

@@ -299,7 +299,7 @@ def squashed(text: str) -> str:
     return " ".join(text.split())
 
 
-def test_verl_data_folder_scans_with_verl_reward_fns_as_they_are(tiny_llama, tmp_path, monkeypatch):
+def test_verl_data_folder_scans_with_verl_rewards_as_they_are(tiny_llama, tmp_path, monkeypatch):
     data = write_verl_folder(tmp_path / "data")
     (tmp_path / "verl_reward_fns.py").write_text(VERL_REWARDS)
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -412,7 +412,7 @@ def accuracy_reward(completions, solution, **kwargs):
 '''
 
 
-def test_dataset_dict_reads_train_names_task_after_dataset_and_takes_trl_reward_fns(tiny_llama, tmp_path, monkeypatch):
+def test_dataset_dict_reads_train_names_task_after_dataset_and_takes_trl_rewards(tiny_llama, tmp_path, monkeypatch):
     from gradprobe.mix import load_mix
 
     spelling = trl_dataset_dict(tmp_path / "spelling")

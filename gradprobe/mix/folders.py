@@ -131,12 +131,17 @@ def split_files(path: Path) -> dict[str, list[Path]]:
     return {split: sorted(files) for split, files in by_split.items() if files}
 
 
-def unsplit_files(path: Path) -> list[Path]:
-    """A data folder's readable files in no split: once some names carry split words, datasets
-    reads only files whose names do (``gsm8k_train.parquet``), so ``math.parquet`` is left out."""
+def unsplit_notes(path: Path) -> list[str]:
+    """A note naming a data folder's files in no split: once some names carry split words,
+    datasets reads only files whose names do (``gsm8k_train.parquet``), leaving ``math.parquet``."""
     listed = {f for files in split_files(path).values() for f in files}
-    return sorted(f for f in path.rglob("*") if f.suffix.lower() in SUFFIXES and f not in listed
-                  and not any(part.startswith((".", "_")) for part in f.relative_to(path).parts))
+    left_out = sorted(f for f in path.rglob("*") if f.suffix.lower() in SUFFIXES and f not in listed
+                      and not any(p.startswith((".", "_")) for p in f.relative_to(path).parts))
+    if not left_out:
+        return []
+    names = ", ".join(str(f.relative_to(path)) for f in left_out[:5]) + (", ..." if len(left_out) > 5 else "")
+    return [f"{path}: {len(left_out)} file(s) in no split, not read: {names} (datasets reads only "
+            "files named by split, like train.parquet or gsm8k_train.parquet, once any is)"]
 
 
 def _data_folder_parts(path: Path, split: str | None, how: str) -> list[TablePart]:

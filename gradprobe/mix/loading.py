@@ -15,13 +15,16 @@ import re
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gradprobe.errors import UserInputError
 from gradprobe.jsonl import json_objects
 from gradprobe.mix.conventions import CONVENTIONS, detect_convention, field_value, resolve_fields
 from gradprobe.mix.records import Mix, PromptRecord, TaskSource
 from gradprobe.registry import Registry
+
+if TYPE_CHECKING:
+    from gradprobe.mix.folders import TablePart
 
 TableReader = Callable[[Path], Any]  # path -> datasets.Dataset
 FORMATS: Registry[TableReader] = Registry("mix format")
@@ -136,7 +139,7 @@ def load_mix(
     the defaults replace single roles of it. `split` chooses a folder's split (default train).
     A ``.toml`` path is a mix spec (`gradprobe.mix.spec`).
     """
-    from gradprobe.mix.folders import read_parts
+    from gradprobe.mix.folders import read_parts, unsplit_notes
 
     path = Path(path)
     given = {"task": task_field, "prompt": prompt_field, "answer": answer_field}
@@ -152,6 +155,22 @@ def load_mix(
             )
         return load_spec(path)
     parts = read_parts(path, split)
+    records, sources, notes = _parts_records(path, parts, overrides)
+    mix_format = detect_format(path)
+    if mix_format == "data-folder":
+        notes += unsplit_notes(path)
+    digest = content_sha256(path, [p.path for p in parts] if mix_format == "data-folder" else None)
+    fields = next(iter(sources.values())).fields
+    if any(s.fields != fields for s in sources.values()):
+        fields = {}
+    return Mix(records, path, mix_format, digest, fields, sources, notes, parts[0].split)
+
+
+def _parts_records(
+    path: Path, parts: list[TablePart], overrides: dict[str, str | None]
+) -> tuple[list[PromptRecord], dict[str, TaskSource], list[str]]:
+    """All parts' records, one `TaskSource` per task (counting its rows in every file), and
+    advice about task-like columns."""
     records: list[PromptRecord] = []
     sources: dict[str, TaskSource] = {}
     files: dict[str, list[str]] = {}
@@ -174,25 +193,7 @@ def load_mix(
     for task, labels in files.items():
         if len(labels) > 1:
             sources[task] = replace(sources[task], data=f"{path} ({len(labels)} files)")
-    mix_format = detect_format(path)
-    if mix_format == "data-folder":
-        notes += _unsplit_note(path)
-    digest = content_sha256(path, [p.path for p in parts] if mix_format == "data-folder" else None)
-    fields = next(iter(sources.values())).fields
-    if any(s.fields != fields for s in sources.values()):
-        fields = {}
-    return Mix(records, path, mix_format, digest, fields, sources, notes, parts[0].split)
-
-
-def _unsplit_note(path: Path) -> list[str]:
-    from gradprobe.mix.folders import unsplit_files
-
-    left_out = unsplit_files(path)
-    if not left_out:
-        return []
-    names = ", ".join(str(f.relative_to(path)) for f in left_out[:5]) + (", ..." if len(left_out) > 5 else "")
-    return [f"{path}: {len(left_out)} file(s) in no split, not read: {names} (datasets reads only "
-            "files named by split, like train.parquet or gsm8k_train.parquet, once any is)"]
+    return records, sources, notes
 
 
 def task_column_hints(table: Any, label: str, task: str) -> list[str]:
