@@ -125,6 +125,8 @@ def scan(
         fail("give MODEL (a checkpoint directory) and MIX, or use --demo")
     if mix is not None and rollouts is not None:
         fail("give either MIX or --rollouts, not both")
+    if split is not None and mix is None:
+        fail("--split chooses the split of a MIX folder; give MIX")
     if mix is None and rollouts is None:
         fail("give a MIX file to sample from, or --rollouts FILE to scan a trainer's rollouts")
     if out is None:
