@@ -58,7 +58,7 @@ def _quiet_libraries() -> None:
 @app.command()
 def scan(
     model: Annotated[Optional[str], typer.Argument(help="Checkpoint directory, or a hub id in the local cache.", show_default=False)] = None,
-    mix: Annotated[Optional[Path], typer.Argument(help="Task-labelled prompts: .jsonl, .json, .parquet, .csv or a datasets directory (gradprobe, verl or TRL columns, detected), or a .toml mix spec.", show_default=False)] = None,
+    mix: Annotated[Optional[Path], typer.Argument(help="Task-labelled prompts: .jsonl, .json, .parquet, .csv, a folder of such files (verl's data/gsm8k/train.parquet, ...) or one saved by datasets (gradprobe, verl or TRL columns, detected), or a .toml mix spec.", show_default=False)] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Scan directory to write (must not exist unless --overwrite) [default: gradprobe-scan; with --demo gradprobe-scan-demo, replaced on a rerun].")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing scan directory.")] = False,
     demo: Annotated[bool, typer.Option("--demo", help="Scan the tiny model and mix that ship with gradprobe.")] = False,
@@ -66,13 +66,14 @@ def scan(
     task_field: Annotated[str, typer.Option(help="Mix column holding the task name.")] = "task",
     prompt_field: Annotated[str, typer.Option(help="Mix column holding the prompt (string or chat messages).")] = "prompt",
     answer_field: Annotated[str, typer.Option(help="Mix column holding the reference answer.")] = "answer",
+    split: Annotated[Optional[str], typer.Option(help="Split of a MIX folder to read: a DatasetDict saved with save_to_disk, or a folder of data files split by their names like verl's data/gsm8k/{train,test}.parquet.  [default: train]", show_default=False)] = None,
     prompts_per_task: Annotated[Optional[int], typer.Option(help="Seeded subset size, equal for every task [default: the smallest task's size].")] = None,
     group_size: Annotated[Optional[int], typer.Option("--group-size", "-k", help="Completions sampled per prompt (K).  [default: 8]")] = None,
     max_new_tokens: Annotated[Optional[int], typer.Option(help="Longest completion; also L_max of --loss dr_grpo.  [default: 256]")] = None,
     temperature: Annotated[Optional[float], typer.Option(help="Sampling temperature; log-probs use logits / temperature.  [default: 1.0]")] = None,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling threshold.")] = 1.0,
     seed: Annotated[int, typer.Option(help="Seed for the prompt subset and sampling; same seed, same scan.")] = 0,
-    reward: Annotated[Optional[list[str]], typer.Option(help="TASK=SPEC per task, or SPEC as the default. Built in: exact, numeric, regex:PATTERN, math, countdown, python_tests, format[:STYLE]; or package.module:function. Several with weights: TASK=math+0.2*format (a term with :VALUE goes last).")] = None,
+    reward: Annotated[Optional[list[str]], typer.Option(help="TASK=SPEC per task, or SPEC as the default. Built in: exact, numeric, regex:PATTERN, math, countdown, python_tests, format[:STYLE]; or package.module:function (written for gradprobe, verl's compute_score or TRL, told apart by its parameters). Several with weights: TASK=math+0.2*format (a term with :VALUE goes last).")] = None,
     reward_workers: Annotated[int, typer.Option(help="Worker processes for the rewards (slow verifiers); 1 scores in this process. Same results either way.")] = 1,
     advantage: Annotated[str, typer.Option(help="Advantage estimator: grpo, dr_grpo, rloo or none.")] = "grpo",
     loss: Annotated[str, typer.Option(help="Loss aggregation: grpo, bnpo, dapo or dr_grpo.")] = "grpo",
@@ -126,6 +127,8 @@ def scan(
         fail("give MODEL (a checkpoint directory) and MIX, or use --demo")
     if mix is not None and rollouts is not None:
         fail("give either MIX or --rollouts, not both")
+    if split is not None and mix is None:
+        fail("--split chooses the split of a MIX folder; give MIX")
     if mix is None and rollouts is None:
         fail("give a MIX file to sample from, or --rollouts FILE to scan a trainer's rollouts")
     if out is None:
@@ -135,7 +138,7 @@ def scan(
     config = ScanConfig(
         model=model, mix=None if mix is None else str(mix),
         rollouts=None if rollouts is None else str(rollouts), out=str(out), overwrite=overwrite,
-        task_field=task_field, prompt_field=prompt_field, answer_field=answer_field,
+        task_field=task_field, prompt_field=prompt_field, answer_field=answer_field, split=split,
         top_p=top_p, seed=seed, rewards=rewards, advantage=advantage, loss=loss,
         params=list(params or (["lora"] if adapter else ["all"])), device=device, dtype=dtype, engine=engine, chunk_size=chunk_size, max_memory_gib=max_memory,
         checkpoint_activations=checkpoint_activations, intervals=intervals, sums=sums,
@@ -433,11 +436,12 @@ app.add_typer(mix_app, name="mix")
 
 @mix_app.command("inspect")
 def mix_inspect(
-    mix: Annotated[Path, typer.Argument(metavar="MIX", help="A mix file, datasets directory or .toml mix spec.")],
+    mix: Annotated[Path, typer.Argument(metavar="MIX", help="A mix file, a folder of data files or one saved by datasets, or a .toml mix spec.")],
     model: Annotated[Optional[str], typer.Option(help="Checkpoint whose tokenizer and chat template render the sample prompts.")] = None,
     task_field: Annotated[str, typer.Option(help="Mix column holding the task name.")] = "task",
     prompt_field: Annotated[str, typer.Option(help="Mix column holding the prompt.")] = "prompt",
     answer_field: Annotated[str, typer.Option(help="Mix column holding the reference answer.")] = "answer",
+    split: Annotated[Optional[str], typer.Option(help="Split of a MIX folder to read (a saved DatasetDict, or data files split by name).  [default: train]", show_default=False)] = None,
     trust_remote_code: Annotated[bool, typer.Option(help="Allow the tokenizer's own Python code to run.")] = False,
 ) -> None:
     """Print a mix's tasks, counts, detected format and field mapping, and one prompt per task.
@@ -454,7 +458,7 @@ def mix_inspect(
     from gradprobe.views.mix_view import render_mix, sample_prompts
 
     try:
-        loaded = load_mix(mix, task_field, prompt_field, answer_field)
+        loaded = load_mix(mix, task_field, prompt_field, answer_field, split)
         tokenizer = None
         if model is not None:
             _quiet_libraries()

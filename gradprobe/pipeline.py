@@ -46,6 +46,7 @@ class ScanConfig:
     task_field: str = "task"
     prompt_field: str = "prompt"
     answer_field: str = "answer"
+    split: str | None = None
     prompts_per_task: int | None = None
     group_size: int = 8
     max_new_tokens: int = 256
@@ -165,7 +166,8 @@ def scan(config: ScanConfig, progress: Progress | None = None) -> ScanResult:
         if config.mix is None:
             raise UserInputError("give a MIX file (or --rollouts FILE, or --demo)")
         with _timed(timings, "mix_s"):
-            mix = load_mix(Path(config.mix), config.task_field, config.prompt_field, config.answer_field)
+            mix = load_mix(Path(config.mix), config.task_field, config.prompt_field, config.answer_field,
+                           config.split)
             prompts = select_prompts(mix, config.prompts_per_task, config.seed)
             reward_specs = parse_reward_options(config.rewards, mix.tasks, config.default_reward,
                                                 task_rewards(mix))
@@ -417,10 +419,7 @@ def _scan_document(config, loaded, mix, rollouts, layout, summary, result, timin
             "n_parameters": sum(p.numel() for p in loaded.model.parameters()),
             "n_selected_parameters": int(sum(result.group_sizes)),
         },
-        "mix": None if mix is None else {
-            "path": str(mix.source), "sha256": mix.sha256, "format": mix.format, "fields": mix.fields,
-            "tasks": {t: asdict(s) for t, s in mix.sources.items()},
-        },
+        "mix": None if mix is None else mix.describe(),
         "rollouts_source": config.rollouts,
         "advantage": {"name": config.advantage, "formula": estimator.convention},
         "loss": {"name": config.loss, "formula": LOSSES.get(config.loss).formula,

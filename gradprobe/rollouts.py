@@ -16,12 +16,18 @@ from typing import Any
 import torch
 
 from gradprobe.errors import UserInputError
+from gradprobe.mix.conventions import answer_text
 from gradprobe.mix.records import PromptRecord
 
 
 @dataclass
 class Rollout:
-    """One sampled completion, its reward and advantage."""
+    """One sampled completion, its reward and advantage.
+
+    `prompt` is the text the model saw; `chat_prompt` the chat messages it was written as (None
+    for a plain-text prompt), for reward functions that take them (TRL's). `answer` is the
+    reference as the data stores it (text, or verl's dict or list ground truth).
+    """
 
     task: str
     prompt_id: str
@@ -30,8 +36,9 @@ class Rollout:
     completion: str
     prompt_token_ids: list[int]
     completion_token_ids: list[int]
-    answer: str | None = None
+    answer: Any = None
     extra: dict[str, Any] = field(default_factory=dict)
+    chat_prompt: list[dict[str, Any]] | None = None
     reward: float | None = None
     reward_components: dict[str, float] = field(default_factory=dict)
     advantage: float | None = None
@@ -124,6 +131,7 @@ def sample_rollouts(
                     completion_token_ids=tokens,
                     answer=record.answer,
                     extra=record.extra,
+                    chat_prompt=record.prompt if isinstance(record.prompt, list) else None,
                 )
             )
         if on_batch is not None:
@@ -149,7 +157,7 @@ def rollout_to_json(rollout: Rollout, extra_fields: dict[str, Any] | None = None
         "sample": rollout.sample,
         "prompt": rollout.prompt,
         "completion": rollout.completion,
-        "answer": rollout.answer,
+        "answer": answer_text(rollout.answer),
         "prompt_token_ids": rollout.prompt_token_ids,
         "completion_token_ids": rollout.completion_token_ids,
         "reward": rollout.reward,

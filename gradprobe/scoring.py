@@ -23,20 +23,22 @@ def score_rollouts(
 ) -> list[Rollout]:
     """Each rollout with `reward` (the task reward's weighted total) and `reward_components`.
 
-    Reward functions get ``prompt``, ``task`` and the row's extra columns as keyword arguments.
-    With `workers` > 1 they run in that many worker processes; the results are the same.
+    Reward functions get ``prompt``, ``task`` and the row's extra columns as keyword arguments,
+    each as its convention takes them (`gradprobe.rewards.signatures`). With `workers` > 1 they
+    run in that many worker processes; the results are the same.
     """
     composites = {task: as_composite(reward) for task, reward in rewards.items()}
     jobs = [(r.task, r.completion, r.answer, {**_context_columns(r.extra), "prompt": r.prompt,
-                                              "task": r.task}) for r in rollouts]
+                                              "task": r.task, "chat_prompt": r.chat_prompt})
+            for r in rollouts]
     scores = score_jobs(composites, jobs, workers, on_item)
     return [replace(r, reward=total, reward_components=components)
             for r, (total, components) in zip(rollouts, scores)]
 
 
 def _context_columns(extra: Mapping[str, object]) -> dict[str, object]:
-    # The positional arguments' names cannot also come as keywords.
-    return {k: v for k, v in extra.items() if k not in ("completion", "answer")}
+    # The positional arguments' names cannot also come as keywords; chat_prompt is gradprobe's.
+    return {k: v for k, v in extra.items() if k not in ("completion", "answer", "chat_prompt")}
 
 
 def group_indices(rollouts: list[Rollout]) -> dict[tuple[str, str], list[int]]:

@@ -11,16 +11,20 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gradprobe.errors import UserInputError
 from gradprobe.jsonl import json_objects
-from gradprobe.mix.conventions import CONVENTIONS, answer_text, detect_convention, field_value, resolve_fields
+from gradprobe.mix.conventions import CONVENTIONS, detect_convention, field_value, resolve_fields
 from gradprobe.mix.records import Mix, PromptRecord, TaskSource
 from gradprobe.registry import Registry
+
+if TYPE_CHECKING:
+    from gradprobe.mix.folders import TablePart
 
 TableReader = Callable[[Path], Any]  # path -> datasets.Dataset
 FORMATS: Registry[TableReader] = Registry("mix format")
@@ -34,10 +38,11 @@ def _load_builder(builder: str, path: Path) -> Any:
     try:
         return datasets.load_dataset(builder, data_files=str(path), split="train")
     except Exception as exc:  # datasets wraps parser errors in many types
-        raise UserInputError(f"{path}: cannot read as {builder}: {_first_line(exc)}") from None
+        raise UserInputError(f"{path}: cannot read as {builder}: {first_line(exc)}") from None
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's (or its cause's) message, for one-line errors."""
     cause = exc.__cause__ or exc
     return (str(cause).strip().splitlines() or [type(cause).__name__])[0]
 
@@ -68,47 +73,48 @@ def read_csv(path: Path) -> Any:
 
 @FORMATS.register("datasets-dir")
 def read_saved_dataset(path: Path) -> Any:
-    import datasets
+    """A folder written by ``save_to_disk``; of a DatasetDict, the ``train`` split (or the only one)."""
+    from gradprobe.mix.folders import read_parts
 
-    try:
-        loaded = datasets.load_from_disk(str(path))
-    except Exception as exc:
-        raise UserInputError(f"{path}: not a directory saved by datasets ({_first_line(exc)})") from None
-    if isinstance(loaded, datasets.DatasetDict):
-        if len(loaded) != 1:
-            raise UserInputError(f"{path}: holds splits {list(loaded)}; point at one split's folder")
-        loaded = next(iter(loaded.values()))
-    return loaded
+    return read_parts(path)[0].table
 
 
 def detect_format(path: Path) -> str:
-    """The format name for a path, from its suffix or from being a directory."""
+    """The format name for a path: from its suffix, or a folder saved by datasets, or a folder of
+    data files (`gradprobe.mix.folders`)."""
+    from gradprobe.mix.folders import is_saved_dataset
+
     if path.is_dir():
-        return "datasets-dir"
+        return "datasets-dir" if is_saved_dataset(path) else "data-folder"
     try:
         return SUFFIXES[path.suffix.lower()]
     except KeyError:
         raise UserInputError(
-            f"{path}: unknown file type {path.suffix!r}; use .jsonl, .json, .parquet, .csv "
-            "or a directory saved by datasets"
+            f"{path}: unknown file type {path.suffix!r}; use .jsonl, .json, .parquet, .csv, "
+            "a folder of such files, or a folder saved by datasets"
         ) from None
 
 
 def load_table(path: Path) -> Any:
-    """Read any supported file into a `datasets.Dataset`, with clear errors for bad paths."""
+    """Read one file, or a folder saved by datasets, into a `datasets.Dataset`, with clear errors."""
     path = Path(path)
     if not path.exists():
         raise UserInputError(f"{path}: no such file or directory")
     if not path.is_dir() and not os.access(path, os.R_OK):
         raise UserInputError(f"{path}: not readable (check its permissions)")
-    return FORMATS.get(detect_format(path))(path)
+    file_format = detect_format(path)
+    if file_format == "data-folder":
+        raise UserInputError(f"{path}: a folder that datasets did not save; give one file")
+    return FORMATS.get(file_format)(path)
 
 
-def content_sha256(path: Path) -> str:
-    """SHA-256 of a file, or of a directory's files in name order."""
+def content_sha256(path: Path, files: list[Path] | None = None) -> str:
+    """SHA-256 of a file, or of a folder's files (all, or `files`) with their names, in name order."""
+    path = Path(path)
+    if files is None:
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     digest = hashlib.sha256()
-    files = sorted(p for p in Path(path).rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for file in files:
+    for file in sorted(files):
         digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
         with open(file, "rb") as handle:
             for block in iter(lambda: handle.read(1 << 20), b""):
@@ -117,36 +123,91 @@ def content_sha256(path: Path) -> str:
 
 
 DEFAULT_FIELDS = {"task": "task", "prompt": "prompt", "answer": "answer"}
+# Columns pandas adds for its index (to_parquet of a filtered frame, to_csv): never data.
+INDEX_COLUMN = re.compile(r"__index_level_\d+__|Unnamed: \d+")
+# Column names that often hold a task although not called "task" (a hint suggests --task-field).
+TASK_LIKE_COLUMNS = ("data_source", "source", "dataset", "subject", "category", "domain", "task_name")
 
 
 def load_mix(
-    path: Path, task_field: str = "task", prompt_field: str = "prompt", answer_field: str = "answer"
+    path: Path, task_field: str = "task", prompt_field: str = "prompt", answer_field: str = "answer",
+    split: str | None = None,
 ) -> Mix:
-    """Read a mix file, or a TOML mix spec, into `PromptRecord`s.
+    """Read a mix file or folder (`gradprobe.mix.folders`), or a TOML mix spec, into `PromptRecord`s.
 
-    The column convention (gradprobe, verl, TRL) is detected; field names other than the
-    defaults replace single roles of it. A ``.toml`` path is a mix spec (`gradprobe.mix.spec`).
+    The column convention (gradprobe, verl, TRL) is detected per file; field names other than
+    the defaults replace single roles of it. `split` chooses a folder's split (default train).
+    A ``.toml`` path is a mix spec (`gradprobe.mix.spec`).
     """
+    from gradprobe.mix.folders import read_parts, unsplit_notes
+
     path = Path(path)
     given = {"task": task_field, "prompt": prompt_field, "answer": answer_field}
     overrides = {role: name for role, name in given.items() if name != DEFAULT_FIELDS[role]}
     if path.suffix.lower() == ".toml":
         from gradprobe.mix.spec import load_spec
 
-        if overrides:
+        if overrides or split is not None:
+            flags = "field flags" if overrides else "--split"
             raise UserInputError(
-                f"{path}: field flags do not apply to a mix spec; set 'prompt' and 'answer' "
+                f"{path}: {flags} do not apply to a mix spec; set 'prompt', 'answer' and 'split' "
                 "per task in the spec"
             )
         return load_spec(path)
-    table = load_table(path)
-    records, source = table_records(table, str(path), overrides, default_task=path.stem)
-    source = replace(source, data=str(path), format=detect_format(path))
+    parts = read_parts(path, split)
+    records, sources, notes = _parts_records(path, parts, overrides)
+    mix_format = detect_format(path)
+    if mix_format == "data-folder":
+        notes += unsplit_notes(path)
+    digest = content_sha256(path, [p.path for p in parts] if mix_format == "data-folder" else None)
+    fields = next(iter(sources.values())).fields
+    if any(s.fields != fields for s in sources.values()):
+        fields = {}
+    return Mix(records, path, mix_format, digest, fields, sources, notes, parts[0].split)
+
+
+def _parts_records(
+    path: Path, parts: list[TablePart], overrides: dict[str, str | None]
+) -> tuple[list[PromptRecord], dict[str, TaskSource], list[str]]:
+    """All parts' records, one `TaskSource` per task (counting its rows in every file), and
+    advice about task-like columns."""
+    records: list[PromptRecord] = []
+    sources: dict[str, TaskSource] = {}
+    files: dict[str, list[str]] = {}
+    notes: list[str] = []
+    counters: dict[str, int] = {}
+    for part in parts:
+        part_records, source = table_records(part.table, part.label, overrides, part.task,
+                                             counters=counters)
+        records += part_records
+        if source.fields["task"] is None:
+            notes += task_column_hints(part.table, part.label, part.task)
+        for task in dict.fromkeys(r.task for r in part_records):
+            files.setdefault(task, []).append(part.label)
+            count = sum(r.task == task for r in part_records)
+            known = sources.get(task)
+            sources[task] = replace(known, count=known.count + count) if known else replace(
+                source, task=task, data=part.label, format=part.format, count=count)
     if not records:
         raise UserInputError(f"{path}: the mix has no rows")
-    sources = {task: replace(source, task=task, count=sum(r.task == task for r in records))
-               for task in dict.fromkeys(r.task for r in records)}
-    return Mix(records, path, detect_format(path), content_sha256(path), source.fields, sources)
+    for task, labels in files.items():
+        if len(labels) > 1:
+            sources[task] = replace(sources[task], data=f"{path} ({len(labels)} files)")
+    return records, sources, notes
+
+
+def task_column_hints(table: Any, label: str, task: str) -> list[str]:
+    """Advice when a table without a task column has a column that looks like one."""
+    hints = []
+    for column in TASK_LIKE_COLUMNS:
+        if column in table.column_names:
+            values = table[column]
+            if all(isinstance(v, str) for v in values) and len(set(values)) > 1:
+                hints.append(
+                    f"{label}: no 'task' column, so all its rows are task {task!r}; column "
+                    f"{column!r} holds {len(set(values))} names: --task-field {column} makes them the tasks"
+                )
+    return hints
 
 
 def table_records(
@@ -156,21 +217,29 @@ def table_records(
     default_task: str,
     convention: str | None = None,
     force_task: bool = False,
+    counters: dict[str, int] | None = None,
 ) -> tuple[list[PromptRecord], TaskSource]:
     """A table's rows as `PromptRecord`s under its (detected) convention, and how they were read.
 
     Rows without a task column, or every row when `force_task`, belong to `default_task`.
-    Columns not mapped to a role travel along as ``extra`` for reward functions.
+    Columns not mapped to a role travel along as ``extra`` for reward functions, but pandas'
+    index columns never do; a column a role reaches into with a dotted path does, unless the
+    path is the convention's own (verl's ``reward_model``, which holds only the ground truth).
+    The answer is kept as stored (verl's dict or list ground truths stay structures).
+    `counters` numbers prompts per task across several tables of one mix.
     """
     columns = list(table.column_names)
     convention = detect_convention(columns, convention)
     fields = resolve_fields(columns, convention, overrides, label)
     if force_task:
         fields["task"] = None
-    handed_on = {"answer"} if CONVENTIONS.get(convention).answer_in_extra else set()
-    used = {name.split(".", 1)[0] for role, name in fields.items() if name and role not in handed_on}
+    rules = CONVENTIONS.get(convention)
+    handed_on = {"answer"} if rules.answer_in_extra else set()
+    used = {name.split(".", 1)[0] for role, name in fields.items()
+            if name and role not in handed_on and ("." not in name or rules.fields[role] == name)}
+    used |= {c for c in columns if INDEX_COLUMN.fullmatch(c)}
     records = []
-    counters: dict[str, int] = {}
+    counters = {} if counters is None else counters
     for number, row in enumerate(table, 1):
         task = default_task if fields["task"] is None else row[fields["task"]]
         if task is None or str(task).strip() == "":
@@ -182,8 +251,7 @@ def table_records(
         counters[task] = counters.get(task, 0) + 1
         extra = {k: v for k, v in row.items() if k not in used}
         prompt_id = str(extra.pop("prompt_id", None) or f"{task}-{counters[task] - 1}")
-        answer = answer_text(field_value(row, fields["answer"]))
-        records.append(PromptRecord(task, prompt_id, prompt, answer, extra))
+        records.append(PromptRecord(task, prompt_id, prompt, field_value(row, fields["answer"]), extra))
     source = TaskSource(default_task, label, "", convention, fields, len(records))
     return records, source
 

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 
 @dataclass(frozen=True)
 class PromptRecord:
-    """One prompt of one task: the text or chat messages, the reference answer, extra columns."""
+    """One prompt of one task: the text or chat messages, the reference answer, extra columns.
+
+    The answer is kept as the data stores it: text, or a structure (verl's countdown ground
+    truth is a dict, some are lists); `answer_text` gives it as text.
+    """
 
     task: str
     prompt_id: str
     prompt: str | list[dict[str, Any]]
-    answer: str | None
+    answer: Any
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -42,7 +46,11 @@ class TaskSource:
 
 @dataclass(frozen=True)
 class Mix:
-    """A task-labelled prompt set and where it came from (`sources`: one entry per task)."""
+    """A task-labelled prompt set and where it came from (`sources`: one entry per task).
+
+    `notes` are advice about how it was read (a column that looks like the task's); `split` is
+    the split read from a folder with splits (None otherwise).
+    """
 
     records: list[PromptRecord]
     source: Path
@@ -50,6 +58,14 @@ class Mix:
     sha256: str
     fields: dict[str, str | None]
     sources: dict[str, TaskSource] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    split: str | None = None
+
+    def describe(self) -> dict[str, Any]:
+        """How the mix was read, as plain data (scan.json's ``mix``)."""
+        return {"path": str(self.source), "sha256": self.sha256, "format": self.format,
+                "split": self.split, "fields": self.fields,
+                "tasks": {t: asdict(s) for t, s in self.sources.items()}, "notes": self.notes}
 
     @property
     def weights(self) -> dict[str, float]:

@@ -1,7 +1,7 @@
 """The TOML mix spec: tasks from separate files or hub-cache datasets, each with its own mapping.
 
     [tasks.math]
-    data = "data/math.jsonl"        # a file or datasets directory, relative to this spec file,
+    data = "data/math.jsonl"        # a file or folder (`gradprobe.mix.folders`), relative to this spec,
                                     # or a hub dataset id in the local cache ("openai/gsm8k")
     prompt = "question"             # column of the prompt (default: the detected convention's)
     answer = "answer"               # column of the reference answer (dotted paths reach nested ones)
@@ -12,8 +12,9 @@
     [tasks.math.options]            # keyword options for the task's reward functions;
     timeout = 5                     # a sub-table named after a component applies to it alone
 
-Other keys: ``format`` (force a column convention: gradprobe, verl, trl), ``split`` and
-``subset`` (hub datasets only). Every row of a task's data belongs to that task. Errors name the
+Other keys: ``format`` (force a column convention: gradprobe, verl, trl), ``split`` (of a hub
+dataset, a folder saved by ``DatasetDict.save_to_disk`` or a folder of data files such as verl's
+``data/gsm8k/{train,test}.parquet``; default train) and ``subset`` (hub datasets only). Every row of a task's data belongs to that task. Errors name the
 task and the key at fault.
 
 `mix_weight` scales task t's weight w_t in the mixed loss L = sum_t w_t L_t (metrics.md,
@@ -33,7 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from gradprobe.errors import UserInputError
-from gradprobe.mix.loading import SUFFIXES, content_sha256, detect_format, load_table, table_records
+from gradprobe.mix.folders import SplitError, TablePart, read_parts
+from gradprobe.mix.loading import SUFFIXES, content_sha256, detect_format, table_records
 from gradprobe.mix.records import Mix, PromptRecord, TaskSource
 from gradprobe.rewards.composite import CompositeReward, build_composite
 
@@ -114,41 +116,61 @@ def _load_task(path: Path, task: str, entry: dict[str, Any]) -> tuple[list[Promp
     def fail(key: str, message: str) -> UserInputError:
         return UserInputError(f"{path}: task {task!r}: key {key!r}: {message}")
 
-    table, label, file_format, digest = _task_table(path, task, entry, fail)
+    parts, digest = _task_parts(path, task, entry, fail)
     overrides = {role: entry.get(role) for role in ("prompt", "answer")}
-    try:
-        records, source = table_records(table, label, overrides, task, entry.get("format"), force_task=True)
-    except UserInputError as exc:
-        key = next((k for k in ("format", "prompt", "answer") if repr(entry.get(k)) in str(exc)), "data")
-        raise fail(key, str(exc)) from None
+    records: list[PromptRecord] = []
+    counters: dict[str, int] = {}
+    for part in parts:
+        try:
+            part_records, source = table_records(part.table, part.label, overrides, task,
+                                                 entry.get("format"), force_task=True, counters=counters)
+        except UserInputError as exc:
+            key = next((k for k in ("format", "prompt", "answer") if repr(entry.get(k)) in str(exc)), "data")
+            raise fail(key, str(exc)) from None
+        records += part_records
+        if part is parts[0]:
+            first = source
     if not records:
-        raise fail("data", f"{label} has no rows")
+        raise fail("data", f"{entry['data']} has no rows")
     rewards, weights, options = _reward_entry(entry, fail)
     weight = float(entry.get("mix_weight", 1.0))
     if not (math.isfinite(weight) and weight > 0):
         raise fail("mix_weight", f"must be a positive number, got {weight}")
-    source = replace(source, format=file_format, reward=rewards, reward_weights=weights,
-                     reward_options=options, weight=weight)
+    label = parts[0].label if len(parts) == 1 else f"{entry['data']} ({len(parts)} files)"
+    source = replace(first, data=label, format=parts[0].format, count=len(records), reward=rewards,
+                     reward_weights=weights, reward_options=options, weight=weight)
     return records, source, f"{task}:{digest}"
 
 
-def _task_table(path: Path, task: str, entry: dict[str, Any], fail: Any) -> tuple[Any, str, str, str]:
-    """The task's table, a label for messages, its file format and a content digest."""
+def _task_parts(path: Path, task: str, entry: dict[str, Any], fail: Any) -> tuple[list[TablePart], str]:
+    """The task's tables (one, or a data folder's files) and a content digest."""
     data = entry["data"]
     local = path.parent / Path(data).expanduser()  # an absolute path stays as it is
     if local.exists() or not _HUB_ID.match(data) or Path(data).suffix.lower() in SUFFIXES:
-        for key in ("split", "subset"):
-            if key in entry:
-                raise fail(key, "applies to hub datasets only; this task's data is a file")
+        if "subset" in entry:
+            raise fail("subset", "applies to hub datasets only; this task's data is local")
         try:
-            table = load_table(local)
+            parts = read_parts(local, entry.get("split"), how="the 'split' key")
+        except SplitError as exc:
+            raise fail("split", str(exc)) from None
         except UserInputError as exc:
             raise fail("data", str(exc)) from None
-        return table, data, detect_format(local), content_sha256(local)
-    return _hub_table(data, entry, fail)
+        files = [p.path for p in parts] if detect_format(local) == "data-folder" else None
+        parts = [replace(p, label=_relative_label(p.label, path.parent)) for p in parts]
+        return parts, content_sha256(local, files)
+    part = _hub_part(data, task, entry, fail)
+    return [part], str(getattr(part.table, "_fingerprint", data))
 
 
-def _hub_table(data: str, entry: dict[str, Any], fail: Any) -> tuple[Any, str, str, str]:
+def _relative_label(label: str, base: Path) -> str:
+    """A label as the spec's reader wrote it: relative to the spec's folder when inside it."""
+    try:
+        return str(Path(label).relative_to(base))
+    except ValueError:
+        return label
+
+
+def _hub_part(data: str, task: str, entry: dict[str, Any], fail: Any) -> TablePart:
     """A hub dataset from the local caches only: the hub's file cache (``huggingface-cli
     download --repo-type dataset``), else the datasets cache of an earlier ``load_dataset``."""
     import datasets
@@ -166,7 +188,7 @@ def _hub_table(data: str, entry: dict[str, Any], fail: Any) -> tuple[Any, str, s
             f"local Hugging Face cache ({type(exc).__name__}: {first}); gradprobe never "
             "downloads: fetch it first, or point 'data' at a file",
         ) from None
-    return table, f"{data}[{split}]", "hub-dataset", str(getattr(table, "_fingerprint", data))
+    return TablePart(table, f"{data}[{split}]", "hub-dataset", task, None, split)
 
 
 def _cached_snapshot(repo_id: str) -> str | None:

@@ -35,8 +35,9 @@ class CompositeReward:
         """The composite written back in the command-line syntax."""
         return "+".join(n if w == 1.0 else f"{w:g}*{n}" for n, w, _ in self.terms)
 
-    def score(self, completion: str, answer: str | None, **context: Any) -> tuple[float, dict[str, float]]:
-        """The weighted total and each component's value, for one completion."""
+    def score(self, completion: str, answer: Any, **context: Any) -> tuple[float, dict[str, float]]:
+        """The weighted total and each component's value, for one completion (`answer` as the
+        data stores it)."""
         components = {name: spec(completion, answer, **context) for name, _, spec in self.terms}
         for name, value in components.items():
             if not math.isfinite(value):

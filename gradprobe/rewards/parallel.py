@@ -20,7 +20,7 @@ from gradprobe.errors import UserInputError
 from gradprobe.rewards.composite import CompositeReward
 
 # One job: (task, completion, answer, context keyword arguments).
-Job = tuple[str, str, str | None, dict[str, Any]]
+Job = tuple[str, str, Any, dict[str, Any]]
 Score = tuple[float, dict[str, float]]
 
 _worker_rewards: Mapping[str, CompositeReward] = {}

@@ -3,7 +3,9 @@
 A reward function scores one completion: ``fn(completion, answer, **context) -> float``. The
 context holds ``prompt``, ``task``, the options of the spec (``regex:PATTERN`` gives
 ``pattern=PATTERN``) and any extra columns of the mix row, as TRL hands them to its reward
-functions. Functions must accept ``**context`` and ignore what they do not use.
+functions. Functions must accept ``**context`` and ignore what they do not use. Imported
+functions (``package.module:function``) may instead be written as verl's ``compute_score`` or
+TRL's reward functions, and are called as those trainers call them (`gradprobe.rewards.signatures`).
 
 A task's reward may combine several of them with weights (`gradprobe.rewards.composite`).
 """
@@ -19,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from gradprobe.errors import UserInputError
 from gradprobe.registry import Registry
+from gradprobe.rewards.signatures import call_reward, calling_convention
 
 if TYPE_CHECKING:
     from gradprobe.rewards.composite import CompositeReward
@@ -35,14 +38,17 @@ OPTIONAL_ARGUMENT: set[str] = set()
 
 @dataclass(frozen=True)
 class RewardSpec:
-    """A parsed reward spec: the function, its display name and its options."""
+    """A parsed reward spec: the function, its display name, its options and how it is called
+    (``gradprobe``, ``verl`` or ``trl``: `gradprobe.rewards.signatures`)."""
 
     name: str
     fn: RewardFn
     options: dict[str, Any] = field(default_factory=dict)
+    convention: str = "gradprobe"
 
-    def __call__(self, completion: str, answer: str | None, **context: Any) -> float:
-        return float(self.fn(completion, answer, **self.options, **context))
+    def __call__(self, completion: str, answer: Any, **context: Any) -> float:
+        """The reward of one completion; `answer` as the data stores it (text or a structure)."""
+        return call_reward(self.convention, self.fn, completion, answer, self.options, context)
 
 
 def register_reward(
@@ -72,7 +78,8 @@ def resolve_reward(spec: str) -> RewardSpec:
             raise UserInputError(f"reward {name!r} takes no value, got {spec!r}")
         return RewardSpec(spec, REWARDS.get(name), options)
     if value and all(part.isidentifier() for part in name.split(".")):
-        return RewardSpec(spec, _import_function(name, value))
+        fn = _import_function(name, value)
+        return RewardSpec(spec, fn, convention=calling_convention(fn))
     REWARDS.get(name)  # raises with the list of known rewards
     raise AssertionError("unreachable")
 

@@ -11,6 +11,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
+from gradprobe.views.mix_view import mix_lines
+
 
 def fmt(value: Any, spec: str = ".3g") -> str:
     """A number for a table cell; '-' for missing values."""
@@ -102,6 +104,7 @@ def render_scan(document: dict[str, Any]) -> RenderableType:
         f"{model['n_parameters']:,} parameters, {model['dtype']} on {model['device']})\n",
         f"advantage {document['advantage']['name']}: {document['advantage']['formula']};  "
         f"loss {document['loss']['name']}: {document['loss']['formula']}",
+        *(f"\n{line}" for line in mix_lines(document.get("mix"))),
     )
     parts: list[RenderableType] = [
         header,

@@ -6,6 +6,7 @@ The computing half (`sample_prompts`) is plain data; `render_mix` only lays it o
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,6 +15,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from gradprobe.mix.conventions import answer_text
 from gradprobe.mix.records import Mix, PromptRecord
 
 
@@ -58,7 +60,8 @@ def _reward_cell(mix: Mix, task: str) -> str:
 
 def task_overview(mix: Mix) -> Table:
     """One row per task: prompt count, file format and column convention, reward, mix weight."""
-    table = Table(title=f"Mix {mix.source} ({mix.format})", title_justify="left")
+    split = f", split {mix.split}" if mix.split else ""
+    table = Table(title=f"Mix {mix.source} ({mix.format}{split})", title_justify="left")
     for header in ("task", "prompts", "format", "reward", "mix_weight"):
         table.add_column(header, justify="right" if header in ("prompts", "mix_weight") else "left")
     counts = {task: len(records) for task, records in mix.by_task().items()}
@@ -69,17 +72,41 @@ def task_overview(mix: Mix) -> Table:
     return table
 
 
+# Where a task's name comes from when no column holds it, by the mix's (or the task's) format.
+_NAMED_BY = {"toml": "(spec task)", "datasets-dir": "(folder name)", "data-folder": "(path in folder)"}
+
+
+def task_origin(mix_format: str, source: Mapping[str, Any]) -> str:
+    """What names a task: its column, the spec, or the file or folder it was read from."""
+    if mix_format == "toml":
+        return _NAMED_BY["toml"]
+    return source["fields"].get("task") or _NAMED_BY.get(mix_format, "(file name)")
+
+
+def mix_lines(mix: Mapping[str, Any] | None) -> list[str]:
+    """How a mix was read, from scan.json's ``mix``: one line with the detected format and
+    convention and what names the tasks (grouped when tasks differ), then any advice."""
+    if not mix or not mix.get("tasks"):
+        return []
+    groups: dict[str, list[str]] = {}
+    for task, source in mix["tasks"].items():
+        how = f"{source['format']}/{source['convention']}, task <- {task_origin(mix['format'], source)}"
+        groups.setdefault(how, []).append(task)
+    split = f" [{mix['split']}]" if mix.get("split") else ""
+    body = next(iter(groups)) if len(groups) == 1 else "; ".join(
+        f"{', '.join(tasks)} {how}" for how, tasks in groups.items())
+    return [f"mix {mix['path']}{split}: {body}", *mix.get("notes", [])]
+
+
 def field_table(mix: Mix) -> Table:
     """One row per task: where its data is and which column fills each role."""
     table = Table(title="Field mapping (role <- column)", title_justify="left")
     for header in ("task", "data", "task <-", "prompt <-", "answer <-"):
         table.add_column(header, overflow="fold")
-    spec = mix.format == "toml"
     for task in mix.tasks:
         fields = mix.sources[task].fields
-        task_column = "(spec task)" if spec else fields.get("task") or "(file name)"
-        cells = [task, mix.sources[task].data, task_column, str(fields.get("prompt")),
-                 fields.get("answer") or "(none)"]
+        cells = [task, mix.sources[task].data, task_origin(mix.format, {"fields": fields}),
+                 str(fields.get("prompt")), fields.get("answer") or "(none)"]
         table.add_row(*(Text(cell) for cell in cells))
     return table
 
@@ -87,10 +114,11 @@ def field_table(mix: Mix) -> Table:
 def render_mix(mix: Mix, samples: dict[str, SamplePrompt]) -> RenderableType:
     """The whole `mix inspect` output as one rich renderable."""
     parts: list[RenderableType] = [task_overview(mix), field_table(mix)]
+    parts += [Text(note, style="yellow") for note in mix.notes]
     for task, sample in samples.items():
         how = f"{sample.n_tokens} tokens, as the model sees it" if sample.templated else "raw"
         body = Text(sample.text)
-        body.append(f"\n\nanswer: {sample.record.answer}", style="dim")
+        body.append(f"\n\nanswer: {answer_text(sample.record.answer)}", style="dim")
         title = Text(f"{task}: {sample.record.prompt_id} ({how})")
         parts.append(Panel(body, title=title, title_align="left"))
     if samples and not next(iter(samples.values())).templated:

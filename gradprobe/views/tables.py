@@ -13,6 +13,7 @@ from rich.table import Table
 from rich.text import Text
 
 from gradprobe.views.console import GRADIENT_COLUMNS, ROLLOUT_COLUMNS, _unbiased_cell, fmt
+from gradprobe.views.mix_view import mix_lines
 from gradprobe.views.stats_view import Grid, stats_grids
 
 
@@ -65,6 +66,7 @@ def scan_header(document: dict[str, Any]) -> list[str]:
         f"parameters, {model.get('dtype', '?')} on {model.get('device', '?')})",
         f"advantage {document['advantage']['name']}: {document['advantage']['formula']}; "
         f"loss {document['loss']['name']}: {document['loss']['formula']}",
+        *mix_lines(document.get("mix")),
     ]
 
 
