@@ -134,6 +134,7 @@ def method_naive(model, batch, layout, args):
 
 
 def method_gradprobe(model, batch, layout, args, engine="auto", checkpoint=False):
+    from gradprobe import task_grads
     from gradprobe.gradients.stage import StageSettings, run_gradient_stage
     from gradprobe.gradients.summary import summarise_gradients
     from gradprobe.pipeline import available_memory
@@ -144,6 +145,7 @@ def method_gradprobe(model, batch, layout, args, engine="auto", checkpoint=False
     budget = int(args.max_memory_gb * 2**30) if args.max_memory_gb else available_memory(next(model.parameters()).device)
     result, fallback = run_gradient_stage(model, names, batch, layout, settings, budget)
     summarise_gradients(result, layout)
+    task_grads.from_sums(result.sums, layout.tasks)  # what the scan saves, at its default limit
     return {"engine": result.engine, "passes": result.passes, "chunk_size": result.chunk_size,
             "fallback": fallback}
 

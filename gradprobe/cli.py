@@ -90,8 +90,8 @@ def scan(
     allow_pickle: Annotated[bool, typer.Option(help="Allow pickled (.bin) weights, which can run code: only for files you trust.")] = False,
     trust_remote_code: Annotated[bool, typer.Option(help="Allow a checkpoint's own Python code to run.")] = False,
     adapter: Annotated[Optional[Path], typer.Option(help="A PEFT (LoRA) adapter directory on top of MODEL; --params then defaults to lora.")] = None,
-    task_grads_limit: Annotated[float, typer.Option(help="MB up to which task_grads.safetensors holds the exact task gradients; above it, a seeded random projection (for compare's drift).")] = 64.0,
-    task_grads_seed: Annotated[int, typer.Option(help="Seed of that projection; compare needs the same seed in both scans.")] = 0,
+    task_grads_limit: Annotated[float, typer.Option(help="MB up to which task_grads.safetensors holds the exact task gradients; above it (or when the disk cannot hold them), a seeded count sketch to 16384 dimensions (for compare's drift).")] = 64.0,
+    task_grads_seed: Annotated[int, typer.Option(help="Seed of that count sketch; compare needs the same seed in both scans.")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print scan.json instead of tables.")] = False,
 ) -> None:
     """Sample rollouts per task, score them, and measure per-task policy-gradient imbalance.

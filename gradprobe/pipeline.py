@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -214,7 +215,8 @@ def scan(config: ScanConfig, progress: Progress | None = None) -> ScanResult:
                                                config.bootstrap, config.seed)
     with _timed(timings, "task_grads_s"):
         saved_grads = task_grads.from_sums(result.sums, layout.tasks, config.task_grads_limit_mb,
-                                           config.task_grads_seed)
+                                           config.task_grads_seed,
+                                           free_disk_bytes=shutil.disk_usage(out.resolve().parent).free)
     document["task_grads"] = saved_grads.info
     timings["total_s"] = round(time.perf_counter() - total_start, 4)
     with artifacts.staged_directory(out, config.overwrite) as staging:

@@ -2,19 +2,24 @@
 
 A scan saves its task gradients so that `gradprobe compare` can measure their drift between two
 checkpoints, cos(g_t under A, g_t under B) (metrics.md, "Learning gains"). When the exact
-gradients (T tasks x selected parameters, float32) fit in the size limit they are saved as they
-are, one tensor [T, *shape] per parameter name; otherwise as one tensor ``projection`` [T, dim],
-the seeded Gaussian projection of `gradprobe.gradients.projection`, whose cosines estimate the
-exact ones within a stated error bound.
+gradients (T tasks x selected parameters, float32) fit in the size limit and on the disk they are
+saved as they are, one tensor [T, *shape] per parameter name; otherwise as one tensor
+``projection`` [T, dim], the seeded count sketch of `gradprobe.gradients.projection` (O(parameters)
+per task, computed on the device where the sums are), whose cosines estimate the exact ones
+within a stated error bound. Files written before the count sketch hold a Gaussian projection;
+they are read as such.
 
-The file's metadata (strings, as safetensors requires) says which: ``kind`` exact or projected,
-``dim`` and ``seed`` for a projection, ``tasks`` and ``params`` (names and shapes) as JSON.
-Two files are comparable when kind, dim, seed and params agree.
+The file's metadata (strings, as safetensors requires) says which: ``kind`` exact or projected;
+for a projection ``projection`` (countsketch or gaussian; absent in the older files, which are
+all gaussian), ``dim``, ``seed``, ``method`` and ``cosine_error_bound_95``; ``tasks`` and
+``params`` (names and shapes) as JSON. Two files are comparable when kind, projection, dim, seed
+and params agree.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +30,8 @@ from gradprobe.errors import UserInputError
 from gradprobe.gradients import projection
 
 DEFAULT_LIMIT_MB = 64.0
-PROJECTION_METHOD = "Gaussian N(0, 1/dim) per parameter, CPU torch.Generator seeded with seed + crc32(name)"
+DISK_MARGIN_BYTES = 256 * 2**20
+"""Free space the exact file must leave on the disk (the scan's other files, the filesystem)."""
 
 
 @dataclass
@@ -38,19 +44,33 @@ class TaskGradients:
     tensors: dict[str, torch.Tensor]
     dim: int | None = None
     seed: int | None = None
+    projection: str | None = None
+    """countsketch or gaussian, for kind projected."""
+    reason: str | None = None
+    """Why a projection was saved instead of the exact gradients."""
 
     @property
     def info(self) -> dict[str, Any]:
         """What scan.json records under `task_grads`."""
-        out: dict[str, Any] = {"kind": self.kind, "tasks": self.tasks, "n_parameters": sum(
-            _numel(shape) for _, shape in self.params)}
+        n_parameters = sum(_numel(shape) for _, shape in self.params)
+        out: dict[str, Any] = {"kind": self.kind, "tasks": self.tasks, "n_parameters": n_parameters,
+                               "exact_mb": _exact_bytes(len(self.tasks), n_parameters) / 1e6}
         if self.kind == "projected":
-            out.update(dim=self.dim, seed=self.seed, method=PROJECTION_METHOD,
-                       cosine_error_bound_95=projection.cosine_error_bound(self.dim or 1))
+            out.update(self.projection_info)
+            if self.reason:
+                out["reason"] = self.reason
         return out
 
+    @property
+    def projection_info(self) -> dict[str, Any]:
+        """The projection's kind, dimension, seed, method and 95% error bound on cosines."""
+        dim = self.dim or 1
+        return {"projection": self.projection, "dim": dim, "seed": self.seed,
+                "method": projection.METHODS[self.projection or projection.GAUSSIAN],
+                "cosine_error_bound_95": projection.cosine_error_bound(dim)}
+
     def task_vector(self, task: str) -> torch.Tensor:
-        """g_t (exact: flattened over parameters in `params` order) or P g_t, as one vector."""
+        """g_t (exact: flattened over parameters in `params` order) or S g_t, as one vector."""
         t = self.tasks.index(task)
         if self.kind == "projected":
             return self.tensors["projection"][t].double()
@@ -64,20 +84,40 @@ def _numel(shape: list[int]) -> int:
     return n
 
 
-def from_sums(sums: dict[str, torch.Tensor], tasks: list[str], limit_mb: float = DEFAULT_LIMIT_MB,
-              seed: int = 0, dim: int = projection.DEFAULT_DIM) -> TaskGradients:
-    """Exact when T x n_selected float32 values fit in `limit_mb` MB (10^6 bytes), else projected.
+def _exact_bytes(n_tasks: int, n_parameters: int) -> int:
+    return 4 * n_tasks * n_parameters
 
-    `sums[name]` is [T, *shape], row t the gradient of task `tasks[t]` (the engine's linear sums
-    with the layout's task matrix).
+
+def from_sums(sums: Mapping[str, torch.Tensor], tasks: list[str], limit_mb: float = DEFAULT_LIMIT_MB,
+              seed: int = 0, dim: int = projection.DEFAULT_DIM,
+              free_disk_bytes: int | None = None) -> TaskGradients:
+    """Exact when T x n_selected float32 values fit in `limit_mb` MB (10^6 bytes) and in
+    `free_disk_bytes` less `DISK_MARGIN_BYTES` (when given); else the count sketch to `dim`.
+
+    `sums[name]` is [T, *shape] (any float dtype, on any device: a CUDA device, pinned or plain
+    host memory), row t the gradient of task `tasks[t]` (the engine's linear sums with the
+    layout's task matrix). The sketch is computed where each tensor lives; only the exact
+    gradients or the [T, dim] sketch come to the CPU.
     """
     params = [(name, list(value.shape[1:])) for name, value in sums.items()]
-    exact_bytes = 4 * len(tasks) * sum(_numel(shape) for _, shape in params)
-    if exact_bytes <= limit_mb * 1e6:
+    exact_bytes = _exact_bytes(len(tasks), sum(_numel(shape) for _, shape in params))
+    reason = _projection_reason(exact_bytes, limit_mb, free_disk_bytes)
+    if reason is None:
         tensors = {name: value.detach().to("cpu", torch.float32).contiguous() for name, value in sums.items()}
         return TaskGradients("exact", list(tasks), params, tensors)
-    projected = projection.project(sums, dim, seed).to(torch.float32)
-    return TaskGradients("projected", list(tasks), params, {"projection": projected}, dim, seed)
+    sketch = projection.count_sketch(sums, dim, seed).to(torch.float32)
+    return TaskGradients("projected", list(tasks), params, {"projection": sketch}, dim, seed,
+                         projection.COUNT_SKETCH, reason)
+
+
+def _projection_reason(exact_bytes: int, limit_mb: float, free_disk_bytes: int | None) -> str | None:
+    """Why the exact gradients cannot be saved, or None when they can."""
+    if exact_bytes > limit_mb * 1e6:
+        return f"the exact task gradients need {exact_bytes / 1e6:.1f} MB, over --task-grads-limit {limit_mb:g} MB"
+    if free_disk_bytes is not None and exact_bytes > free_disk_bytes - DISK_MARGIN_BYTES:
+        return (f"the exact task gradients need {exact_bytes / 1e6:.1f} MB and the disk has "
+                f"{free_disk_bytes / 1e6:.1f} MB free")
+    return None
 
 
 def write(path: Path, grads: TaskGradients) -> None:
@@ -87,7 +127,7 @@ def write(path: Path, grads: TaskGradients) -> None:
     metadata = {"format": "pt", "gradprobe": "task_grads", "kind": grads.kind,
                 "tasks": json.dumps(grads.tasks), "params": json.dumps(grads.params)}
     if grads.kind == "projected":
-        metadata.update(dim=str(grads.dim), seed=str(grads.seed), method=PROJECTION_METHOD)
+        metadata.update({key: str(value) for key, value in grads.projection_info.items()})
     save_file(grads.tensors, str(path), metadata=metadata)
 
 
@@ -104,18 +144,24 @@ def read(path: Path) -> TaskGradients:
         kind = metadata["kind"]
         tasks = json.loads(metadata["tasks"])
         params = [(name, list(shape)) for name, shape in json.loads(metadata["params"])]
-        dim = int(metadata["dim"]) if kind == "projected" else None
-        seed = int(metadata["seed"]) if kind == "projected" else None
+        projected = kind == "projected"
+        dim = int(metadata["dim"]) if projected else None
+        seed = int(metadata["seed"]) if projected else None
+        # files written before the count sketch carry no `projection`: they are all Gaussian
+        kind_of_projection = metadata.get("projection", projection.GAUSSIAN) if projected else None
     except Exception as exc:  # safetensors' own error type, KeyError, JSON errors: all corrupt
         raise UserInputError(f"{path}: corrupt task gradients file ({type(exc).__name__}: {exc})") from None
     if kind not in ("exact", "projected"):
         raise UserInputError(f"{path}: unknown task gradients kind {kind!r}")
-    return TaskGradients(kind, tasks, params, tensors, dim, seed)
+    if projected and kind_of_projection not in projection.METHODS:
+        raise UserInputError(f"{path}: unknown projection {kind_of_projection!r}")
+    return TaskGradients(kind, tasks, params, tensors, dim, seed, kind_of_projection)
 
 
 def check_comparable(a: TaskGradients, b: TaskGradients) -> None:
     """Raise UserInputError unless the two files hold the same kind of vectors over the same
-    parameters (and, for projections, the same dim and seed), so their cosines mean something."""
+    parameters (and, for projections, the same projection, dim and seed), so their cosines mean
+    something."""
     if a.kind != b.kind:
         raise UserInputError(
             f"task gradients not comparable: one scan saved them {a.kind}, the other {b.kind}; "
@@ -128,7 +174,14 @@ def check_comparable(a: TaskGradients, b: TaskGradients) -> None:
             f"task gradients not comparable: the scans differentiated different {what} "
             "(use the same model architecture and --params)"
         )
-    if a.kind == "projected" and (a.dim, a.seed) != (b.dim, b.seed):
+    if a.kind != "projected":
+        return
+    if a.projection != b.projection:
+        raise UserInputError(
+            f"task gradients not comparable: one scan saved a {a.projection} projection, the other "
+            f"a {b.projection} one (older gradprobe versions saved gaussian); re-run the older scan"
+        )
+    if (a.dim, a.seed) != (b.dim, b.seed):
         raise UserInputError(
             f"task gradients not comparable: projections differ (dim {a.dim} seed {a.seed} against "
             f"dim {b.dim} seed {b.seed}); re-run one scan with the other's --task-grads-seed"
@@ -150,11 +203,11 @@ def drift(a: TaskGradients, b: TaskGradients) -> dict[str, Any]:
         tasks[task] = row
     out: dict[str, Any] = {"kind": a.kind, "tasks": tasks}
     if a.kind == "projected":
-        out.update(dim=a.dim, seed=a.seed, method=PROJECTION_METHOD,
-                   error_bound_95=projection.cosine_error_bound(a.dim or 1),
-                   error_note=f"projected to {a.dim} dimensions: each cosine is within "
-                              f"+-{projection.cosine_error_bound(a.dim or 1):.3f} of the exact one "
-                              "with about 95% probability")
+        info = a.projection_info
+        bound = info.pop("cosine_error_bound_95")
+        out.update(info, error_bound_95=bound,
+                   error_note=f"{a.projection} projection to {a.dim} dimensions: each cosine is within "
+                              f"+-{bound:.3f} of the exact one with about 95% probability")
     else:
         out.update(error_bound_95=0.0, error_note="exact gradients: cosines are exact (to float32 rounding)")
     return out

@@ -1,5 +1,6 @@
 """Pure functions behind report/compare/gains: the --fail-on language, windowed gains, Spearman
-with few tasks, and the seeded projection's determinism and cosine error bound."""
+with few tasks, and the older Gaussian projection's determinism and cosine error bound (the count
+sketch scans save now: test_count_sketch.py)."""
 
 from __future__ import annotations
 
@@ -116,10 +117,10 @@ def _vectors(seed: int, cos: float, n: int = 3000) -> dict[str, torch.Tensor]:
 
 def test_projection_is_deterministic_and_order_free():
     v = _vectors(0, 0.5)
-    first = projection.project(v, 1024, seed=3)
-    again = projection.project(dict(reversed(list(v.items()))), 1024, seed=3)
+    first = projection.gaussian_projection(v, 1024, seed=3)
+    again = projection.gaussian_projection(dict(reversed(list(v.items()))), 1024, seed=3)
     assert torch.equal(first, again)
-    assert not torch.equal(first, projection.project(v, 1024, seed=4))
+    assert not torch.equal(first, projection.gaussian_projection(v, 1024, seed=4))
 
 
 @pytest.mark.parametrize("cos", [0.0, 0.6, -0.9])
@@ -128,7 +129,7 @@ def test_projected_cosine_error_bound(cos):
     bound = projection.cosine_error_bound(dim)
     errors, covered = [], 0
     for seed in range(n):
-        p = projection.project(_vectors(seed, cos), dim, seed)
+        p = projection.gaussian_projection(_vectors(seed, cos), dim, seed)
         estimate = projection.cosine(p[0], p[1])
         errors.append(abs(estimate - cos))
         lo, hi = projection.cosine_interval(estimate, dim)
@@ -147,10 +148,12 @@ def test_task_grads_exact_below_limit_projected_above(tmp_path):
     assert small.kind == "exact"
     big = task_grads.from_sums(sums, ["a", "b"], limit_mb=0.01, seed=5)
     assert big.kind == "projected" and big.dim >= 1024 and big.seed == 5
+    assert big.projection == "countsketch" and "--task-grads-limit" in big.reason
+    assert torch.allclose(big.tensors["projection"].double(), projection.count_sketch(sums, big.dim, 5))
     task_grads.write(tmp_path / "g.safetensors", big)
     back = task_grads.read(tmp_path / "g.safetensors")
-    assert (back.kind, back.dim, back.seed, back.tasks, back.params) == ("projected", big.dim, 5, ["a", "b"],
-                                                                         big.params)
+    assert (back.kind, back.dim, back.seed, back.tasks, back.params, back.projection) == (
+        "projected", big.dim, 5, ["a", "b"], big.params, "countsketch")
     assert torch.equal(back.tensors["projection"], big.tensors["projection"])
     with pytest.raises(UserInputError, match="not comparable"):
         task_grads.check_comparable(small, big)

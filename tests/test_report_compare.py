@@ -79,6 +79,7 @@ def test_projected_task_gradients_estimate_norms_and_cosines(scans):
     schema.validate(document, "scan")
     info = document["task_grads"]
     assert info["kind"] == "projected" and info["dim"] >= 1024 and info["seed"] == 0
+    assert info["projection"] == "countsketch" and "--task-grads-limit" in info["reason"]
     saved = task_grads.read(scans["a_proj"] / "task_grads.safetensors")
     assert saved.tensors["projection"].shape == (3, info["dim"])
     bound = projection.cosine_error_bound(info["dim"])
@@ -100,7 +101,7 @@ def test_projection_error_bound_on_model_gradients(scans):
     bound = projection.cosine_error_bound(dim)
     errors, covered = [], 0
     for seed in range(8):
-        pa, pb = projection.project(a.tensors, dim, seed), projection.project(b.tensors, dim, seed)
+        pa, pb = projection.count_sketch(a.tensors, dim, seed), projection.count_sketch(b.tensors, dim, seed)
         for t, task in enumerate(a.tasks):
             exact = projection.cosine(a.task_vector(task), b.task_vector(task))
             estimate = projection.cosine(pa[t], pb[t])
@@ -222,13 +223,45 @@ def test_compare_projected_drift_is_within_its_bound(scans):
     schema.validate(projected, "compare")
     drift = projected["drift"]
     assert drift["kind"] == "projected" and drift["dim"] >= 1024 and drift["seed"] == 0
+    assert drift["projection"] == "countsketch"
     assert drift["error_bound_95"] == pytest.approx(1.96 / drift["dim"] ** 0.5, rel=1e-3)
     for task, row in projected["tasks"].items():
-        assert abs(row["drift_cosine"] - exact["tasks"][task]["drift_cosine"]) <= 2 * drift["error_bound_95"]
+        truth = exact["tasks"][task]["drift_cosine"]
+        assert abs(row["drift_cosine"] - truth) <= drift["error_bound_95"]
         lo, hi = row["drift_cosine_ci"]
-        assert lo < row["drift_cosine"] < hi
+        assert lo < row["drift_cosine"] < hi and lo <= truth <= hi
     console = run("compare", scans["a_proj"], scans["b_proj"])
     assert "projected" in console.output and "95%" in console.output
+
+
+def legacy_gaussian_copy(scan_dir: Path, out: Path) -> Path:
+    """A copy of an exact scan whose task_grads.safetensors is what gradprobe wrote before the
+    count sketch: the Gaussian projection to 2048 dimensions, with no `projection` in the metadata."""
+    from safetensors.torch import save_file
+
+    shutil.copytree(scan_dir, out)
+    exact = task_grads.read(scan_dir / "task_grads.safetensors")
+    metadata = {"format": "pt", "gradprobe": "task_grads", "kind": "projected",
+                "tasks": json.dumps(exact.tasks), "params": json.dumps(exact.params), "dim": "2048",
+                "seed": "0", "method": "Gaussian N(0, 1/dim) per parameter, CPU torch.Generator "
+                                       "seeded with seed + crc32(name)"}
+    sketch = projection.gaussian_projection(exact.tensors, 2048, 0).float()
+    save_file({"projection": sketch}, str(out / "task_grads.safetensors"), metadata=metadata)
+    return out
+
+
+def test_compare_reads_older_gaussian_files_and_refuses_mixing_them(scans, tmp_path):
+    exact = json.loads(run("compare", scans["a"], scans["b"], "--json").stdout)
+    old_a, old_b = (legacy_gaussian_copy(scans[k], tmp_path / k) for k in ("a", "b"))
+    result = run("compare", old_a, old_b, "--json")
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.stdout)
+    schema.validate(document, "compare")
+    drift = document["drift"]
+    assert (drift["kind"], drift["projection"], drift["dim"]) == ("projected", "gaussian", 2048)
+    for task, row in document["tasks"].items():
+        assert abs(row["drift_cosine"] - exact["tasks"][task]["drift_cosine"]) <= 2 * drift["error_bound_95"]
+    assert_user_error(run("compare", old_a, scans["b_proj"]), "not comparable", "gaussian", "countsketch")
 
 
 def test_compare_refuses_incomparable_task_gradients(scans, tmp_path):
@@ -239,6 +272,11 @@ def test_compare_refuses_incomparable_task_gradients(scans, tmp_path):
     saved.seed = 7
     task_grads.write(other / "task_grads.safetensors", saved)
     assert_user_error(run("compare", scans["a_proj"], other), "not comparable", "seed")
+    saved.seed, saved.dim = 0, saved.dim // 2
+    saved.tensors["projection"] = saved.tensors["projection"][:, : saved.dim].contiguous()
+    task_grads.write(other / "task_grads.safetensors", saved)
+    assert_user_error(run("compare", scans["a_proj"], other), "not comparable", "dim")
+    saved.dim = 2 * saved.dim
     saved.seed, saved.params = 0, saved.params[1:]
     task_grads.write(other / "task_grads.safetensors", saved)
     assert_user_error(run("compare", scans["a_proj"], other), "not comparable", "parameter names")

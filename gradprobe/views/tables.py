@@ -102,7 +102,8 @@ def compare_grids(document: dict[str, Any]) -> list[Grid]:
         drift = document["drift"]
         drift_title = "Change from A to B, and drift cos(g_t under A, g_t under B)"
         if drift.get("kind") == "projected":
-            drift_title += f" (projected, dim {drift['dim']}, +-{drift['error_bound_95']:.3f} at 95%)"
+            drift_title += (f" (projected: {drift.get('projection', 'gaussian')}, dim {drift['dim']}, "
+                            f"+-{drift['error_bound_95']:.3f} at 95%)")
         elif drift.get("kind") == "exact":
             drift_title += " (exact)"
         projected = drift.get("kind") == "projected"
