@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from scipy import stats as sps
 
 from gradprobe import intervals as iv
 from gradprobe.gradients import estimators as est
@@ -108,7 +109,7 @@ def test_jackknife_from_moments_equals_gram_and_brute_force():
     assert res.se == pytest.approx(brute_se, rel=1e-10)
     assert res.se == pytest.approx(gram_se, rel=1e-10)
     assert res.delete_one.mean() == pytest.approx(gram_centre, rel=1e-10)
-    t = __import__("scipy").stats.t.ppf(0.975, m - 1)
+    t = sps.t.ppf(0.975, m - 1)
     assert (res.lo, res.hi) == pytest.approx((res.value - t * brute_se, res.value + t * brute_se))
     assert res.df == m - 1 and res.reason is None
 
@@ -119,12 +120,14 @@ def test_ratio_interval_is_the_fieller_set_by_brute_force():
     b = iv.u_statistic_interval(iv.moments_from_gram(_gram(rng, 20, 0.7)))
     res = iv.ratio_test(a, b)
     grid = np.linspace(0, 20, 400001)
-    inside = (a.value - grid * b.value) ** 2 <= 1.959963984540054**2 * (a.variance + grid**2 * b.variance)
+    z = sps.norm.ppf(0.975)
+    inside = (a.value - grid * b.value) ** 2 <= z**2 * (a.variance + grid**2 * b.variance)
     assert res["squared_lo"] == pytest.approx(grid[inside].min(), abs=1e-4)
     assert res["squared_hi"] == pytest.approx(grid[inside].max(), abs=1e-4)
-    assert (res["lo"], res["hi"]) == pytest.approx((np.sqrt(res["squared_lo"]), np.sqrt(res["squared_hi"])))
-    z = (a.value - b.value) / np.sqrt(a.variance + b.variance)
-    assert res["p"] == pytest.approx(2 * __import__("scipy").stats.norm.sf(abs(z)))
+    roots = (np.sqrt(res["squared_lo"]), np.sqrt(res["squared_hi"]))
+    assert (res["lo"], res["hi"]) == pytest.approx(roots)
+    t_stat = (a.value - b.value) / np.sqrt(a.variance + b.variance)
+    assert res["p"] == pytest.approx(2 * sps.norm.sf(abs(t_stat)))
     assert res["ratio"] == pytest.approx(np.sqrt(a.value / b.value))
 
 
@@ -205,3 +208,19 @@ def test_too_small_a_sketch_claims_no_interval():
     assert res.value == pytest.approx(iv.u_statistic_interval(exact).value)
     assert res.sketch_noise_fraction > iv.MAX_SKETCH_NOISE_FRACTION
     assert res.lo is None and "sketch (k=6) is too small" in res.reason
+
+
+def test_sketched_moments_give_the_exact_u_and_a_close_interval():
+    rng = np.random.default_rng(6)
+    u = draw_prompts(rng, 1, 64, MEAN_A, 4.0)[0]
+    proj = rng.standard_normal((D, SKETCH_DIM)) / np.sqrt(SKETCH_DIM)
+    exact = iv.moments_from_gram(u @ u.T)
+    pu = u @ proj
+    sketched = iv.TaskMoments(exact.sum_sq_norm, exact.unit_sq_norms, pu @ pu.sum(0), "sketch",
+                              sketch_dim=SKETCH_DIM)
+    a, b = iv.u_statistic_interval(exact), iv.u_statistic_interval(sketched)
+    assert b.value == pytest.approx(a.value, rel=1e-12)
+    assert b.source == "sketch" and 0 < b.sketch_noise_fraction < iv.MAX_SKETCH_NOISE_FRACTION
+    assert b.df < a.df == 63 and b.se == pytest.approx(a.se, rel=0.5)
+    np.testing.assert_allclose(b.delete_one.sum(), a.delete_one.sum(), rtol=1e-9)
+    assert "random projection" in b.method
