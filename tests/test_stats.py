@@ -429,7 +429,16 @@ def table_of(us, rng):
 
 
 def stats_of(us, rng):
-    return compute_stats(table_of(us, rng), exact({t: u @ u.T for t, u in us.items()}))
+    """compute_stats on the vectors, checking the verdict rule on every result: "dominates"
+    only with every pair of the top task significant after Holm and its interval above 1."""
+    s = compute_stats(table_of(us, rng), exact({t: u @ u.T for t, u in us.items()}))
+    dom = s["dominance"]
+    if "dominates" in " ".join(s["verdicts"]):
+        assert dom["dominant"] == dom["top"]
+        mine = [r for r in dom["pairs"] if r["a"] == dom["top"]]
+        assert len(mine) == len(dom["order"]) - 1
+        assert all(r["p_holm"] < 0.05 and r["lo"] > 1 for r in mine)
+    return s
 
 
 def prompt_pool(rng, n=64, d=32, outlier=False):
