@@ -136,6 +136,26 @@ def _gram(rng, m, mean):
     return u @ u.T
 
 
+def test_fieller_hull_matches_a_grid_search_on_random_inputs():
+    """Bounded, unbounded, two-ray and empty sets: the hull against a log grid on [0, 1e5]."""
+    rng = np.random.default_rng(8)
+    num, den = rng.normal(1, 2, 300), rng.normal(1, 2, 300)
+    var_num, var_den = rng.exponential(1, 300), rng.exponential(1, 300)
+    lo, hi = iv.fieller_interval(num, var_num, den, var_den, np.full(300, 1.96))
+    grid = np.r_[0, np.geomspace(1e-4, 1e5, 200001)]
+    for i in range(300):
+        bound = 1.96**2 * (var_num[i] + grid**2 * var_den[i])
+        inside = grid[(num[i] - grid * den[i]) ** 2 <= bound]
+        if inside.size == 0:
+            assert lo[i] == hi[i] == 0
+            continue
+        assert lo[i] == pytest.approx(inside.min(), rel=1e-3, abs=1e-3)
+        if np.isinf(hi[i]):
+            assert inside.max() == grid[-1]
+        else:
+            assert hi[i] == pytest.approx(inside.max(), rel=1e-3)
+
+
 def test_fieller_unbounded_when_the_denominator_is_noise():
     lo, hi = iv.fieller_interval(np.array([4.0]), np.array([0.25]), np.array([0.1]),
                                  np.array([1.0]), np.array([1.96]))
