@@ -1,6 +1,6 @@
 """The gradprobe command line: parses flags, calls the pipeline, maps errors to exit codes.
 
-Exit codes: 0 success, 1 a --fail-on alert fired, 2 bad input (one line on stderr, no traceback).
+Exit codes: 0 success, 1 a --fail-on alert fired (plan: the scan does not fit), 2 bad input (one line on stderr, no traceback).
 """
 
 from __future__ import annotations
@@ -342,6 +342,86 @@ def gains(
         stdout.print(render_gains(document))
         if out is not None:
             stdout.print(f"wrote {out}", style="dim")
+
+
+@app.command()
+def plan(
+    model: Annotated[str, typer.Argument(help="Checkpoint directory, a directory with only config.json, or a hub id in the local cache; built on the meta device, no weights read.")],
+    tasks: Annotated[int, typer.Option("--tasks", help="Tasks in the mix (T).")],
+    device_memory: Annotated[float, typer.Option("--device-memory", help="GiB of memory per device (141 GB = 131.3 GiB).")],
+    prompts_per_task: Annotated[int, typer.Option(help="Prompts per task (N).")] = 64,
+    group_size: Annotated[int, typer.Option("--group-size", "-k", help="Completions per prompt (K).")] = 8,
+    prompt_len: Annotated[int, typer.Option(help="Longest prompt, in tokens.")] = 256,
+    completion_len: Annotated[int, typer.Option(help="Longest completion, in tokens (scan's --max-new-tokens).")] = 256,
+    dtype: Annotated[str, typer.Option(help="Model weights: bfloat16, float16 or float32. Sums are float32.")] = "bfloat16",
+    host_memory: Annotated[Optional[float], typer.Option(help="GiB of host memory for host-resident sums, shared by the devices; by default this machine's.")] = None,
+    devices: Annotated[int, typer.Option(help="Devices, weights and sums sharded with FSDP2; activations per device.")] = 1,
+    params: Annotated[Optional[list[str]], typer.Option(help="Parameters to differentiate, as scan's --params: all, last-block, attention, mlp, or globs (repeatable).  [default: all]")] = None,
+    intervals: Annotated[str, typer.Option(help="exact (a second pass), sketch (per-unit sketches) or none.")] = "exact",
+    checkpoint_activations: Annotated[bool, typer.Option("--checkpoint-activations", help="Keep only each decoder layer's input; recompute one layer at a time in backward.")] = False,
+    sums: Annotated[str, typer.Option(help="Where the task sign sums live: auto (the device when they fit there, else host), device or host.")] = "auto",
+    device: Annotated[str, typer.Option(help="cuda or cpu (on CPU a micro-batch holds at most 4096 padded tokens).")] = "cuda",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON (schema gradprobe/schema/plan.schema.json).")] = False,
+) -> None:
+    """Plan a scan's memory before loading anything: every buffer, the micro-batch, the passes.
+
+    Exit 0 when it fits, 1 when it does not (with the options that would make it fit, each planned
+    in full: --params subsets, host-resident sums, --checkpoint-activations, more --devices),
+    2 for bad input.
+
+    MODEL may be a folder holding only config.json. Examples:
+
+      gradprobe plan ./qwen2-0.5b --tasks 4 --completion-len 512 --device-memory 80
+
+      gradprobe plan ./qwen2-7b --tasks 4 --completion-len 1024 --device-memory 131.3 --json
+    """
+    from gradprobe.gradients.plan import PlanSettings, RolloutShape, dtype_bytes, plan_for_config
+    from gradprobe.views.plan_view import render_plan
+
+    _quiet_libraries()
+    try:
+        if device not in ("cuda", "cpu"):
+            raise UserInputError(f"--device {device!r}: choose cuda or cpu")
+        rollout = RolloutShape(tasks, prompts_per_task, group_size, prompt_len, completion_len)
+        settings = PlanSettings(
+            dtype_bytes=dtype_bytes(dtype), device_memory=_gib_bytes(device_memory, "--device-memory"),
+            host_memory=_host_memory_bytes(host_memory), devices=devices, intervals=intervals,
+            checkpoint_activations=checkpoint_activations, sums=sums, device_kind=device)
+        planned = plan_for_config(_model_config(model), list(params or ["all"]), rollout, settings)
+    except UserInputError as exc:
+        fail(str(exc))
+    if as_json:
+        print(json.dumps(planned.to_document(model), indent=2))
+    else:
+        stdout.print(render_plan(planned, model))
+    if not planned.fits:
+        raise typer.Exit(1)
+
+
+def _gib_bytes(gib: float, flag: str) -> int:
+    if not gib > 0:
+        raise UserInputError(f"{flag} must be a positive number of GiB, got {gib}")
+    return int(gib * (1 << 30))
+
+
+def _host_memory_bytes(gib: Optional[float]) -> int:
+    """--host-memory in bytes; by default this machine's physical memory."""
+    from gradprobe.gradients.plan import physical_host_memory
+
+    return physical_host_memory() if gib is None else _gib_bytes(gib, "--host-memory")
+
+
+def _model_config(spec: str):
+    """The transformers config of MODEL (a directory with config.json, or a cached hub id)."""
+    from transformers import AutoConfig
+
+    from gradprobe.model_loading import resolve_model_path
+
+    path = resolve_model_path(spec)
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as exc:
+        raise UserInputError(f"{spec}: cannot read its config.json ({str(exc).splitlines()[0]})") from None
 
 
 mix_app = typer.Typer(help="Look at a mix before spending GPU time on it.", no_args_is_help=True)
