@@ -71,6 +71,7 @@ class ScanConfig:
     trust_remote_code: bool = False
     adapter: str | None = None
     reward_workers: int = 1
+    allow_weak_sandbox: bool = False
 
 
 class Progress(Protocol):
@@ -153,6 +154,7 @@ def scan(config: ScanConfig, progress: Progress | None = None) -> ScanResult:
     timings: dict[str, float] = {}
     total_start = time.perf_counter()
     mix = None
+    sandbox_used = None
     if config.rollouts is None:
         if config.mix is None:
             raise UserInputError("give a MIX file (or --rollouts FILE, or --demo)")
@@ -161,6 +163,7 @@ def scan(config: ScanConfig, progress: Progress | None = None) -> ScanResult:
             prompts = select_prompts(mix, config.prompts_per_task, config.seed)
             reward_specs = parse_reward_options(config.rewards, mix.tasks, config.default_reward,
                                                 task_rewards(mix))
+            reward_specs, sandbox_used = isolate_code_rewards(reward_specs, config.allow_weak_sandbox)
     with _timed(timings, "load_model_s"):
         loaded = load_model(config.model, config.device, config.dtype, config.allow_pickle,
                             config.trust_remote_code, config.adapter)
@@ -192,6 +195,7 @@ def scan(config: ScanConfig, progress: Progress | None = None) -> ScanResult:
         result, fallback = _gradients(model, param_names, batch, layout, settings, budget, advance)
     summary = summarise_gradients(result, layout)
     document = _scan_document(config, loaded, mix, rollouts, layout, summary, result, timings)
+    document["sandbox"] = sandbox_used
     if fallback:
         document["engine"]["fallback"] = fallback
     if len(param_names) < len(all_names) and config.proxy_check and (
@@ -220,6 +224,37 @@ def scan(config: ScanConfig, progress: Progress | None = None) -> ScanResult:
         task_grads.write(staging / artifacts.TASK_GRADS_FILE, saved_grads)
         _write_rollouts(staging / artifacts.ROLLOUTS_FILE, rollouts, layout, summary)
     return ScanResult(document, out)
+
+
+def isolate_code_rewards(
+    rewards: dict[str, Any], allow_weak: bool
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The rewards with the isolation set on each one that runs model-written code, and what
+    scan.json records about it (None when no reward runs code).
+
+    bwrap unless it cannot run here; then `UserInputError` with the reason, or the weak guard
+    when `allow_weak`. Checked before any model work.
+    """
+    from dataclasses import replace
+
+    from gradprobe.rewards.composite import as_composite
+    from gradprobe.rewards.registry import REWARDS, RUNS_CODE
+    from gradprobe.rewards.sandbox import bwrap_problem, check_isolation
+
+    code_runners = {REWARDS.get(name) for name in RUNS_CODE}
+    composites = {task: as_composite(reward) for task, reward in rewards.items()}
+    users = sorted(task for task, c in composites.items() if any(s.fn in code_runners for _, _, s in c.terms))
+    if not users:
+        return rewards, None
+    problem = bwrap_problem()
+    isolation = check_isolation("weak" if allow_weak and problem is not None else "bwrap")
+    isolated = {}
+    for task, composite in composites.items():
+        terms = tuple((name, weight, replace(spec, options={**spec.options, "isolation": isolation})
+                       if spec.fn in code_runners else spec) for name, weight, spec in composite.terms)
+        isolated[task] = replace(composite, terms=terms)
+    return isolated, {"isolation": isolation, "tasks": users,
+                      "why_weak": problem if isolation == "weak" else None}
 
 
 def _gradients(model: Any, names: list[str], batch: Any, layout: Any, settings: Any, budget: int,

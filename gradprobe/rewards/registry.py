@@ -31,6 +31,8 @@ REWARDS: Registry[RewardFn] = Registry("reward")
 SPEC_ARGUMENT: dict[str, str] = {}
 # Rewards whose "NAME:VALUE" value may be left out (the function's default applies).
 OPTIONAL_ARGUMENT: set[str] = set()
+# Rewards that run model-written code: they take an ``isolation`` option (--allow-weak-sandbox).
+RUNS_CODE: set[str] = set()
 
 
 @dataclass(frozen=True)
@@ -46,10 +48,13 @@ class RewardSpec:
 
 
 def register_reward(
-    name: str, argument: str | None = None, required: bool = True
+    name: str, argument: str | None = None, required: bool = True, runs_code: bool = False
 ) -> Callable[[RewardFn], RewardFn]:
     """Decorator: register a reward; `argument` names the option that ``NAME:VALUE`` sets
-    (which may be left out when not `required`)."""
+    (which may be left out when not `required`); `runs_code` marks one that executes
+    completions (it must accept ``isolation="bwrap"|"weak"``)."""
+    if runs_code:
+        RUNS_CODE.add(name)
     if argument is not None:
         SPEC_ARGUMENT[name] = argument
         if not required:
