@@ -74,6 +74,7 @@ def scan(
     seed: Annotated[int, typer.Option(help="Seed for the prompt subset and sampling; same seed, same scan.")] = 0,
     reward: Annotated[Optional[list[str]], typer.Option(help="TASK=SPEC per task, or SPEC as the default. Built in: exact, numeric, regex:PATTERN, math, countdown, python_tests, format[:STYLE]; or package.module:function. Several with weights: TASK=math+0.2*format (a term with :VALUE goes last).")] = None,
     reward_workers: Annotated[int, typer.Option(help="Worker processes for the rewards (slow verifiers); 1 scores in this process. Same results either way.")] = 1,
+    reward_timeout: Annotated[float, typer.Option(help="Seconds one completion's reward may take (0: no limit); a reward that runs longer stops the scan naming the task and prompt.")] = 60.0,
     allow_weak_sandbox: Annotated[bool, typer.Option("--allow-weak-sandbox", help="Where bubblewrap cannot run, let python_tests run model-written code under an in-process guard only (determined code can escape it). scan.json records the isolation used.")] = False,
     advantage: Annotated[str, typer.Option(help="Advantage estimator: grpo, dr_grpo, rloo or none.")] = "grpo",
     loss: Annotated[str, typer.Option(help="Loss aggregation: grpo, bnpo, dapo or dr_grpo.")] = "grpo",
@@ -141,7 +142,7 @@ def scan(
         stats=stats, bootstrap=bootstrap, proxy_check=proxy_check,
         allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
         adapter=None if adapter is None else str(adapter), reward_workers=reward_workers,
-        allow_weak_sandbox=allow_weak_sandbox,
+        allow_weak_sandbox=allow_weak_sandbox, reward_timeout_s=reward_timeout,
         task_grads_limit_mb=task_grads_limit, task_grads_seed=task_grads_seed, **settings,
     )
     _quiet_libraries()
@@ -386,12 +387,27 @@ def mix_inspect(
 
 
 def main() -> None:
-    """Entry point for the `gradprobe` script."""
+    """Entry point for the `gradprobe` script.
+
+    Ctrl-C and SIGTERM raise `Stopped` (which click, unlike KeyboardInterrupt, does not turn
+    into "Aborted!"), so every ``finally`` runs: workers and sandboxes are stopped, staging
+    directories removed. One line, then exit 130 or 143.
+    """
+    import signal
+
+    from gradprobe.errors import Stopped
+
+    def stop(signum: int, frame: object) -> None:
+        raise Stopped(signum)
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
     try:
         app()
-    except KeyboardInterrupt:
-        stderr.print("interrupted")
-        sys.exit(130)
+    except (Stopped, KeyboardInterrupt) as exc:
+        signum = exc.signum if isinstance(exc, Stopped) else signal.SIGINT
+        stderr.print("interrupted" if signum == signal.SIGINT else "terminated", highlight=False)
+        sys.exit(128 + signum)
 
 
 if __name__ == "__main__":

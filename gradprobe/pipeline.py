@@ -71,6 +71,7 @@ class ScanConfig:
     trust_remote_code: bool = False
     adapter: str | None = None
     reward_workers: int = 1
+    reward_timeout_s: float = 60.0
     allow_weak_sandbox: bool = False
 
 
@@ -114,6 +115,8 @@ def validate(config: ScanConfig) -> None:
         raise UserInputError("--max-new-tokens must be at least 1")
     if config.reward_workers < 1:
         raise UserInputError("--reward-workers must be at least 1")
+    if not config.reward_timeout_s >= 0:
+        raise UserInputError("--reward-timeout must be 0 (no limit) or more seconds")
     if config.bootstrap < 0:
         raise UserInputError("--bootstrap must be 0 or more")
     if config.engine not in ("auto", "hooks", "vmap"):
@@ -176,7 +179,8 @@ def scan(config: ScanConfig, progress: Progress | None = None) -> ScanResult:
                 config.temperature, config.top_p, config.seed, config.generate_batch_size, advance,
             )
         with _timed(timings, "rewards_s"), progress.stage("rewards", len(rollouts)) as advance:
-            rollouts = score_rollouts(rollouts, reward_specs, advance, config.reward_workers)
+            rollouts = score_rollouts(rollouts, reward_specs, advance, config.reward_workers,
+                                      config.reward_timeout_s)
     else:
         with _timed(timings, "rollouts_s"):
             rollouts = read_rollouts(Path(config.rollouts), tokenizer, model)

@@ -4,6 +4,11 @@ warning where a result would silently be wrong, and nothing half-written or left
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -29,7 +34,8 @@ def scan(model: Path, mix: Path, out: Path, *extra: object):
 def assert_user_error(result, *fragments: str) -> None:
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output
-    assert len(result.output.strip().splitlines()) == 1, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in result.output, result.output
     for fragment in fragments:
         assert fragment in result.output, result.output
 
@@ -67,3 +73,141 @@ def test_without_bwrap_the_scan_stops_before_model_work_unless_weak_is_accepted(
     document = json.loads((tmp_path / "o" / "scan.json").read_text())
     assert document["sandbox"]["isolation"] == "weak"
     assert document["sandbox"]["why_weak"] == "no bwrap program on PATH"
+
+
+# ------------------------------------------------------------------ user rewards: errors, hangs
+
+REWARDS = '''
+import os, time
+
+def text(completion, answer, **kw):
+    return "abc"
+
+def nothing(completion, answer, **kw):
+    return None
+
+def broken(completion, answer, **kw):
+    raise KeyError("no such column")
+
+def hangs(completion, answer, **kw):
+    open(os.environ["GRADPROBE_TEST_MARK"], "a").close()
+    time.sleep(60)
+    return 1.0
+
+def sandbox_hangs(completion, answer, **kw):
+    from gradprobe.rewards.python_tests import run_python_tests
+    open(os.environ["GRADPROBE_TEST_MARK"], "a").close()
+    return float(run_python_tests("import time\\ntime.sleep(60)", "assert f(1) == 1", timeout=60).passed)
+
+def hangs_stubbornly(completion, answer, **kw):
+    try:
+        time.sleep(60)
+    except Exception:
+        return 1.0
+    return 1.0
+'''
+
+
+@pytest.fixture()
+def user_rewards(tmp_path, monkeypatch) -> str:
+    (tmp_path / "hostile_rewards.py").write_text(REWARDS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "hostile_rewards"
+
+
+@pytest.mark.parametrize("function, workers, fragments", [
+    ("text", "2", ("returned 'abc' (str)",)),
+    ("nothing", "1", ("returned None (NoneType)",)),
+    ("broken", "2", ("raised KeyError", "no such column")),
+])
+def test_a_bad_user_reward_is_one_line_naming_task_prompt_and_value(
+    tiny_llama, tiny_mix, tmp_path, user_rewards, function, workers, fragments
+):
+    result = scan(tiny_llama, tiny_mix, tmp_path / "o", "--reward", f"echo={user_rewards}:{function}",
+                  "--reward-workers", workers)
+    assert_user_error(result, "task 'echo', prompt 'echo-", f"{user_rewards}:{function}", *fragments)
+    assert not (tmp_path / "o").exists() and nothing_left(tmp_path)
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_hanging_user_reward_stops_at_the_reward_timeout(
+    tiny_llama, tiny_mix, tmp_path, user_rewards, workers
+):
+    start = time.monotonic()
+    result = scan(tiny_llama, tiny_mix, tmp_path / "o", "--reward", f"echo={user_rewards}:hangs_stubbornly",
+                  "--reward-timeout", "0.5", "--reward-workers", workers)
+    assert_user_error(result, "task 'echo', prompt 'echo-", "--reward-timeout 0.5s")
+    assert time.monotonic() - start < 30
+
+
+# ------------------------------------------------------------ Ctrl-C, SIGTERM, SIGKILL: no orphans
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def session_members(sid: int) -> list[int]:
+    """Live processes of session `sid` (the scan and every child that did not leave it)."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        try:
+            fields = (entry / "stat").read_text().rsplit(") ", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":
+            members.append(int(entry.name))
+    return members
+
+
+def start_scan(model: Path, mix: Path, place: Path, reward: str) -> subprocess.Popen:
+    place.mkdir()
+    (place / "hostile_rewards.py").write_text(REWARDS)
+    env = {**os.environ, "GRADPROBE_TEST_MARK": str(place / "mark"),
+           "PYTHONPATH": os.pathsep.join([str(place), str(REPO), os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-m", "gradprobe.cli", "scan", str(model), str(mix), "--out",
+               str(place / "o"), *FAST, "--reward", f"echo=hostile_rewards:{reward}",
+               "--reward-workers", "2"]
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+
+
+def wait_for_rewards(proc: subprocess.Popen, place: Path) -> None:
+    deadline = time.monotonic() + 120
+    while not (place / "mark").exists():
+        assert proc.poll() is None, proc.communicate()[1].decode()[-2000:]
+        assert time.monotonic() < deadline, "the reward never ran"
+        time.sleep(0.05)
+
+
+def test_every_way_out_stops_all_children_and_leaves_nothing(tiny_llama, tiny_mix, tmp_path):
+    """Ctrl-C, SIGTERM and SIGKILL of a scan whose two reward workers are busy (a sleeping
+    reward; a sandbox running a sleeping candidate): exit 130/143 with one line, and no worker,
+    sandbox, staging directory or temporary left. The three scans run side by side."""
+    from test_sandbox_battery import leftovers, live_sandboxes
+
+    ways = {"ctrl-c": ("hangs", 130, "interrupted"), "sigterm": ("sandbox_hangs", 143, "terminated"),
+            "sigkill": ("sandbox_hangs", -9, None)}
+    before = leftovers()
+    procs = {how: start_scan(tiny_llama, tiny_mix, tmp_path / how, reward)
+             for how, (reward, _, _) in ways.items()}
+    for how, proc in procs.items():
+        wait_for_rewards(proc, tmp_path / how)
+    time.sleep(0.5)  # both workers busy
+    os.killpg(procs["ctrl-c"].pid, signal.SIGINT)  # what a terminal sends to the foreground group
+    procs["sigterm"].send_signal(signal.SIGTERM)
+    procs["sigkill"].send_signal(signal.SIGKILL)
+    start = time.monotonic()
+    for how, proc in procs.items():
+        _, err = proc.communicate(timeout=30)
+        _, code, line = ways[how]
+        assert proc.returncode == code, (how, err.decode()[-3000:])
+        if line is not None:
+            lines = [l for l in err.decode().splitlines() if l.strip()]
+            assert lines[-1] == line and "Traceback" not in err.decode(), (how, err.decode()[-3000:])
+    assert time.monotonic() - start < 10
+    deadline = time.monotonic() + 5
+    while any(session_members(p.pid) for p in procs.values()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for how, proc in procs.items():
+        assert session_members(proc.pid) == [], how
+        assert not (tmp_path / how / "o").exists() and nothing_left(tmp_path / how), how
+    assert live_sandboxes() == [] and leftovers() == before

@@ -11,6 +11,7 @@ A task's reward may combine several of them with weights (`gradprobe.rewards.com
 from __future__ import annotations
 
 import importlib
+import numbers
 import os
 import sys
 from collections.abc import Callable, Mapping
@@ -44,7 +45,20 @@ class RewardSpec:
     options: dict[str, Any] = field(default_factory=dict)
 
     def __call__(self, completion: str, answer: str | None, **context: Any) -> float:
-        return float(self.fn(completion, answer, **self.options, **context))
+        value = self.fn(completion, answer, **self.options, **context)
+        if isinstance(value, (str, bytes)) or not isinstance(value, numbers.Real) and not hasattr(
+            type(value), "__float__"
+        ):
+            raise UserInputError(
+                f"reward {self.name!r} returned {_short_repr(value)} ({type(value).__name__}); "
+                "a reward must return a number"
+            )
+        return float(value)
+
+
+def _short_repr(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def register_reward(
