@@ -14,6 +14,8 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
 from typing import Annotated, Optional
@@ -45,6 +47,28 @@ def fail(message: str) -> None:
     raise typer.Exit(2)
 
 
+@contextmanager
+def _stated_warnings() -> Iterator[None]:
+    """Print gradprobe's `InputWarning`s as ``warning:`` lines on stderr (others as usual)."""
+    import warnings
+
+    from rich.markup import escape
+
+    from gradprobe.errors import InputWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", InputWarning)
+        try:
+            yield
+        finally:
+            for item in caught:
+                if issubclass(item.category, InputWarning):
+                    stderr.print(f"[yellow]warning:[/yellow] {escape(str(item.message))}",
+                                 highlight=False, soft_wrap=True)
+                else:
+                    warnings.showwarning(item.message, item.category, item.filename, item.lineno)
+
+
 def _quiet_libraries() -> None:
     import warnings
 
@@ -74,6 +98,7 @@ def scan(
     seed: Annotated[int, typer.Option(help="Seed for the prompt subset and sampling; same seed, same scan.")] = 0,
     reward: Annotated[Optional[list[str]], typer.Option(help="TASK=SPEC per task, or SPEC as the default. Built in: exact, numeric, regex:PATTERN, math, countdown, python_tests, format[:STYLE]; or package.module:function. Several with weights: TASK=math+0.2*format (a term with :VALUE goes last).")] = None,
     reward_workers: Annotated[int, typer.Option(help="Worker processes for the rewards (slow verifiers); 1 scores in this process. Same results either way.")] = 1,
+    truncate_prompts: Annotated[bool, typer.Option("--truncate-prompts", help="Keep the last tokens of a prompt too long for the model's positions (with --max-new-tokens) instead of stopping with an error.")] = False,
     reward_timeout: Annotated[float, typer.Option(help="Seconds one completion's reward may take (0: no limit); a reward that runs longer stops the scan naming the task and prompt.")] = 60.0,
     allow_weak_sandbox: Annotated[bool, typer.Option("--allow-weak-sandbox", help="Where bubblewrap cannot run, let python_tests run model-written code under an in-process guard only (determined code can escape it). scan.json records the isolation used.")] = False,
     advantage: Annotated[str, typer.Option(help="Advantage estimator: grpo, dr_grpo, rloo or none.")] = "grpo",
@@ -143,11 +168,13 @@ def scan(
         allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
         adapter=None if adapter is None else str(adapter), reward_workers=reward_workers,
         allow_weak_sandbox=allow_weak_sandbox, reward_timeout_s=reward_timeout,
+        truncate_prompts=truncate_prompts,
         task_grads_limit_mb=task_grads_limit, task_grads_seed=task_grads_seed, **settings,
     )
     _quiet_libraries()
     try:
-        result = run_scan(config, RichProgress(stderr))
+        with _stated_warnings():
+            result = run_scan(config, RichProgress(stderr))
     except UserInputError as exc:
         fail(str(exc))
     if as_json:
@@ -375,7 +402,8 @@ def mix_inspect(
     from gradprobe.views.mix_view import render_mix, sample_prompts
 
     try:
-        loaded = load_mix(mix, task_field, prompt_field, answer_field)
+        with _stated_warnings():
+            loaded = load_mix(mix, task_field, prompt_field, answer_field)
         tokenizer = None
         if model is not None:
             _quiet_libraries()

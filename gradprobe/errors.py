@@ -17,3 +17,8 @@ class Stopped(BaseException):
     def __init__(self, signum: int) -> None:
         super().__init__(signum)
         self.signum = signum
+
+
+class InputWarning(UserWarning):
+    """Input that is probably not what the user meant but still gives a result; the CLI prints
+    it as a ``warning:`` line and scan.json keeps it under ``warnings``."""

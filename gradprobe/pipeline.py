@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import platform
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -22,7 +23,7 @@ import numpy as np
 import gradprobe
 from gradprobe import artifacts, task_grads
 from gradprobe.advantages import ADVANTAGES
-from gradprobe.errors import UserInputError
+from gradprobe.errors import InputWarning, UserInputError
 from gradprobe.objective import LOSSES
 from gradprobe.rewards import parse_reward_options
 from gradprobe.rollouts import Rollout, rollout_to_json
@@ -72,6 +73,7 @@ class ScanConfig:
     adapter: str | None = None
     reward_workers: int = 1
     reward_timeout_s: float = 60.0
+    truncate_prompts: bool = False
     allow_weak_sandbox: bool = False
 
 
@@ -99,6 +101,11 @@ def validate(config: ScanConfig) -> None:
     """Reject bad settings before any expensive work."""
     estimator = ADVANTAGES.get(config.advantage)
     LOSSES.get(config.loss)
+    if config.rollouts is not None and config.rewards:
+        raise UserInputError(
+            "--reward does not apply with --rollouts: the rollouts file's reward column is "
+            f"used as it is (got --reward {config.rewards[0]})"
+        )
     if config.rollouts is None:
         if config.group_size < 1:
             raise UserInputError("--group-size must be at least 1")
@@ -147,7 +154,7 @@ def scan(config: ScanConfig, progress: Progress | None = None) -> ScanResult:
     from gradprobe.mix import load_mix, render_prompt, select_prompts
     from gradprobe.mix.spec import task_rewards
     from gradprobe.model_loading import load_model
-    from gradprobe.rollouts import read_rollouts, sample_rollouts
+    from gradprobe.rollouts import encode_prompts, read_rollouts, sample_rollouts
     from gradprobe.scoring import assign_advantages, score_rollouts
 
     progress = progress or SilentProgress()
@@ -171,12 +178,19 @@ def scan(config: ScanConfig, progress: Progress | None = None) -> ScanResult:
         loaded = load_model(config.model, config.device, config.dtype, config.allow_pickle,
                             config.trust_remote_code, config.adapter)
     model, tokenizer = loaded.model, loaded.tokenizer
+    notes: list[str] = []
     if config.rollouts is None:
+        if any(isinstance(p.prompt, list) for p in prompts) and not getattr(tokenizer, "chat_template", None):
+            _warn(notes, "the tokenizer has no chat template: chat prompts are rendered as plain "
+                         "'role: content' lines, which the model was probably not trained on")
         rendered = [render_prompt(tokenizer, p.prompt) for p in prompts]
+        encoded = encode_prompts(tokenizer, prompts, rendered, model, config.max_new_tokens,
+                                 config.truncate_prompts)
         with _timed(timings, "generate_s"), progress.stage("sampling", len(prompts)) as advance:
             rollouts = sample_rollouts(
                 model, tokenizer, prompts, rendered, config.group_size, config.max_new_tokens,
                 config.temperature, config.top_p, config.seed, config.generate_batch_size, advance,
+                encoded,
             )
         with _timed(timings, "rewards_s"), progress.stage("rewards", len(rollouts)) as advance:
             rollouts = score_rollouts(rollouts, reward_specs, advance, config.reward_workers,
@@ -200,6 +214,7 @@ def scan(config: ScanConfig, progress: Progress | None = None) -> ScanResult:
     summary = summarise_gradients(result, layout)
     document = _scan_document(config, loaded, mix, rollouts, layout, summary, result, timings)
     document["sandbox"] = sandbox_used
+    document["warnings"] = notes
     if fallback:
         document["engine"]["fallback"] = fallback
     if len(param_names) < len(all_names) and config.proxy_check and (
@@ -228,6 +243,12 @@ def scan(config: ScanConfig, progress: Progress | None = None) -> ScanResult:
         task_grads.write(staging / artifacts.TASK_GRADS_FILE, saved_grads)
         _write_rollouts(staging / artifacts.ROLLOUTS_FILE, rollouts, layout, summary)
     return ScanResult(document, out)
+
+
+def _warn(notes: list[str], message: str) -> None:
+    """A stated warning: printed by the CLI and kept in scan.json's `warnings`."""
+    notes.append(message)
+    warnings.warn(message, InputWarning, stacklevel=2)
 
 
 def isolate_code_rewards(

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from conftest import MIX_ROWS, write_jsonl
+from conftest import MIX_ROWS, save_tiny_model, write_jsonl
 from gradprobe.cli import app
 from gradprobe.rewards import sandbox
 
@@ -162,7 +162,7 @@ def start_scan(model: Path, mix: Path, place: Path, reward: str) -> subprocess.P
     place.mkdir()
     (place / "hostile_rewards.py").write_text(REWARDS)
     env = {**os.environ, "GRADPROBE_TEST_MARK": str(place / "mark"),
-           "PYTHONPATH": os.pathsep.join([str(place), str(REPO), os.environ.get("PYTHONPATH", "")])}
+           "PYTHONPATH": os.pathsep.join([str(place), os.environ.get("PYTHONPATH", ""), str(REPO)])}
     command = [sys.executable, "-m", "gradprobe.cli", "scan", str(model), str(mix), "--out",
                str(place / "o"), *FAST, "--reward", f"echo=hostile_rewards:{reward}",
                "--reward-workers", "2"]
@@ -211,3 +211,123 @@ def test_every_way_out_stops_all_children_and_leaves_nothing(tiny_llama, tiny_mi
         assert session_members(proc.pid) == [], how
         assert not (tmp_path / how / "o").exists() and nothing_left(tmp_path / how), how
     assert live_sandboxes() == [] and leftovers() == before
+
+
+# ------------------------------------------------------- bad files: one line and exit 2, not a trace
+
+def test_corrupt_or_truncated_weights_are_one_line(tmp_path, tiny_mix):
+    model = save_tiny_model(tmp_path / "m")
+    weights = model / "model.safetensors"
+    whole = weights.read_bytes()
+    for broken in (whole[: len(whole) // 2], b"not safetensors at all"):
+        weights.write_bytes(broken)
+        assert_user_error(scan(model, tiny_mix, tmp_path / "o"), "corrupt or truncated safetensors")
+
+
+@pytest.mark.parametrize("encoding", ["latin-1", "utf-16"])
+def test_a_mix_that_is_not_utf8_is_one_line_in_scan_and_mix_inspect(tmp_path, encoding):
+    rows = [{"task": "café", "prompt": f"prix {i} €", "answer": "ü"} for i in range(3)]
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    mix = tmp_path / "mix.jsonl"
+    mix.write_bytes(text.encode(encoding, errors="replace"))
+    assert_user_error(run("mix", "inspect", mix), "not UTF-8", "save it as UTF-8")
+    assert_user_error(scan(tmp_path / "no-model", mix, tmp_path / "o"), "not UTF-8")
+
+
+def test_a_prompt_longer_than_the_model_positions_is_an_error_or_truncated_on_request(tmp_path):
+    model = save_tiny_model(tmp_path / "m", max_position_embeddings=24)
+    rows = [{"task": t, "prompt": ("x" * 30 if i == 1 else "ab"), "answer": "a"}
+            for t in ("p", "q") for i in range(2)]
+    mix = write_jsonl(tmp_path / "long.jsonl", rows)
+    assert_user_error(run("scan", model, mix, "--out", tmp_path / "o", *FAST[:6]),
+                      "prompt 'p-1' of task 'p' has", "24 positions", "--truncate-prompts")
+    result = run("scan", model, mix, "--out", tmp_path / "o", *FAST[:6], "--truncate-prompts")
+    assert result.exit_code == 0, result.output
+    rollouts = [json.loads(l) for l in (tmp_path / "o" / "rollouts.jsonl").read_text().splitlines()]
+    assert max(len(r["prompt_token_ids"]) for r in rollouts) == 24 - 3
+
+
+def test_disk_full_while_writing_leaves_nothing(tiny_llama, tiny_mix, tmp_path, monkeypatch):
+    import errno
+
+    from gradprobe import artifacts
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(artifacts.os, "fsync", full)
+    assert_user_error(scan(tiny_llama, tiny_mix, tmp_path / "o"), "No space left on device")
+    assert not (tmp_path / "o").exists() and nothing_left(tmp_path)
+
+
+def offline_rows(**change) -> list[dict]:
+    rows = [{"task": t, "prompt_id": f"{t}{p}", "prompt": "ab", "completion": "cd", "reward": float(s)}
+            for t in ("a", "b") for p in range(2) for s in range(2)]
+    rows[3].update(change)
+    return rows
+
+
+@pytest.mark.parametrize("change, fragments", [
+    ({"reward": float("nan")}, ("row 4 has reward nan",)),
+    ({"reward": "good"}, ("row 4 has reward 'good'",)),
+    ({"prompt_token_ids": [1, 2], "completion_token_ids": [3, 100_000]}, ("row 4 has token id 100000",)),
+])
+def test_offline_rollouts_are_checked_before_any_gradient_work(tiny_llama, tmp_path, change, fragments):
+    path = tmp_path / "rollouts.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in offline_rows(**change)))
+    assert_user_error(run("scan", tiny_llama, "--rollouts", path, "--out", tmp_path / "o"), *fragments)
+
+
+def test_report_of_a_scan_without_tasks_is_one_line(tmp_path):
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "scan.json").write_text(json.dumps({"schema_version": "1.0", "config": {}}))
+    assert_user_error(run("report", tmp_path / "s"), "incomplete scan file", "tasks")
+
+
+def test_tex_characters_in_task_names_do_not_break_the_plots(tiny_llama, tmp_path):
+    pytest.importorskip("matplotlib")
+    rows = [{**r, "task": {"add": "$x^$", "echo": "a_b$"}.get(r["task"], r["task"])} for r in MIX_ROWS
+            if r["task"] != "chat"]
+    mix = write_jsonl(tmp_path / "tex.jsonl", rows)
+    result = run("scan", tiny_llama, mix, "--out", tmp_path / "o", *FAST[:7])
+    assert result.exit_code == 0, result.output
+    result = run("report", tmp_path / "o", "--plots", tmp_path / "pictures")
+    assert result.exit_code == 0, result.output
+    assert list((tmp_path / "pictures").glob("*.png"))
+
+
+# --------------------------------------------------- silent wrong results: an error or a warning
+
+def test_a_duplicate_prompt_id_within_a_task_is_an_error(tmp_path):
+    rows = [{"task": "t", "prompt_id": "same" if i < 2 else f"p{i}", "prompt": f"q{i}", "answer": "a"}
+            for i in range(4)]
+    mix = write_jsonl(tmp_path / "dup.jsonl", rows)
+    assert_user_error(scan(tmp_path / "no-model", mix, tmp_path / "o"), "prompt_id 'same' twice")
+
+
+def test_chat_prompts_without_a_chat_template_are_a_stated_warning(tiny_mix, tmp_path):
+    model = save_tiny_model(tmp_path / "m")
+    for file in model.glob("chat_template*"):
+        file.unlink()
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    result = scan(model, tiny_mix, tmp_path / "o")
+    assert result.exit_code == 0, result.output
+    assert "warning: the tokenizer has no chat template" in result.output
+    document = json.loads((tmp_path / "o" / "scan.json").read_text())
+    assert any("no chat template" in w for w in document["warnings"])
+
+
+def test_reward_with_rollouts_is_an_error_not_ignored(tiny_llama, tmp_path):
+    path = tmp_path / "rollouts.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in offline_rows()))
+    assert_user_error(run("scan", tiny_llama, "--rollouts", path, "--out", tmp_path / "o",
+                          "--reward", "nosuch=exact"), "--reward does not apply with --rollouts")
+
+
+def test_a_mix_without_a_task_column_is_a_stated_warning(tmp_path):
+    mix = write_jsonl(tmp_path / "single.jsonl", [{"prompt": f"q{i}", "answer": "a"} for i in range(3)])
+    result = run("mix", "inspect", mix)
+    assert result.exit_code == 0, result.output
+    assert "warning:" in result.output and "no 'task' column" in result.output and "'single'" in result.output

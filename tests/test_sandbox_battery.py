@@ -105,7 +105,6 @@ def escapes(target: Path, host_pid: int, port: int) -> dict[str, str]:
 
 
 FORGERIES = {
-    "wrong answer": "def add(a, b):\n    return a - b",
     "exit before the tests": "import sys\nsys.exit(0)",
     "os._exit before the tests": "import os\nos._exit(0)",
     "os._exit inside a probe": "import os\ndef add(a, b):\n    os._exit(0)",
@@ -117,8 +116,11 @@ FORGERIES = {
                                  "def add(a, b):\n    return Int(0)",
     "replaced builtins": "import builtins\nbuiltins.eval = lambda *a, **k: 5\n"
                          "builtins.exec = lambda *a, **k: None\nbuiltins.AssertionError = Exception",
-    "caller's frame": "import sys\nframe = sys._getframe(1)\nframe.f_globals['__builtins__'] = {}\n"
-                      "def add(a, b):\n    return sys._getframe(1).f_locals.get('value', 5)",
+    "caller's frame": "import sys, os\nharness = sys._getframe(1).f_locals\n"
+                      "if 'nonce' in harness:  # the old in-process verdict: print its secret\n"
+                      "    os.write(1, b'\\n' + harness['nonce'] + b'\\n')\n    os._exit(0)\n"
+                      "harness['answer']({'code': 'ok'})\nfor i in range(9):\n"
+                      "    harness['answer']({'i': i, 'value': 5})\nos._exit(0)",
     "gc": "import gc\nfor obj in gc.get_objects():\n    pass\ndef add(a, b):\n    return 5",
     "atexit": "import atexit, os\natexit.register(lambda: os.write(1, b'passed'))\n"
               "def add(a, b):\n    return 0",
@@ -158,6 +160,10 @@ def test_escapes_fail_and_leave_nothing(tmp_path, monkeypatch) -> None:
         with pytest.raises(BlockingIOError):
             server.accept()  # nobody connected
     assert live_sandboxes() == [] and leftovers() == before
+    # The battery is not simply failing everything.
+    assert score(right_if("True")) == 1.0
+    assert score("import threading\nlock = threading.Lock()\n" + right_if("not lock.locked()")) == 1.0
+    assert score("print('x' * 1000)\n" + right_if("True")) == 1.0
 
 
 @pytest.mark.parametrize("name", sorted(FORGERIES))
@@ -167,13 +173,6 @@ def test_forged_verdicts_and_bombs_score_zero(name: str) -> None:
     assert score(FORGERIES[name]) == 0.0
     assert time.monotonic() - start < FAST["timeout"] + sandbox.STARTUP_GRACE_S + 3
     assert live_sandboxes() == [] and leftovers() == before
-
-
-def test_the_same_candidates_pass_when_they_are_honest() -> None:
-    # The battery's harness is not simply failing everything.
-    assert score(right_if("True")) == 1.0
-    assert score("import threading\nlock = threading.Lock()\n" + right_if("not lock.locked()")) == 1.0
-    assert score("print('x' * 1000)\n" + right_if("True")) == 1.0
 
 
 def jail_attacks(target: Path, host_pid: int, port: int) -> dict[str, str]:

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from gradprobe.errors import UserInputError
+from gradprobe.errors import InputWarning, UserInputError
 from gradprobe.jsonl import json_objects
 from gradprobe.mix.conventions import CONVENTIONS, answer_text, detect_convention, field_value, resolve_fields
 from gradprobe.mix.records import Mix, PromptRecord, TaskSource
@@ -101,7 +102,12 @@ def load_table(path: Path) -> Any:
         raise UserInputError(f"{path}: no such file or directory")
     if not path.is_dir() and not os.access(path, os.R_OK):
         raise UserInputError(f"{path}: not readable (check its permissions)")
-    return FORMATS.get(detect_format(path))(path)
+    try:
+        return FORMATS.get(detect_format(path))(path)
+    except UnicodeDecodeError as exc:
+        raise UserInputError(
+            f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason}); save it as UTF-8"
+        ) from None
 
 
 def content_sha256(path: Path) -> str:
@@ -141,6 +147,9 @@ def load_mix(
         return load_spec(path)
     table = load_table(path)
     records, source = table_records(table, str(path), overrides, default_task=path.stem)
+    if source.fields.get("task") is None:
+        warnings.warn(f"{path}: no {task_field!r} column, so every row is one task named "
+                      f"{path.stem!r}; add a task column to scan several tasks", InputWarning)
     source = replace(source, data=str(path), format=detect_format(path))
     if not records:
         raise UserInputError(f"{path}: the mix has no rows")
@@ -196,6 +205,13 @@ def select_prompts(mix: Mix, per_task: int | None, seed: int) -> list[PromptReco
     import random
 
     grouped = mix.by_task()
+    for task, records in grouped.items():
+        seen: set[str] = set()
+        for record in records:
+            if record.prompt_id in seen:
+                raise UserInputError(f"task {task!r} has prompt_id {record.prompt_id!r} twice; "
+                                     "prompt ids must be unique within a task")
+            seen.add(record.prompt_id)
     smallest = min(len(v) for v in grouped.values())
     for task, records in grouped.items():
         if len(records) < 2:
