@@ -55,6 +55,9 @@ def staged_directory(out: Path, overwrite: bool = False) -> Iterator[Path]:
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.replace(staging, out)
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise UserInputError(f"cannot write {out} ({exc.strerror or exc}); nothing was written") from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -74,6 +77,9 @@ def write_text(path: Path, text: str) -> None:
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(temporary, path)
+    except OSError as exc:
+        Path(temporary).unlink(missing_ok=True)
+        raise UserInputError(f"cannot write {path} ({exc.strerror or exc}); nothing was written") from None
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
@@ -91,6 +97,11 @@ def read_scan(path: Path) -> dict[str, Any]:
         raise UserInputError(f"{file}: corrupt scan file ({exc})") from None
     if not isinstance(document, dict) or "schema_version" not in document:
         raise UserInputError(f"{file}: not a gradprobe scan (no schema_version)")
+    from gradprobe.schema import load as load_schema
+
+    missing = [key for key in load_schema("scan")["required"] if key not in document]
+    if missing:
+        raise UserInputError(f"{file}: incomplete scan file (no {', '.join(missing)}); run the scan again")
     major = str(document["schema_version"]).split(".")[0]
     if major != SCHEMA_VERSION.split(".")[0]:
         raise UserInputError(

@@ -14,6 +14,8 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
 from typing import Annotated, Optional
@@ -43,6 +45,28 @@ def fail(message: str) -> None:
 
     stderr.print(f"[bold red]error:[/bold red] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
+
+
+@contextmanager
+def _stated_warnings() -> Iterator[None]:
+    """Print gradprobe's `InputWarning`s as ``warning:`` lines on stderr (others as usual)."""
+    import warnings
+
+    from rich.markup import escape
+
+    from gradprobe.errors import InputWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", InputWarning)
+        try:
+            yield
+        finally:
+            for item in caught:
+                if issubclass(item.category, InputWarning):
+                    stderr.print(f"[yellow]warning:[/yellow] {escape(str(item.message))}",
+                                 highlight=False, soft_wrap=True)
+                else:
+                    warnings.showwarning(item.message, item.category, item.filename, item.lineno)
 
 
 def _quiet_libraries() -> None:
@@ -75,6 +99,9 @@ def scan(
     seed: Annotated[int, typer.Option(help="Seed for the prompt subset and sampling; same seed, same scan.")] = 0,
     reward: Annotated[Optional[list[str]], typer.Option(help="TASK=SPEC per task, or SPEC as the default. Built in: exact, numeric, regex:PATTERN, math, countdown, python_tests, format[:STYLE]; or package.module:function (written for gradprobe, verl's compute_score or TRL, told apart by its parameters). Several with weights: TASK=math+0.2*format (a term with :VALUE goes last).")] = None,
     reward_workers: Annotated[int, typer.Option(help="Worker processes for the rewards (slow verifiers); 1 scores in this process. Same results either way.")] = 1,
+    truncate_prompts: Annotated[bool, typer.Option("--truncate-prompts", help="Keep the last tokens of a prompt too long for the model's positions (with --max-new-tokens) instead of stopping with an error.")] = False,
+    reward_timeout: Annotated[float, typer.Option(help="Seconds one completion's reward may take (0: no limit); a reward that runs longer stops the scan naming the task and prompt.")] = 60.0,
+    allow_weak_sandbox: Annotated[bool, typer.Option("--allow-weak-sandbox", help="Where bubblewrap cannot run, let python_tests run model-written code under an in-process guard only (determined code can escape it). scan.json records the isolation used.")] = False,
     advantage: Annotated[str, typer.Option(help="Advantage estimator: grpo, dr_grpo, rloo or none.")] = "grpo",
     loss: Annotated[str, typer.Option(help="Loss aggregation: grpo, bnpo, dapo or dr_grpo.")] = "grpo",
     params: Annotated[Optional[list[str]], typer.Option(help="Parameters to differentiate: all, last-block, attention, mlp, lora, or globs on names (repeatable).  [default: all; lora with --adapter]")] = None,
@@ -142,11 +169,14 @@ def scan(
         stats=stats, proxy_check=proxy_check,
         allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
         adapter=None if adapter is None else str(adapter), reward_workers=reward_workers,
+        allow_weak_sandbox=allow_weak_sandbox, reward_timeout_s=reward_timeout,
+        truncate_prompts=truncate_prompts,
         task_grads_limit_mb=task_grads_limit, task_grads_seed=task_grads_seed, **settings,
     )
     _quiet_libraries()
     try:
-        result = run_scan(config, RichProgress(stderr))
+        with _stated_warnings():
+            result = run_scan(config, RichProgress(stderr))
     except UserInputError as exc:
         fail(str(exc))
     if as_json:
@@ -455,7 +485,8 @@ def mix_inspect(
     from gradprobe.views.mix_view import render_mix, sample_prompts
 
     try:
-        loaded = load_mix(mix, task_field, prompt_field, answer_field, split)
+        with _stated_warnings():
+            loaded = load_mix(mix, task_field, prompt_field, answer_field, split)
         tokenizer = None
         if model is not None:
             _quiet_libraries()
@@ -467,12 +498,27 @@ def mix_inspect(
 
 
 def main() -> None:
-    """Entry point for the `gradprobe` script."""
+    """Entry point for the `gradprobe` script.
+
+    Ctrl-C and SIGTERM raise `Stopped` (which click, unlike KeyboardInterrupt, does not turn
+    into "Aborted!"), so every ``finally`` runs: workers and sandboxes are stopped, staging
+    directories removed. One line, then exit 130 or 143.
+    """
+    import signal
+
+    from gradprobe.errors import Stopped
+
+    def stop(signum: int, frame: object) -> None:
+        raise Stopped(signum)
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
     try:
         app()
-    except KeyboardInterrupt:
-        stderr.print("interrupted")
-        sys.exit(130)
+    except (Stopped, KeyboardInterrupt) as exc:
+        signum = exc.signum if isinstance(exc, Stopped) else signal.SIGINT
+        stderr.print("interrupted" if signum == signal.SIGINT else "terminated", highlight=False)
+        sys.exit(128 + signum)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ def require_matplotlib() -> Any:
         import matplotlib
 
         matplotlib.use("Agg", force=True)
+        matplotlib.rcParams["text.parse_math"] = False  # task names like "$x^$" are plain text
         import matplotlib.pyplot as plt
     except ImportError:
         raise UserInputError(MISSING) from None
