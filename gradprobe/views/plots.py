@@ -174,8 +174,7 @@ def compare_figures(document: dict[str, Any]) -> dict[str, bytes]:
 
 def write_figures(directory: Path, figures: dict[str, bytes]) -> list[Path]:
     """Write each PNG atomically into `directory` (created if needed)."""
-    import os
-    import tempfile
+    from gradprobe.artifacts import write_bytes
 
     directory = Path(directory)
     try:
@@ -184,9 +183,6 @@ def write_figures(directory: Path, figures: dict[str, bytes]) -> list[Path]:
         raise UserInputError(f"cannot create {directory}: {exc.strerror}") from None
     paths = []
     for name, data in figures.items():
-        handle, temporary = tempfile.mkstemp(prefix=f".{name}.", dir=directory)
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
-        os.replace(temporary, directory / name)
+        write_bytes(directory / name, data)
         paths.append(directory / name)
     return paths
