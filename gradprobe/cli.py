@@ -20,10 +20,46 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
+from typer.core import TyperCommand, TyperGroup
 
 from gradprobe.errors import UserInputError
 
+
+class _LiteralHelp:
+    """Help as written: typer renders help texts as rich markup, which swallowed `[default: 8]`
+    and `share[code]`; and a flag's value is no `<bool>` the user could type."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[call-arg]
+        self.help = escape(self.help) if self.help else self.help
+        for param in self.params:
+            if getattr(param, "help", None):
+                param.help = escape(param.help)
+            _hide_flag_type(param)
+
+    def get_help_option(self, ctx: typer.Context):  # type: ignore[no-untyped-def]
+        option = super().get_help_option(ctx)  # type: ignore[misc]
+        if option is not None:
+            _hide_flag_type(option)
+        return option
+
+
+def _hide_flag_type(param: object) -> None:
+    if getattr(param, "is_flag", False) and not getattr(param, "metavar", None):
+        param.metavar = ""  # type: ignore[attr-defined]
+
+
+class Command(_LiteralHelp, TyperCommand):
+    """A gradprobe subcommand (help as written)."""
+
+
+class Group(_LiteralHelp, TyperGroup):
+    """gradprobe and its `mix` group (help as written)."""
+
+
 app = typer.Typer(
+    cls=Group,
     help="Measure per-task gradient imbalance in multi-task RL post-training of LLMs.\n\n"
     "Start with `gradprobe scan --demo`, then `gradprobe scan MODEL MIX --out DIR`.",
     no_args_is_help=True,
@@ -55,7 +91,7 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*batching rule.*")
 
 
-@app.command()
+@app.command(cls=Command)
 def scan(
     model: Annotated[Optional[str], typer.Argument(help="Checkpoint directory, or a hub id in the local cache.", show_default=False)] = None,
     mix: Annotated[Optional[Path], typer.Argument(help="Task-labelled prompts: .jsonl, .json, .parquet, .csv or a datasets directory (gradprobe, verl or TRL columns, detected), or a .toml mix spec.", show_default=False)] = None,
@@ -67,16 +103,16 @@ def scan(
     prompt_field: Annotated[str, typer.Option(help="Mix column holding the prompt (string or chat messages).")] = "prompt",
     answer_field: Annotated[str, typer.Option(help="Mix column holding the reference answer.")] = "answer",
     prompts_per_task: Annotated[Optional[int], typer.Option(help="Seeded subset size, equal for every task [default: the smallest task's size].")] = None,
-    group_size: Annotated[Optional[int], typer.Option("--group-size", "-k", help="Completions sampled per prompt (K).  [default: 8]")] = None,
-    max_new_tokens: Annotated[Optional[int], typer.Option(help="Longest completion; also L_max of --loss dr_grpo.  [default: 256]")] = None,
-    temperature: Annotated[Optional[float], typer.Option(help="Sampling temperature; log-probs use logits / temperature.  [default: 1.0]")] = None,
+    group_size: Annotated[Optional[int], typer.Option("--group-size", "-k", help="Completions sampled per prompt (K) [default: 8]")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option(help="Longest completion; also L_max of --loss dr_grpo [default: 256]")] = None,
+    temperature: Annotated[Optional[float], typer.Option(help="Sampling temperature; log-probs use logits / temperature [default: 1.0]")] = None,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling threshold.")] = 1.0,
     seed: Annotated[int, typer.Option(help="Seed for the prompt subset and sampling; same seed, same scan.")] = 0,
     reward: Annotated[Optional[list[str]], typer.Option(help="TASK=SPEC per task, or SPEC as the default. Built in: exact, numeric, regex:PATTERN, math, countdown, python_tests, format[:STYLE]; or package.module:function. Several with weights: TASK=math+0.2*format (a term with :VALUE goes last).")] = None,
     reward_workers: Annotated[int, typer.Option(help="Worker processes for the rewards (slow verifiers); 1 scores in this process. Same results either way.")] = 1,
     advantage: Annotated[str, typer.Option(help="Advantage estimator: grpo, dr_grpo, rloo or none.")] = "grpo",
     loss: Annotated[str, typer.Option(help="Loss aggregation: grpo, bnpo, dapo or dr_grpo.")] = "grpo",
-    params: Annotated[Optional[list[str]], typer.Option(help="Parameters to differentiate: all, last-block, attention, mlp, lora, or globs on names (repeatable).  [default: all; lora with --adapter]")] = None,
+    params: Annotated[Optional[list[str]], typer.Option(help="Parameters to differentiate: all, last-block, attention, mlp, lora, or globs on names (repeatable) [default: all; lora with --adapter]")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     dtype: Annotated[str, typer.Option(help="Model weights: auto (bf16 on GPU, else float32), float32 or bfloat16. Gradient sums are float32.")] = "auto",
     max_memory: Annotated[Optional[float], typer.Option(help="GiB the gradient stage may use [default: what the device has free]; sets the micro-batch (hooks) or chunk (vmap) size.")] = None,
@@ -154,26 +190,26 @@ def scan(
         stdout.print(f"wrote {result.out}/", style="dim")
 
 
-@app.command()
+@app.command(cls=Command)
 def report(
     scan_dir: Annotated[Path, typer.Argument(metavar="SCAN", help="A scan directory (or its scan.json).")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the versioned JSON report (scan.json plus checks and alerts; schema gradprobe/schema/report.schema.json).")] = False,
     markdown: Annotated[bool, typer.Option("--markdown", help="Print GitHub markdown, e.g. for a pull-request comment.")] = False,
     html: Annotated[Optional[Path], typer.Option("--html", metavar="FILE", help="Write one self-contained HTML page with the tables and pictures (needs the plots extra).")] = None,
     plots: Annotated[Optional[Path], typer.Option("--plots", metavar="DIR", help="Write the pictures as PNGs into DIR (needs the plots extra).")] = None,
-    fail_on: Annotated[Optional[list[str]], typer.Option("--fail-on", metavar="EXPR", help="Exit 1 when EXPR holds, e.g. max_norm_ratio>8, min_cosine<-0.2, share[code]>0.6 (repeatable; a bad EXPR exits 2 and lists the names).")] = None,
+    fail_on: Annotated[Optional[list[str]], typer.Option("--fail-on", metavar="EXPR", help="Exit 1 when EXPR holds, e.g. max_norm_ratio>8, min_cosine<-0.2, share[*]>0.6 (repeatable; a bad EXPR exits 2 and lists the names).")] = None,
 ) -> None:
     """Show a saved scan again: tables, --markdown, --json, an --html page, --plots; --fail-on for CI.
 
     Examples:
 
-      gradprobe report scans/step0
+      gradprobe report gradprobe-scan-demo
 
-      gradprobe report scans/step0 --json --fail-on 'max_norm_ratio>8' --fail-on 'min_cosine<-0.2'
+      gradprobe report gradprobe-scan-demo --json --fail-on 'max_norm_ratio>8' --fail-on 'share[count]>0.6'
 
-      gradprobe report scans/step0 --markdown > comment.md
+      gradprobe report gradprobe-scan-demo --markdown > comment.md
 
-      gradprobe report scans/step0 --html report.html --plots pictures/
+      gradprobe report gradprobe-scan-demo --html report.html --plots pictures/
     """
     from gradprobe.alerts import SCAN_METRICS, run_checks
     from gradprobe.artifacts import read_scan
@@ -261,18 +297,18 @@ def _exit_for_alerts(fired: list[dict], quiet: bool) -> None:
     raise typer.Exit(1)
 
 
-@app.command()
+@app.command(cls=Command)
 def compare(
     scan_a: Annotated[Path, typer.Argument(metavar="A", help="Scan of the earlier checkpoint.")],
     scan_b: Annotated[Optional[Path], typer.Argument(metavar="[B]", help="Scan of the later checkpoint, same tasks and prompts.", show_default=False)] = None,
     log: Annotated[Optional[Path], typer.Option("--log", metavar="FILE", help="Training log (CSV/JSONL: step, task, reward) or a `gradprobe gains --out` JSON: windowed gains beside A's gradients.")] = None,
-    window: Annotated[Optional[int], typer.Option(help="Steps per window of the log gain.  [default: 10]")] = None,
+    window: Annotated[Optional[int], typer.Option(help="Steps per window of the log gain [default: 10]")] = None,
     step: Annotated[Optional[float], typer.Option(help="Log step at which the gain is taken [default: the earliest with full windows].")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the versioned JSON (schema gradprobe/schema/compare.schema.json).")] = False,
     markdown: Annotated[bool, typer.Option("--markdown", help="Print GitHub markdown.")] = False,
     html: Annotated[Optional[Path], typer.Option("--html", metavar="FILE", help="Write one self-contained HTML page (needs the plots extra).")] = None,
     plots: Annotated[Optional[Path], typer.Option("--plots", metavar="DIR", help="Write the gain-against-gradient picture into DIR (needs the plots extra).")] = None,
-    fail_on: Annotated[Optional[list[str]], typer.Option("--fail-on", metavar="EXPR", help="Exit 1 when EXPR holds, e.g. min_drift_cosine<0.5, gain[math]<0 (repeatable).")] = None,
+    fail_on: Annotated[Optional[list[str]], typer.Option("--fail-on", metavar="EXPR", help="Exit 1 when EXPR holds, e.g. min_drift_cosine<0.5, gain[*]<0 (repeatable).")] = None,
 ) -> None:
     """Learning gains and gradient drift between two scans (A before, B after training), or A and a log.
 
@@ -306,7 +342,7 @@ def compare(
     _deliver(document, "compare", checks, figures, as_json, markdown, html, plots)
 
 
-@app.command()
+@app.command(cls=Command)
 def gains(
     log: Annotated[Path, typer.Argument(metavar="LOG", help="Training log, CSV or JSONL, one row per (step, task, reward); several rows per step are averaged.")],
     window: Annotated[int, typer.Option(help="Steps per window w.")] = 10,
@@ -345,11 +381,11 @@ def gains(
             stdout.print(f"wrote {out}", style="dim")
 
 
-mix_app = typer.Typer(help="Look at a mix before spending GPU time on it.", no_args_is_help=True)
+mix_app = typer.Typer(cls=Group, help="Look at a mix before spending GPU time on it.", no_args_is_help=True)
 app.add_typer(mix_app, name="mix")
 
 
-@mix_app.command("inspect")
+@mix_app.command("inspect", cls=Command)
 def mix_inspect(
     mix: Annotated[Path, typer.Argument(metavar="MIX", help="A mix file, datasets directory or .toml mix spec.")],
     model: Annotated[Optional[str], typer.Option(help="Checkpoint whose tokenizer and chat template render the sample prompts.")] = None,
