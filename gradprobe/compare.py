@@ -3,7 +3,7 @@
 Per task: the learning gain, the change of grad_norm, norm_ratio and share, the gain per unit
 squared gradient gain_t / ||g_t||^2 (A's gradient), the drift cos(g_t under A, g_t under B), and
 across tasks the Spearman correlation of A's grad_sq_norm (and share) with the gain
-(metrics.md, "Learning gains"). With few tasks the rank test has little power, and the document
+(docs/metrics.md, "Learning gains"). With few tasks the rank test has little power, and the document
 says so in numbers: the smallest p-value any ranking of n tasks can reach.
 """
 

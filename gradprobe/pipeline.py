@@ -264,7 +264,7 @@ def available_memory(device: Any) -> int:
 
 def run_statistics(rows: list[dict[str, Any]], prompt_gram: dict[str, np.ndarray], n_bootstrap: int,
                    seed: int) -> dict[str, Any]:
-    """The statistics stage over the per-prompt rows of scan.json (metrics.md, "Statistics")."""
+    """The statistics stage over the per-prompt rows of scan.json (docs/metrics.md, "Statistics")."""
     from gradprobe.stats import PromptTable, compute_stats
 
     def column(key: str) -> np.ndarray:

@@ -1,6 +1,6 @@
 """A seeded Gaussian random projection of task gradients, and the error of cosines through it.
 
-Used for the drift of a task's gradient between two checkpoints (metrics.md, "Learning gains";
+Used for the drift of a task's gradient between two checkpoints (docs/metrics.md, "Learning gains";
 the drift is cos(g_t under A, g_t under B)) when the exact gradients are too large to save.
 
 The projection is P = R / sqrt(k) with R a k x n matrix of independent N(0, 1) entries, so

@@ -1,7 +1,7 @@
 """Views of the `stats` dict that gradprobe.stats.compute_stats makes: rich tables and markdown.
 
 Both views show the same tables, built once as (title, header, rows) of strings; the numbers are
-defined in ../shared/design/metrics.md, "Statistics against reward and advantage".
+defined in docs/metrics.md, "Statistics against reward and advantage".
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ def stats_grids(stats: dict[str, Any]) -> list[Grid]:
 
 def render_stats(stats: dict[str, Any]) -> list[RenderableType]:
     """The stats tables (Kruskal-Wallis, pairwise, ratio CIs, Spearman, OLS, reward bins) and
-    the verdict sentences, as rich renderables (metrics.md)."""
+    the verdict sentences, as rich renderables (docs/metrics.md)."""
     parts: list[RenderableType] = []
     for title, header, rows in _grids(stats):
         if not rows:
@@ -133,7 +133,7 @@ def _md_cell(s: str) -> str:
 
 
 def stats_markdown(stats: dict[str, Any]) -> str:
-    """The same tables and verdicts as `render_stats`, as GitHub markdown (metrics.md)."""
+    """The same tables and verdicts as `render_stats`, as GitHub markdown (docs/metrics.md)."""
     out = ["## Statistics", ""]
     out += [f"- {v}" for v in stats["verdicts"]] + [""]
     for title, header, rows in _grids(stats):

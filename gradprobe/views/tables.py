@@ -1,7 +1,7 @@
 """Tables of scans, comparisons, gains and checks as plain grids (title, header, rows of strings).
 
 Built once and rendered by every view: rich tables on the console, markdown, HTML. The numbers
-are defined in ../shared/design/metrics.md.
+are defined in docs/metrics.md.
 """
 
 from __future__ import annotations
