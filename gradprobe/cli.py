@@ -229,7 +229,7 @@ def _deliver(document: dict, kind: str, checks: list[dict], figures: dict[str, b
              markdown: bool, html: Optional[Path], plots_dir: Optional[Path]) -> None:
     """Print a scan or comparison as JSON, markdown or tables, write its pictures, exit for alerts."""
     from gradprobe.views import markdown as markdown_view
-    from gradprobe.views.tables import render_checks
+    from gradprobe.views.console import render_checks, render_compare, render_scan
 
     fired = [c for c in checks if c["fired"]]
     if as_json:
@@ -238,14 +238,7 @@ def _deliver(document: dict, kind: str, checks: list[dict], figures: dict[str, b
         to_markdown = markdown_view.scan_markdown if kind == "scan" else markdown_view.compare_markdown
         print(to_markdown(document, checks), end="")
     else:
-        if kind == "scan":
-            from gradprobe.views.console import render_scan
-
-            stdout.print(render_scan(document))
-        else:
-            from gradprobe.views.tables import render_compare
-
-            stdout.print(render_compare(document))
+        stdout.print(render_scan(document) if kind == "scan" else render_compare(document))
         if checks:
             stdout.print(render_checks(checks))
     _write_pictures(document, kind, figures, checks, html, plots_dir)
@@ -363,7 +356,7 @@ def gains(
     """
     from gradprobe.artifacts import write_json
     from gradprobe.gains import log_gains, read_log
-    from gradprobe.views.tables import render_gains
+    from gradprobe.views.console import render_gains
 
     try:
         document = log_gains(read_log(log, step_field, task_field, reward_field), window, step, str(log))
@@ -392,6 +385,7 @@ def mix_inspect(
     task_field: Annotated[str, typer.Option(help="Mix column holding the task name.")] = "task",
     prompt_field: Annotated[str, typer.Option(help="Mix column holding the prompt.")] = "prompt",
     answer_field: Annotated[str, typer.Option(help="Mix column holding the reference answer.")] = "answer",
+    reward: Annotated[Optional[list[str]], typer.Option(help="As scan's --reward (TASK=SPEC, or SPEC as the default): preview each task's effective reward and where it comes from.")] = None,
     trust_remote_code: Annotated[bool, typer.Option(help="Allow the tokenizer's own Python code to run.")] = False,
 ) -> None:
     """Print a mix's tasks, counts, detected format and field mapping, and one prompt per task.
@@ -399,16 +393,25 @@ def mix_inspect(
     With --model the prompts are shown exactly as the scan feeds them to the model (chat
     template applied, special tokens included); without it, raw.
 
-    Example:
+    Examples:
+
+      gradprobe mix inspect mix.jsonl --reward count=numeric --reward exact
 
       gradprobe mix inspect mix.toml --model ./my-checkpoint
     """
     from gradprobe.mix import load_mix
+    from gradprobe.mix.spec import task_rewards
     from gradprobe.model_loading import load_tokenizer
+    from gradprobe.pipeline import ScanConfig
+    from gradprobe.rewards import effective_rewards, parse_reward_options
     from gradprobe.views.mix_view import render_mix, sample_prompts
 
     try:
         loaded = load_mix(mix, task_field, prompt_field, answer_field)
+        configured, options = task_rewards(loaded), list(reward or [])
+        default = {f.name: f.default for f in fields(ScanConfig)}["default_reward"]
+        chosen = parse_reward_options(options, loaded.tasks, default, configured)
+        rewards = effective_rewards(options, chosen, configured) if options else None
         tokenizer = None
         if model is not None:
             _quiet_libraries()
@@ -416,7 +419,7 @@ def mix_inspect(
         samples = sample_prompts(loaded, tokenizer)
     except UserInputError as exc:
         fail(str(exc))
-    stdout.print(render_mix(loaded, samples))
+    stdout.print(render_mix(loaded, samples, rewards))
 
 
 def main() -> None:

@@ -24,7 +24,8 @@ from gradprobe import artifacts, task_grads
 from gradprobe.advantages import ADVANTAGES
 from gradprobe.errors import UserInputError
 from gradprobe.objective import LOSSES
-from gradprobe.rewards import parse_reward_options
+from gradprobe.caveats import scan_caveats
+from gradprobe.rewards import effective_rewards, parse_reward_options
 from gradprobe.rollouts import Rollout, rollout_to_json
 
 
@@ -159,8 +160,10 @@ def scan(config: ScanConfig, progress: Progress | None = None) -> ScanResult:
         with _timed(timings, "mix_s"):
             mix = load_mix(Path(config.mix), config.task_field, config.prompt_field, config.answer_field)
             prompts = select_prompts(mix, config.prompts_per_task, config.seed)
+            configured = task_rewards(mix)
             reward_specs = parse_reward_options(config.rewards, mix.tasks, config.default_reward,
-                                                task_rewards(mix))
+                                                configured)
+            rewards = effective_rewards(config.rewards, reward_specs, configured)
     with _timed(timings, "load_model_s"):
         loaded = load_model(config.model, config.device, config.dtype, config.allow_pickle,
                             config.trust_remote_code, config.adapter)
@@ -178,6 +181,8 @@ def scan(config: ScanConfig, progress: Progress | None = None) -> ScanResult:
         with _timed(timings, "rollouts_s"):
             rollouts = read_rollouts(Path(config.rollouts), tokenizer, model)
         _check_rollout_tasks(rollouts)
+        rewards = {task: {"spec": None, "source": "rollouts file"}
+                   for task in dict.fromkeys(r.task for r in rollouts)}
     rollouts = assign_advantages(rollouts, ADVANTAGES.get(config.advantage))
 
     param_names = select_parameters(model, config.params)
@@ -192,6 +197,7 @@ def scan(config: ScanConfig, progress: Progress | None = None) -> ScanResult:
         result, fallback = _gradients(model, param_names, batch, layout, settings, budget, advance)
     summary = summarise_gradients(result, layout)
     document = _scan_document(config, loaded, mix, rollouts, layout, summary, result, timings)
+    document["rewards"] = rewards
     if fallback:
         document["engine"]["fallback"] = fallback
     if len(param_names) < len(all_names) and config.proxy_check and (
@@ -397,6 +403,7 @@ def _scan_document(config, loaded, mix, rollouts, layout, summary, result, timin
         "modules": summary.modules,
         "estimators": {"grad_sq_norm_unbiased_ci": "delete-one-prompt jackknife, normal 95% interval"},
         "verdict": dominance_verdict(tasks),
+        "caveats": scan_caveats(tasks, rows),
         "prompts": rows,
         "engine": {"name": result.engine, "chunk_size": result.chunk_size, "passes": result.passes},
         "timings": timings,

@@ -39,7 +39,7 @@ def test_scan_writes_report_and_artifacts(tiny_llama, tiny_mix, tmp_path):
     assert result.exit_code == 0, result.output
     assert "Per-task gradients" in result.output and "dominates" in result.output
     document = json.loads((out / "scan.json").read_text())
-    assert document["schema_version"] == "1.0"
+    assert document["schema_version"] == "1.1"
     assert set(document["tasks"]) == {"add", "echo", "chat"}
     for task in document["tasks"].values():
         assert {"grad_norm", "grad_sq_norm", "norm_ratio", "share", "mean_reward", "n_prompts",

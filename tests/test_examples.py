@@ -141,3 +141,20 @@ def test_help_shows_defaults_and_no_bool_type():
     assert "<bool>" not in text
     assert not re.search(r"\S \.(\s|$)", text), "a stray space before a full stop"
     assert "<bool>" not in help_text(["report"])
+
+
+def test_readme_walkthrough_matches_what_the_demo_prints(demo_scan):
+    """The README's excerpts of `gradprobe scan --demo` (```text blocks under "Reading the demo's
+    output") appear, line for line and in order, in what the demo prints."""
+    text = (ROOT / "README.md").read_text()
+    walkthrough = text[text.index("### Reading the demo's output"):]
+    walkthrough = walkthrough[:walkthrough.index("\n## ")]
+    blocks = re.findall(r"```text\n(.*?)```", walkthrough, flags=re.S)
+    assert blocks, "no excerpt of the demo's output in the README"
+    printed = [line.rstrip() for line in demo_scan.output.splitlines()]
+    for block in blocks:
+        lines = [line.rstrip() for line in block.rstrip("\n").splitlines()]
+        starts = [i for i, line in enumerate(printed) if line == lines[0]]
+        assert any(printed[i:i + len(lines)] == lines for i in starts), (
+            "README excerpt differs from `gradprobe scan --demo`; copy it again from the demo:\n"
+            + "\n".join(lines))
