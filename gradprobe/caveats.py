@@ -13,9 +13,13 @@ from typing import Any
 ONE_PROMPT_SHARE = 0.5
 
 
-def scan_caveats(tasks: dict[str, dict[str, Any]], prompts: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The caveats of a scan's per-task figures and per-prompt rows."""
-    caveats = _no_signal(tasks, prompts) + _below_noise(tasks, prompts) + _one_prompt(prompts)
+def scan_caveats(tasks: dict[str, dict[str, Any]], prompts: list[dict[str, Any]],
+                 stats: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The caveats of a scan's per-task figures and per-prompt rows. A prompt that carries its
+    task's norm is left to the statistics when their dominance test flags such prompts itself."""
+    caveats = _no_signal(tasks, prompts) + _below_noise(tasks, prompts)
+    if "single_prompt" not in ((stats or {}).get("dominance") or {}):
+        caveats += _one_prompt(prompts)
     return caveats
 
 

@@ -216,6 +216,7 @@ def scan(config: ScanConfig, progress: Progress | None = None) -> ScanResult:
         with _timed(timings, "stats_s"):
             document["stats"] = run_statistics(document["prompts"], summary.prompt_gram,
                                                config.bootstrap, config.seed)
+    document["caveats"] = scan_caveats(document["tasks"], document["prompts"], document.get("stats"))
     with _timed(timings, "task_grads_s"):
         saved_grads = task_grads.from_sums(result.sums, layout.tasks, config.task_grads_limit_mb,
                                            config.task_grads_seed)
@@ -403,7 +404,6 @@ def _scan_document(config, loaded, mix, rollouts, layout, summary, result, timin
         "modules": summary.modules,
         "estimators": {"grad_sq_norm_unbiased_ci": "delete-one-prompt jackknife, normal 95% interval"},
         "verdict": dominance_verdict(tasks),
-        "caveats": scan_caveats(tasks, rows),
         "prompts": rows,
         "engine": {"name": result.engine, "chunk_size": result.chunk_size, "passes": result.passes},
         "timings": timings,

@@ -157,3 +157,21 @@ def test_a_dominance_test_in_the_statistics_is_shown(document):
     assert "### Dominance" in markdown
     assert "| leaders | add, count |" in markdown and "| p holm max | 0.56 |" in markdown
     assert "| dominant | - |" in markdown and "pairs" not in markdown.split("### Dominance")[1].split("###")[0]
+
+
+def test_a_dominance_test_with_pairs_shows_each_ratio_with_its_interval(document):
+    with_test = json.loads(json.dumps(document))
+    with_test["stats"]["dominance"] = {
+        "method": "Fieller", "level": 0.95, "leading": ["count", "add"], "dominant": None,
+        "single_prompt": [],
+        "pairs": [{"a": "count", "b": "add", "ratio": 1.04, "lo": 0.61, "hi": 1.9, "p_holm": 0.8,
+                   "reason": None},
+                  {"a": "count", "b": "solve", "ratio": 2.2, "lo": 1.3, "hi": None, "p_holm": 0.01,
+                   "reason": "unbounded above"}]}
+    markdown = scan_markdown(with_test)
+    assert "| count | add | 1.04 | [0.61, 1.90] | 0.8 |  |" in markdown
+    assert "| count | solve | 2.20 | [1.30, -] |" in markdown
+    assert "leading: count, add; dominant: none" in markdown
+    assert scan_caveats(with_test["tasks"], with_test["prompts"], with_test["stats"]) == [
+        c for c in scan_caveats(with_test["tasks"], with_test["prompts"])
+        if c["code"] != "one_prompt_carries_norm"]

@@ -80,14 +80,31 @@ def _bins(stats: dict) -> Section:
 
 
 def _dominance(stats: dict) -> list[Section]:
-    """The dominance test, when the statistics hold one: its plain (scalar or list) entries."""
+    """The dominance test, when the statistics hold one: its pairwise ratios with their
+    intervals, or else its plain (scalar or list) entries."""
     dominance = stats.get("dominance")
     if not isinstance(dominance, dict):
         return []
+    pairs = dominance.get("pairs")
+    if isinstance(pairs, list) and all(isinstance(r, dict) and {"a", "b", "ratio"} <= set(r) for r in pairs):
+        return [_dominance_pairs(dominance)] if pairs else []
     rows = [[key.replace("_", " "), ", ".join(map(fmt, value)) if isinstance(value, list) else fmt(value)]
             for key, value in dominance.items() if not isinstance(value, dict)
             and not (isinstance(value, list) and any(isinstance(v, (dict, list)) for v in value))]
     return [Section("Dominance", ["quantity", "value"], rows)] if rows else []
+
+
+def _dominance_pairs(dominance: dict) -> Section:
+    rows = [[r["a"], r["b"], fmt(r["ratio"], ".2f"), interval(r.get("lo"), r.get("hi"), ".2f"),
+             _p(r.get("p_holm")), r.get("reason") or ""] for r in dominance["pairs"]]
+    level = dominance.get("level")
+    legend = [f"ratio: a's norm over b's{', ' + dominance['method'] if dominance.get('method') else ''}"
+              + (f"; interval at {100 * level:g}%" if level else "") + "; p_holm: Holm-adjusted"]
+    if dominance.get("leading"):
+        legend.append(f"leading: {', '.join(dominance['leading'])}; dominant: "
+                      f"{dominance.get('dominant') or 'none'}")
+    return Section("Which task's gradient is largest: pairwise ratios", ["a", "b", "ratio", "interval",
+                                                                          "p_holm", "note"], rows, legend)
 
 
 SECTIONS = (_kruskal, _pairwise, _spearman, _ols, _bins)
