@@ -26,7 +26,8 @@ from gradprobe import artifacts, task_grads
 from gradprobe.advantages import ADVANTAGES
 from gradprobe.errors import InputWarning, UserInputError
 from gradprobe.objective import LOSSES
-from gradprobe.rewards import parse_reward_options
+from gradprobe.caveats import scan_caveats
+from gradprobe.rewards import effective_rewards, parse_reward_options
 from gradprobe.rollouts import Rollout, rollout_to_json
 
 
@@ -171,8 +172,10 @@ def scan(config: ScanConfig, progress: Progress | None = None) -> ScanResult:
             mix = load_mix(Path(config.mix), config.task_field, config.prompt_field, config.answer_field,
                            config.split)
             prompts = select_prompts(mix, config.prompts_per_task, config.seed)
+            configured = task_rewards(mix)
             reward_specs = parse_reward_options(config.rewards, mix.tasks, config.default_reward,
-                                                task_rewards(mix))
+                                                configured)
+            rewards = effective_rewards(config.rewards, reward_specs, configured)
             reward_specs, sandbox_used = isolate_code_rewards(reward_specs, config.allow_weak_sandbox)
     with _timed(timings, "load_model_s"):
         loaded = load_model(config.model, config.device, config.dtype, config.allow_pickle,
@@ -199,6 +202,8 @@ def scan(config: ScanConfig, progress: Progress | None = None) -> ScanResult:
         with _timed(timings, "rollouts_s"):
             rollouts = read_rollouts(Path(config.rollouts), tokenizer, model)
         _check_rollout_tasks(rollouts)
+        rewards = {task: {"spec": None, "source": "rollouts file"}
+                   for task in dict.fromkeys(r.task for r in rollouts)}
     rollouts = assign_advantages(rollouts, ADVANTAGES.get(config.advantage))
 
     param_names = select_parameters(model, config.params)
@@ -215,6 +220,7 @@ def scan(config: ScanConfig, progress: Progress | None = None) -> ScanResult:
     document = _scan_document(config, loaded, mix, rollouts, layout, summary, result, timings)
     document["sandbox"] = sandbox_used
     document["warnings"] = notes
+    document["rewards"] = rewards
     if fallback:
         document["engine"]["fallback"] = fallback
     if len(param_names) < len(all_names) and config.proxy_check and (
@@ -233,6 +239,7 @@ def scan(config: ScanConfig, progress: Progress | None = None) -> ScanResult:
         with _timed(timings, "stats_s"):
             document["stats"] = run_statistics(document["prompts"], summary.prompt_gram)
         document["verdict"] = dominance_verdict(document["tasks"], document["stats"]["dominance"])
+    document["caveats"] = scan_caveats(document["tasks"], document["prompts"], document.get("stats"))
     with _timed(timings, "task_grads_s"):
         saved_grads = task_grads.from_sums(result.sums, layout.tasks, config.task_grads_limit_mb,
                                            config.task_grads_seed,
@@ -324,7 +331,7 @@ def available_memory(device: Any) -> int:
 
 
 def run_statistics(rows: list[dict[str, Any]], prompt_gram: dict[str, np.ndarray]) -> dict[str, Any]:
-    """The statistics stage over the per-prompt rows of scan.json (metrics.md, "Statistics")."""
+    """The statistics stage over the per-prompt rows of scan.json (docs/metrics.md, "Statistics")."""
     from gradprobe.intervals import moments_from_gram
     from gradprobe.stats import PromptTable, compute_stats
 

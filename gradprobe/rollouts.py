@@ -1,7 +1,7 @@
 """Rollouts: sampling completions with `generate`, or reading the ones a trainer produced.
 
 A rollout is one completion of one prompt. The completion tokens are those generated up to and
-including the first end-of-sequence token; padding never counts (metrics.md, "Rollouts and
+including the first end-of-sequence token; padding never counts (docs/metrics.md, "Rollouts and
 losses").
 """
 

@@ -12,7 +12,7 @@ sequences with one loss coefficient per token and returns, for the selected para
 - the linear sums s_k = sum_a W[k, a] grad_a (task gradients), their dot products per group, and
   optionally the sums themselves (for saving and comparing).
 
-Every norm, cosine, share and unbiased estimate of metrics.md is a quadratic form of these (see
+Every norm, cosine, share and unbiased estimate of docs/metrics.md is a quadratic form of these (see
 `estimators` and `summary`), so one pass serves them all exactly.
 
 Per-unit gradients come from ``vmap(grad(unit_loss))`` over a chunk of units, each unit a padded
@@ -136,7 +136,7 @@ def use_eager_attention(model: torch.nn.Module) -> None:
     """Switch a Hugging Face model to eager attention for the vmapped gradient pass.
 
     vmap has no batching rule for the backward of scaled_dot_product_attention and falls back to
-    a slow per-sample loop (engine-notes.md); eager attention is plain batched matmuls.
+    a slow per-sample loop (docs/engine.md); eager attention is plain batched matmuls.
     """
     setter = getattr(model, "set_attn_implementation", None)
     config = getattr(model, "config", None)

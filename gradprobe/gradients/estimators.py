@@ -1,6 +1,6 @@
 """Estimators over Gram matrices: norms, cosines, shares, unbiased norms, noise scales.
 
-Definitions: ../shared/design/metrics.md, "Task gradients". Every quantity is a quadratic form
+Definitions: docs/metrics.md, "Task gradients". Every quantity is a quadratic form
 of the unit Gram matrix G (G[a, b] = <grad_a, grad_b>): a vector built as v = sum_a C[a] grad_a
 has <v_i, v_j> = (C G C^T)[i, j]. All functions are pure, float64, and take or return tensors.
 """

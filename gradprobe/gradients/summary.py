@@ -1,6 +1,6 @@
 """The gradient stage's plain-data result: per-task, per-prompt and per-module figures.
 
-Turns the engine's unit Gram matrices into every "Task gradients" quantity of metrics.md, with
+Turns the engine's unit Gram matrices into every "Task gradients" quantity of docs/metrics.md, with
 the estimator formulas in `estimators`.
 """
 
@@ -116,7 +116,7 @@ def summarise_gradients(result: UnitGradients, layout: UnitLayout) -> GradientSu
 
 
 def proxy_fidelity(proxy_norms: list[float | None], full_norms: list[float | None]) -> dict[str, Any]:
-    """How well a parameter subset ranks tasks like the full model (metrics.md, per-module).
+    """How well a parameter subset ranks tasks like the full model (docs/metrics.md, per-module).
 
     `spearman`: rank correlation across tasks of the two grad_norm vectors (None below 3 tasks
     or when either is constant); `max_ratio_error`: max_t |r_t(proxy) - r_t(full)| / r_t(full),

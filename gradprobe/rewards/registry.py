@@ -147,3 +147,24 @@ def parse_reward_options(
         chosen[task] = spec
     return {task: configured[task] if task in configured and task not in chosen
             else parse_composite(chosen.get(task, default)) for task in tasks}
+
+
+def effective_rewards(
+    specs: list[str],
+    rewards: Mapping[str, CompositeReward],
+    configured: Mapping[str, CompositeReward] | None = None,
+) -> dict[str, dict[str, str]]:
+    """Per task, the reward `parse_reward_options` chose (`spec`, a composite's name) and where
+    the choice came from (`source`): scan.json `rewards` and `mix inspect --reward`."""
+    configured = configured or {}
+    chosen = {task for task, sep, _ in (item.partition("=") for item in specs) if sep}
+    default_given = any("=" not in item for item in specs)
+
+    def source(task: str) -> str:
+        if task in chosen:
+            return f"--reward {task}=..."
+        if task in configured:
+            return "mix spec"
+        return "--reward default" if default_given else "built-in default"
+
+    return {task: {"spec": reward.name, "source": source(task)} for task, reward in rewards.items()}
