@@ -54,7 +54,7 @@ def build_model(name: str, device: str, dtype: torch.dtype):
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     # plain and naive keep the default attention (sdpa), as a trainer would; the engine switches
-    # itself to eager attention, which vmap batches (engine-notes.md).
+    # itself to eager attention, which vmap batches (docs/engine.md).
     return model.to(device).eval()
 
 

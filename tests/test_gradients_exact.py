@@ -1,6 +1,6 @@
 """Per-task and per-prompt gradients against plain float64 autograd, one backward per task.
 
-The reference below recomputes everything from metrics.md's definitions without any gradprobe
+The reference below recomputes everything from docs/metrics.md's definitions without any gradprobe
 code path: advantages by hand, the aggregation's formula, one unpadded forward per completion.
 """
 
@@ -72,7 +72,7 @@ def completion_logprob_sum(model, rollout: Rollout) -> torch.Tensor:
 
 
 def reference_loss(model, rollouts: list[Rollout], advantages: dict, loss: str) -> torch.Tensor:
-    """The aggregation's formula, term by term (metrics.md)."""
+    """The aggregation's formula, term by term (docs/metrics.md)."""
     n = [r.n_tokens for r in rollouts]
     total = 0.0
     for r in rollouts:

@@ -168,7 +168,7 @@ def use_eager_attention(model: torch.nn.Module) -> None:
     """Switch a Hugging Face model to eager attention for the vmapped gradient pass.
 
     vmap has no batching rule for the backward of scaled_dot_product_attention and falls back to
-    a slow per-sample loop (engine-notes.md); eager attention is plain batched matmuls.
+    a slow per-sample loop (docs/engine.md); eager attention is plain batched matmuls.
     """
     setter = getattr(model, "set_attn_implementation", None)
     config = getattr(model, "config", None)

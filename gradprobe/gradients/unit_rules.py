@@ -9,7 +9,7 @@ leaf module (RMSNorm and LayerNorm variants, for instance).
 
 Sequences of a micro-batch are rows of x; the rows of one unit are contiguous, so a unit's
 tokens are one slice of the flattened [rows x positions] axis. For a linear layer the weight
-gradient of a set S of tokens is sum_{t in S} g_t x_t^T (engine-notes.md): a unit's gradient is
+gradient of a set S of tokens is sum_{t in S} g_t x_t^T (docs/engine.md): a unit's gradient is
 the layer's weight-gradient matmul restricted to the unit's tokens, so all units together cost
 the FLOPs of the one weight gradient a training step computes.
 """
