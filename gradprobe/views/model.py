@@ -73,7 +73,9 @@ def scan_report(document: dict[str, Any]) -> Report:
     sections.append(_sign_section(document))
     if stats:
         sections += stats_sections(stats)
-    return Report("gradprobe scan", document.get("verdict"), stats_findings(stats),
+    headline = document.get("verdict")
+    findings = [f for f in stats_findings(stats) if not headline or not headline.startswith(f.rstrip("."))]
+    return Report("gradprobe scan", headline, findings,
                   [c["message"] for c in document.get("caveats", [])], _scan_context(document),
                   sections)
 
