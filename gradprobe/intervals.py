@@ -333,8 +333,6 @@ def u_statistic_interval(moments: TaskMoments, level: float = 0.95) -> UStatisti
 
     (df = m-1 with exact row sums; `sketch_degrees_of_freedom` otherwise). `delete_one` holds
     the U_(-p) (from the calibrated row sums when sketched: approximate).
-
-    With exact row sums SE equals `gradients.estimators.u_statistic_jackknife` on the Gram.
     """
     m = moments.n_prompts
     value = None

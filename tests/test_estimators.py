@@ -44,30 +44,6 @@ def test_u_statistic_is_unbiased_where_the_naive_norm_is_not():
     assert bias == pytest.approx(d * scale**2 / m, rel=0.1)  # tr(Sigma)/m
 
 
-def test_jackknife_matches_brute_force_leave_one_out():
-    rng = np.random.default_rng(1)
-    vectors = draw(rng, 7, np.ones(5), 2.0)
-    loo = np.array([est.u_statistic(*moments_of(np.delete(vectors, i, 0))[:2]) for i in range(7)])
-    variance = 6 / 7 * ((loo - loo.mean()) ** 2).sum()
-    se, centre = est.u_statistic_jackknife(*moments_of(vectors))
-    assert se == pytest.approx(np.sqrt(variance), rel=1e-10)
-    assert centre == pytest.approx(loo.mean(), rel=1e-10)
-
-
-def test_jackknife_interval_covers_the_truth_at_about_its_nominal_rate():
-    rng = np.random.default_rng(2)
-    d, m, draws = 10, 40, 200
-    mean = np.full(d, 0.5)
-    truth = float(mean @ mean)
-    covered = 0
-    for _ in range(draws):
-        moments = moments_of(draw(rng, m, mean, 1.0))
-        value = est.u_statistic(*moments[:2])
-        se, _ = est.u_statistic_jackknife(*moments)
-        covered += value - est.Z_95 * se <= truth <= value + est.Z_95 * se
-    assert 0.90 * draws <= covered <= 0.99 * draws
-
-
 def test_noise_trace_and_scale_match_the_sample_covariance():
     rng = np.random.default_rng(3)
     vectors = draw(rng, 9, np.full(4, 2.0), 0.5)

@@ -96,7 +96,11 @@ def test_jackknife_from_moments_equals_gram_and_brute_force():
     u = _vectors()
     m = len(u)
     res = iv.u_statistic_interval(iv.moments_from_gram(u @ u.T))
-    gram_se, gram_centre = est.u_statistic_jackknife(torch.as_tensor(u @ u.T, dtype=torch.float64))
+    gram = u @ u.T  # the delete-one U-statistics read off the Gram's off-diagonal entries
+    off = gram.sum() - np.trace(gram)
+    gram_loo = np.array([(off - 2 * (gram[p].sum() - gram[p, p])) / ((m - 1) * (m - 2)) for p in range(m)])
+    gram_se = np.sqrt((m - 1) / m * ((gram_loo - gram_loo.mean()) ** 2).sum())
+    gram_centre = gram_loo.mean()
 
     def u_stat(x):
         s = x.sum(0)

@@ -2,8 +2,8 @@
 
 Definitions: docs/metrics.md, "Task gradients". Every quantity is a function of what one
 streaming pass knows exactly (docs/engine.md): the dot products of the task sums, each prompt's
-squared norm ||u_p||^2, and, from a second pass, the row sums r_p = <u_p, S_t>. All functions
-are pure, float64, and take or return tensors.
+squared norm ||u_p||^2 (the intervals, which also need the row sums r_p = <u_p, S_t>, are in
+`gradprobe.intervals`). All functions are pure, float64, and take or return tensors.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import math
 
 import torch
 
-Z_95 = 1.959963984540054  # two-sided 95% normal quantile
 
 
 def dot_matrix(gram: torch.Tensor, coef: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
@@ -58,22 +57,6 @@ def u_statistic(sum_sq: float, unit_sq: torch.Tensor) -> float:
     if m < 2:
         return float("nan")
     return float((sum_sq - unit_sq.sum()) / (m * (m - 1)))
-
-
-def u_statistic_jackknife(sum_sq: float, unit_sq: torch.Tensor, row_sums: torch.Tensor) -> tuple[float, float]:
-    """Delete-one jackknife standard error of `u_statistic`, and the mean of the leave-one-out
-    values, from the row sums r_i = <u_i, S> (exact from a second pass, docs/engine.md):
-
-        U_(-i) = (||S||^2 - 2 r_i + ||u_i||^2 - (sum_q ||u_q||^2 - ||u_i||^2)) / ((m-1)(m-2)),
-        Var = (m-1)/m sum_i (U_(-i) - mean U_(-i))^2.    Needs m >= 3.
-    """
-    m = unit_sq.shape[0]
-    if m < 3:
-        return float("nan"), float("nan")
-    squares = unit_sq.sum()
-    loo = (sum_sq - 2 * row_sums + unit_sq - (squares - unit_sq)) / ((m - 1) * (m - 2))
-    variance = (m - 1) / m * ((loo - loo.mean()) ** 2).sum()
-    return float(variance.sqrt()), float(loo.mean())
 
 
 def noise_trace(sum_sq: float, unit_sq: torch.Tensor) -> float:
