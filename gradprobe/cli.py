@@ -85,24 +85,27 @@ def fail(message: str) -> None:
 
 @contextmanager
 def _stated_warnings() -> Iterator[None]:
-    """Print gradprobe's `InputWarning`s as ``warning:`` lines on stderr (others as usual)."""
+    """Print gradprobe's `InputWarning`s as ``warning:`` lines on stderr, every time they occur;
+    other warnings go where they went before."""
     import warnings
 
     from rich.markup import escape
 
     from gradprobe.errors import InputWarning
 
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings():  # restores the filters and showwarning afterwards
+        previous = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):  # type: ignore[no-untyped-def]
+            if issubclass(category, InputWarning):
+                stderr.print(f"[yellow]warning:[/yellow] {escape(str(message))}", highlight=False,
+                             soft_wrap=True)
+            else:
+                previous(message, category, filename, lineno, file, line)
+
         warnings.simplefilter("always", InputWarning)
-        try:
-            yield
-        finally:
-            for item in caught:
-                if issubclass(item.category, InputWarning):
-                    stderr.print(f"[yellow]warning:[/yellow] {escape(str(item.message))}",
-                                 highlight=False, soft_wrap=True)
-                else:
-                    warnings.showwarning(item.message, item.category, item.filename, item.lineno)
+        warnings.showwarning = show
+        yield
 
 
 def _quiet_libraries() -> None:
