@@ -39,10 +39,14 @@ DEMO_SETTINGS = {"prompts_per_task": 48, "group_size": 8, "max_new_tokens": 10, 
 
 def fail(message: str) -> None:
     """Print one error line and exit 2."""
+    _error_line(message)
+    raise typer.Exit(2)
+
+
+def _error_line(message: str) -> None:
     from rich.markup import escape
 
     stderr.print(f"[bold red]error:[/bold red] {escape(message)}", highlight=False, soft_wrap=True)
-    raise typer.Exit(2)
 
 
 def _quiet_libraries() -> None:
@@ -75,6 +79,7 @@ def scan(
     seed: Annotated[int, typer.Option(help="Seed for the prompt subset and sampling; same seed, same scan.")] = 0,
     reward: Annotated[Optional[list[str]], typer.Option(help="TASK=SPEC per task, or SPEC as the default. Built in: exact, numeric, regex:PATTERN, math, countdown, python_tests, format[:STYLE]; or package.module:function (written for gradprobe, verl's compute_score or TRL, told apart by its parameters). Several with weights: TASK=math+0.2*format (a term with :VALUE goes last).")] = None,
     reward_workers: Annotated[int, typer.Option(help="Worker processes for the rewards (slow verifiers); 1 scores in this process. Same results either way.")] = 1,
+    generate_batch_size: Annotated[int, typer.Option(help="Prompts per generation batch; each batch samples from its own seed (under torchrun, ranks take whole batches).")] = 16,
     advantage: Annotated[str, typer.Option(help="Advantage estimator: grpo, dr_grpo, rloo or none.")] = "grpo",
     loss: Annotated[str, typer.Option(help="Loss aggregation: grpo, bnpo, dapo or dr_grpo.")] = "grpo",
     params: Annotated[Optional[list[str]], typer.Option(help="Parameters to differentiate: all, last-block, attention, mlp, lora, or globs on names (repeatable).  [default: all; lora with --adapter]")] = None,
@@ -145,13 +150,28 @@ def scan(
         stats=stats, bootstrap=bootstrap, proxy_check=proxy_check,
         allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
         adapter=None if adapter is None else str(adapter), reward_workers=reward_workers,
+        generate_batch_size=generate_batch_size,
         task_grads_limit_mb=task_grads_limit, task_grads_seed=task_grads_seed, **settings,
     )
     _quiet_libraries()
+    from gradprobe.distributed import DistributedFailure, open_session
+
+    def report(error: BaseException) -> None:  # rank 0 of a torchrun scan: the one message
+        if isinstance(error, (UserInputError, DistributedFailure)):
+            _error_line(str(error))
+
+    session = None
     try:
-        result = run_scan(config, RichProgress(stderr))
+        with open_session(config.device, report) as session:
+            result = run_scan(config, RichProgress(stderr) if session.is_writer else None)
     except UserInputError as exc:
+        if session is not None and session.is_distributed:
+            raise typer.Exit(2) from None
         fail(str(exc))
+    except DistributedFailure:
+        raise typer.Exit(1) from None
+    if not session.is_writer:
+        return
     if as_json:
         print(json.dumps(result.document, indent=2))
     else:
