@@ -19,7 +19,7 @@ from typing import Any
 
 from gradprobe.errors import UserInputError
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"
 SCAN_FILE = "scan.json"
 ROLLOUTS_FILE = "rollouts.jsonl"
 TASK_GRADS_FILE = "task_grads.safetensors"

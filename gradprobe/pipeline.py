@@ -68,7 +68,6 @@ class ScanConfig:
     sums: str = "auto"
     proxy_check: bool = True
     stats: bool = True
-    bootstrap: int = 1000
     generate_batch_size: int = 16
     task_grads_limit_mb: float = 64.0
     task_grads_seed: int = 0
@@ -120,8 +119,6 @@ def validate(config: ScanConfig) -> None:
         raise UserInputError("--generate-batch-size must be at least 1")
     if config.reward_workers < 1:
         raise UserInputError("--reward-workers must be at least 1")
-    if config.bootstrap < 0:
-        raise UserInputError("--bootstrap must be 0 or more")
     if config.engine not in ("auto", "hooks", "vmap"):
         raise UserInputError(f"--engine must be auto, hooks or vmap, not {config.engine!r}")
     if config.intervals not in INTERVALS:
@@ -239,8 +236,8 @@ def scan(config: ScanConfig, progress: Progress | None = None) -> ScanResult:
         return ScanResult(document, out)
     if config.stats:
         with _timed(timings, "stats_s"):
-            document["stats"] = run_statistics(document["prompts"], summary.prompt_gram,
-                                               config.bootstrap, config.seed)
+            document["stats"] = run_statistics(document["prompts"], summary.task_moments)
+        document["verdict"] = dominance_verdict(document["tasks"], document["stats"]["dominance"])
     with _timed(timings, "task_grads_s"):
         saved_grads = task_grads.from_sums(result.paired_sums(), layout.tasks, config.task_grads_limit_mb,
                                            config.task_grads_seed,
@@ -307,9 +304,9 @@ def available_memory(device: Any) -> int:
     return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
 
-def run_statistics(rows: list[dict[str, Any]], prompt_gram: dict[str, np.ndarray], n_bootstrap: int,
-                   seed: int) -> dict[str, Any]:
-    """The statistics stage over the per-prompt rows of scan.json (metrics.md, "Statistics")."""
+def run_statistics(rows: list[dict[str, Any]], task_moments: dict[str, Any]) -> dict[str, Any]:
+    """The statistics stage over the per-prompt rows of scan.json and the gradient stage's
+    per-task moments (docs/metrics.md, "Statistics")."""
     from gradprobe.stats import PromptTable, compute_stats
 
     def column(key: str) -> np.ndarray:
@@ -324,8 +321,9 @@ def run_statistics(rows: list[dict[str, Any]], prompt_gram: dict[str, np.ndarray
         mean_completion_length=column("mean_completion_length"),
         prompt_length=column("prompt_length"),
         degenerate=np.array([row["zero_advantage"] for row in rows], dtype=bool),
+        prompt_id=[str(row["prompt_id"]) for row in rows],
     )
-    return compute_stats(table, prompt_gram, n_bootstrap=n_bootstrap, seed=seed)
+    return compute_stats(table, task_moments)
 
 
 def _check_plan_before_sampling(model: Any, param_names: list[str], prompts: list[Any], rendered: list[str],
@@ -404,19 +402,25 @@ def _task_table(rows: list[dict[str, Any]], summary: Any, layout: Any) -> dict[s
     return table
 
 
-def dominance_verdict(tasks: dict[str, dict[str, Any]]) -> str:
-    """One sentence naming the dominant task, its norm ratio and its share of the update."""
+def dominance_verdict(tasks: dict[str, dict[str, Any]], dominance: dict[str, Any] | None = None) -> str:
+    """The headline: the statistics' dominance sentence (gradprobe.stats.dominance_sentence),
+    with the dominant task's share of the update; without statistics, the largest norm untested."""
+    from gradprobe.stats import dominance_sentence
+
     norms = {t: v["grad_norm"] for t, v in tasks.items() if v["grad_norm"]}
     if len(tasks) < 2:
         return "One task only: nothing to compare."
     if len(norms) < 2:
         return "Fewer than two tasks have a nonzero gradient: no imbalance to measure."
-    top = max(norms, key=norms.get)
-    low = min(norms, key=norms.get)
-    ratio = norms[top] / norms[low]
-    share = tasks[top]["share"]
-    share_text = f", and takes {share:.0%} of the mixed update" if share is not None else ""
-    return f"{top} dominates: its gradient norm is {ratio:.1f}x that of {low}{share_text}."
+    if dominance is None:
+        top, low = max(norms, key=norms.get), min(norms, key=norms.get)
+        return (f"{top} has the largest gradient norm, {norms[top] / norms[low]:.1f}x that of "
+                f"{low}; untested (statistics off).")
+    sentence = dominance_sentence(dominance)
+    share = tasks[dominance["dominant"]]["share"] if dominance["dominant"] else None
+    if share is not None:
+        sentence = sentence[:-1] + f"; it takes {share:.0%} of the mixed update."
+    return sentence
 
 
 def _scan_document(config, loaded, mix, rollouts, layout, summary, result, timings) -> dict[str, Any]:
@@ -424,7 +428,7 @@ def _scan_document(config, loaded, mix, rollouts, layout, summary, result, timin
     import torch
     import transformers
 
-    from gradprobe.gradients.summary import CI_METHOD
+    from gradprobe.intervals import U_METHOD
 
     rows = _prompt_rows(rollouts, layout, summary)
     tasks = _task_table(rows, summary, layout)
@@ -458,7 +462,7 @@ def _scan_document(config, loaded, mix, rollouts, layout, summary, result, timin
         "cosine_unbiased": {"tasks": layout.tasks, "matrix": summary.cosine_unbiased},
         "mixed": summary.mixed,
         "modules": summary.modules,
-        "estimators": {"grad_sq_norm_unbiased_ci": CI_METHOD if config.intervals == "exact" else
+        "estimators": {"grad_sq_norm_unbiased_ci": U_METHOD if config.intervals != "none" else
                        "none (--intervals none)"},
         "verdict": dominance_verdict(tasks),
         "prompts": rows,

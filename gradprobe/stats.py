@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 from scipy import stats as sps
 
+from gradprobe.intervals import TaskMoments, ratio_test, u_statistic_interval
+
 COVARIATES = (
     "mean_reward",
     "reward_std",
@@ -34,7 +36,7 @@ COVARIATE_LABELS = {
 
 # Thresholds. Below the MIN_* sizes a statistic is None (with a reason) or a verdict says
 # "not enough prompts to tell"; the R^2 thresholds decide the "inherent"/"explained" wording.
-MIN_GROUP_N = 3  # usable prompts for a task to enter Kruskal-Wallis, Mann-Whitney, OLS, bootstrap
+MIN_GROUP_N = 3  # usable prompts for a task to enter Kruskal-Wallis, Mann-Whitney, OLS
 MIN_SPEARMAN_N = 5  # pairs for a Spearman rho and its Fisher-z interval (needs n > 3)
 MIN_OLS_RESID_DF = 5  # residual degrees of freedom an OLS model needs
 COLLINEAR_TOLERANCE = 1e-6  # a covariate whose 1 - R^2 on the earlier ones is below this is dropped
@@ -47,10 +49,13 @@ SPEARMAN_SE_FACTOR = 1.06  # Fieller, Hartley & Pearson (1957): SE of atanh(rho)
 P_FLOOR = 1e-6  # p-values below it print as "p<1e-6"
 
 SPEARMAN_METHOD = "Fisher z interval, SE 1.06/sqrt(n-3) (Fieller, Hartley & Pearson 1957)"
-RATIO_METHOD = (
-    "percentile bootstrap; prompts (degenerate ones included) resampled with replacement within "
-    "each task; ||g_t^b||^2 = c^T G c / m^2 from the task's Gram matrix G and resample counts c"
+DOMINANCE_METHOD = (
+    "tasks ordered by the U-statistic of ||E u||^2; each pair's norm ratio sqrt(U_a/U_b) with a "
+    "Fieller interval and a test of equal squared norms from delete-one-prompt jackknife "
+    "variances (tasks independent), Holm-adjusted over all pairs; a task dominates when every "
+    "other task is significantly smaller"
 )
+SINGLE_PROMPT_SHARE = 0.5  # one prompt's share of sum_p ||u_p||^2 that is flagged
 
 
 @dataclass(frozen=True)
@@ -60,6 +65,7 @@ class PromptTable:
     `grad_norm` is ||u_p||; `reward_std` the population std (ddof=0) of the group's K rewards;
     `degenerate` marks groups whose K rewards are all equal (zero advantage and gradient under
     grpo/dr_grpo/rloo). Degenerate rows are excluded from the per-prompt statistics and counted.
+    `prompt_id` (optional) names the prompts in the single-prompt flags (else "#i" in the task).
     """
 
     task: list[str]
@@ -70,6 +76,7 @@ class PromptTable:
     mean_completion_length: np.ndarray
     prompt_length: np.ndarray
     degenerate: np.ndarray
+    prompt_id: Sequence[str] | None = None
 
     def column(self, name: str) -> np.ndarray:
         """The named column as a float64 array (bool for `degenerate`)."""
@@ -195,104 +202,116 @@ def pairwise_mannwhitney(groups: Mapping[str, np.ndarray]) -> list[dict]:
     return rows
 
 
-# ---------------------------------------------------------------- bootstrap of norm ratios
+# ---------------------------------------------------------------- dominance
 
 
-def bootstrap_task_norms(
-    task_gram: Mapping[str, np.ndarray], n_bootstrap: int, seed: int
-) -> dict[str, np.ndarray]:
-    """Bootstrap replicates of ||g_t|| for each task, exact from its Gram matrix (metrics.md).
+def dominance(task_moments: Mapping[str, TaskMoments], alpha: float = 0.05,
+              prompt_labels: Mapping[str, Sequence[str]] | None = None) -> dict:
+    """Which task's gradient is larger than every other's, tested (docs/metrics.md, dominance).
 
-    rng = np.random.default_rng(seed); for each task in the mapping's order,
-    idx = rng.integers(0, m, size=(n_bootstrap, m)); with c_b the counts of idx[b],
-    ||g_t^b||^2 = c_b^T G c_b / m^2 (= G[idx_b][:, idx_b].sum() / m^2).
+    Per task, theta_t = ||E u||^2 is estimated by the U-statistic with its jackknife interval
+    (`intervals.u_statistic_interval`); tasks with a zero gradient (all prompts degenerate) are
+    left out. Tasks are ordered by U; every pair (a above b) gets `intervals.ratio_test`: the
+    norm ratio sqrt(U_a/U_b), its Fieller interval and the test of theta_a = theta_b, with
+    Holm-adjusted p over all pairs. `leading` is the top task plus every task whose pair with it
+    is not significant after Holm (or untested); `dominant` is the top task when it alone leads.
+    `single_prompt` flags a prompt holding at least SINGLE_PROMPT_SHARE of its task's
+    sum_p ||u_p||^2, and a prompt whose deletion (U_(-p)) changes which task is largest.
     """
-    rng = np.random.default_rng(seed)
-    out = {}
-    for t, g in task_gram.items():
-        g = np.asarray(g, dtype=np.float64)
-        m = g.shape[0]
-        if m == 0:
-            out[t] = np.zeros(n_bootstrap)
-            continue
-        idx = rng.integers(0, m, size=(n_bootstrap, m))
-        flat = (idx + m * np.arange(n_bootstrap)[:, None]).ravel()
-        counts = np.bincount(flat, minlength=n_bootstrap * m).reshape(n_bootstrap, m)
-        counts = counts.astype(np.float64)
-        sq = np.einsum("bi,bi->b", counts @ g, counts) / m**2
-        out[t] = np.sqrt(np.maximum(sq, 0.0))
-    return out
-
-
-def task_norm(gram: np.ndarray) -> float:
-    """||g_t|| = sqrt(sum(G)) / m, g_t the mean of the task's u_p (metrics.md)."""
-    g = np.asarray(gram, dtype=np.float64)
-    m = g.shape[0]
-    return math.sqrt(max(float(g.sum()), 0.0)) / m if m else 0.0
-
-
-def _interval(x: np.ndarray, alpha: float) -> tuple[float | None, float | None]:
-    with np.errstate(invalid="ignore"):
-        lo, hi = np.quantile(x, [alpha / 2, 1 - alpha / 2])
-    return _num(lo), _num(hi)
-
-
-def ratio_ci(
-    task_gram: Mapping[str, np.ndarray], n_bootstrap: int = 1000, seed: int = 0,
-    alpha: float = 0.05,
-) -> dict:
-    """Each task's ||g_t|| / ||g_ref|| with a percentile bootstrap CI, and max/min likewise.
-
-    ref is the task with the smallest positive norm; tasks with zero norm (all degenerate) get
-    ratio None. The max/min replicate is max_t ||g_t^b|| / min_t ||g_t^b|| over the positive
-    tasks. Replicates come from `bootstrap_task_norms` (metrics.md, `norm_ratio`).
-    """
-    norms = {t: task_norm(g) for t, g in task_gram.items()}
-    m = {t: int(np.shape(g)[0]) for t, g in task_gram.items()}
-    pos = [t for t in norms if norms[t] > 0]
-    out: dict[str, Any] = {
-        "method": RATIO_METHOD, "n_bootstrap": int(n_bootstrap), "seed": int(seed),
-        "level": 1 - alpha, "reference": None, "tasks": {},
-        "max_over_min": {"ratio": None, "lo": None, "hi": None, "max_task": None,
-                         "min_task": None, "reason": None},
+    level = 1 - alpha
+    fits = {t: u_statistic_interval(mom, level) for t, mom in task_moments.items()}
+    live = [t for t, mom in task_moments.items() if np.any(mom.unit_sq_norms > 0)]
+    order = sorted(live, key=lambda t: -_value_or(fits[t].value, -math.inf))
+    pairs = [_pair(a, b, fits, task_moments, level) for a, b in combinations(order, 2)]
+    tested = [r for r in pairs if r["p"] is not None]
+    for r, ph in zip(tested, holm([r["p"] for r in tested])):
+        r["p_holm"] = ph
+    top = order[0] if order else None
+    leading = [t for t in order if t == top or not _below(top, t, pairs, alpha)]
+    labels = {t: list(prompt_labels[t]) if prompt_labels and t in prompt_labels else
+              [f"#{i + 1}" for i in range(mom.n_prompts)] for t, mom in task_moments.items()}
+    return {
+        "method": DOMINANCE_METHOD, "level": level, "alpha": alpha, "correction": "holm",
+        "sources": sorted({mom.source for mom in task_moments.values()}),
+        "sketch_dims": sorted({m.sketch_dim for m in task_moments.values() if m.sketch_dim}),
+        "tasks": {t: _dominance_task(task_moments[t], fits[t], labels[t], t in live)
+                  for t in task_moments},
+        "order": order, "pairs": pairs, "tested": bool(tested), "top": top,
+        "leading": leading if top else [],
+        "dominant": top if len(order) >= 2 and len(leading) == 1 else None,
+        "single_prompt": _single_prompt_flags(task_moments, fits, order, labels),
+        "reason": _dominance_reason(order, pairs),
     }
-    ref = min(pos, key=norms.get) if pos else None
-    out["reference"] = ref
-    reps = bootstrap_task_norms(task_gram, n_bootstrap, seed) if n_bootstrap > 0 and pos else {}
-    for t in norms:
-        row = {"norm": norms[t], "m": m[t], "ratio": None, "lo": None, "hi": None, "reason": None}
-        if ref is None or norms[t] == 0:
-            row["reason"] = "zero gradient (all prompts degenerate)"
+
+
+def _value_or(x: float | None, default: float) -> float:
+    return default if x is None or not math.isfinite(x) else x
+
+
+def _pair(a: str, b: str, fits: dict, moments: Mapping[str, TaskMoments], level: float) -> dict:
+    plain = {t: math.sqrt(max(moments[t].sum_sq_norm, 0.0)) / moments[t].n_prompts for t in (a, b)}
+    row = {"a": a, "b": b, **ratio_test(fits[a], fits[b], level), "p_holm": None}
+    row["plain_ratio"] = plain[a] / plain[b] if plain[b] > 0 else None
+    return row
+
+
+def _below(top: str, t: str, pairs: list[dict], alpha: float) -> bool:
+    """Whether t is significantly smaller than top after Holm, its ratio interval above 1 too
+    (the two agree with exact row sums; with sketched ones their df may differ)."""
+    row = next(r for r in pairs if r["a"] == top and r["b"] == t)
+    return row["p_holm"] is not None and row["p_holm"] < alpha and row["lo"] > 1
+
+
+def _dominance_task(mom: TaskMoments, fit: Any, labels: list[str], live: bool) -> dict:
+    units = mom.unit_sq_norms
+    share = units / units.sum() if units.sum() > 0 else np.zeros_like(units)
+    top = int(np.argmax(share)) if units.size else None
+    return fit.as_dict() | {
+        "grad_norm": math.sqrt(max(mom.sum_sq_norm, 0.0)) / max(mom.n_prompts, 1),
+        "unbiased_norm": math.sqrt(fit.value) if fit.value is not None and fit.value > 0 else None,
+        "max_prompt": None if top is None else labels[top],
+        "max_prompt_share": None if top is None else float(share[top]),
+        "reason": fit.reason if live else "zero gradient (all prompts degenerate)",
+    }
+
+
+def _single_prompt_flags(moments: Mapping[str, TaskMoments], fits: dict, order: list[str],
+                         labels: dict[str, list[str]]) -> list[dict]:
+    """Prompts that carry a task's norm: a large share of sum ||u_p||^2, or a deletion that
+    changes which task has the largest U (U_(-p) of the top task below the runner-up's U, or
+    U_(-p) of another task above the top task's U)."""
+    flags = []
+    for t in order:
+        units = moments[t].unit_sq_norms
+        p = int(np.argmax(units))
+        if units[p] >= SINGLE_PROMPT_SHARE * units.sum():
+            flags.append({"task": t, "prompt": labels[t][p], "kind": "share",
+                          "share": float(units[p] / units.sum()), "new_top": None,
+                          "u_without": None})
+    if len(order) < 2:
+        return flags
+    top, runner = order[0], order[1]
+    for t in order:
+        loo = fits[t].delete_one
+        if loo is None or fits[t].value is None:
+            continue
+        if t == top:
+            p, beaten = int(np.argmin(loo)), loo.min() < fits[runner].value
+            new_top = runner
         else:
-            row["ratio"] = norms[t] / norms[ref]
-            row["reason"] = _ci_reason(m[t], m[ref], n_bootstrap)
-            if row["reason"] is None:
-                with np.errstate(divide="ignore", invalid="ignore"):
-                    row["lo"], row["hi"] = _interval(reps[t] / reps[ref], alpha)
-                if row["hi"] is None:
-                    row["reason"] = "unbounded: some resamples of the reference were all zero"
-        out["tasks"][t] = row
-    if len(pos) >= 2:
-        top = max(pos, key=norms.get)
-        mom = out["max_over_min"]
-        mom |= {"ratio": norms[top] / norms[ref], "max_task": top, "min_task": ref}
-        mom["reason"] = _ci_reason(min(m[t] for t in pos), MIN_GROUP_N, n_bootstrap)
-        if mom["reason"] is None:
-            r = np.array([reps[t] for t in pos])
-            with np.errstate(divide="ignore", invalid="ignore"):
-                mom["lo"], mom["hi"] = _interval(r.max(0) / r.min(0), alpha)
-            if mom["hi"] is None:
-                mom["reason"] = "unbounded: some resamples had a zero task gradient"
-    else:
-        out["max_over_min"]["reason"] = "fewer than 2 tasks with a nonzero gradient"
-    return out
+            p, beaten = int(np.argmax(loo)), loo.max() > fits[top].value
+            new_top = t
+        if beaten:
+            flags.append({"task": t, "prompt": labels[t][p], "kind": "deletion", "share": None,
+                          "new_top": new_top, "u_without": float(loo[p])})
+    return flags
 
 
-def _ci_reason(m_a: int, m_b: int, n_bootstrap: int) -> str | None:
-    if n_bootstrap <= 0:
-        return "bootstrap disabled"
-    if min(m_a, m_b) < MIN_GROUP_N:
-        return f"fewer than {MIN_GROUP_N} prompts"
+def _dominance_reason(order: list[str], pairs: list[dict]) -> str | None:
+    if len(order) < 2:
+        return "fewer than 2 tasks with a nonzero gradient"
+    if not any(r["p"] is not None for r in pairs):
+        return pairs[0]["reason"]
     return None
 
 
@@ -465,7 +484,7 @@ def reward_bins(
 # ---------------------------------------------------------------- entry point
 
 
-def _check(table: PromptTable, task_gram: Mapping[str, np.ndarray]) -> None:
+def _check(table: PromptTable, task_moments: Mapping[str, TaskMoments]) -> None:
     n = len(table.task)
     for name in ("grad_norm", *COVARIATES, "degenerate"):
         if np.shape(getattr(table, name)) != (n,):
@@ -474,11 +493,13 @@ def _check(table: PromptTable, task_gram: Mapping[str, np.ndarray]) -> None:
         if not np.all(np.isfinite(table.column(name))):
             raise ValueError(f"PromptTable.{name} has non-finite values")
     counts = {t: table.task.count(t) for t in dict.fromkeys(table.task)}
-    if set(task_gram) != set(counts):
-        raise ValueError("task_gram must have exactly one Gram matrix per task in the table")
+    if table.prompt_id is not None and len(table.prompt_id) != n:
+        raise ValueError(f"PromptTable.prompt_id must have one entry per prompt ({n})")
+    if set(task_moments) != set(counts):
+        raise ValueError("task_moments must have exactly one TaskMoments per task in the table")
     for t, m in counts.items():
-        if np.shape(task_gram[t]) != (m, m):
-            raise ValueError(f"task_gram[{t!r}] must be {m}x{m}, one row per prompt of the task")
+        if task_moments[t].n_prompts != m:
+            raise ValueError(f"task_moments[{t!r}] must have {m} prompts, one per row of the task")
 
 
 def _by_task(mask: np.ndarray, task: np.ndarray, tasks: list[str]) -> dict:
@@ -487,19 +508,20 @@ def _by_task(mask: np.ndarray, task: np.ndarray, tasks: list[str]) -> dict:
 
 
 def compute_stats(
-    table: PromptTable, task_gram: dict[str, np.ndarray], n_bootstrap: int = 1000, seed: int = 0,
-    alpha: float = 0.05,
+    table: PromptTable, task_moments: Mapping[str, TaskMoments], alpha: float = 0.05,
 ) -> dict:
     """All statistics of metrics.md "Statistics against reward and advantage", plus verdicts.
 
     Usable prompts: not degenerate and 0 < ||u_p|| < inf; the rest are excluded and counted.
     Tasks with at least MIN_GROUP_N usable prompts enter Kruskal-Wallis, Mann-Whitney and the
-    OLS; `task_gram[t]` (G[i,j] = u_i . u_j, table order, degenerate rows zero) gives the norm
-    ratios. Top-level keys: alpha, tasks, tasks_tested, tasks_all_degenerate, n_prompts,
-    n_excluded_degenerate, n_excluded_zero_norm, n_usable ({total, by_task}), covariate_labels,
-    thresholds, kruskal, pairwise, ratio_ci, spearman, ols, reward_bins, verdicts.
+    OLS; `task_moments[t]` (||S||^2, ||u_p||^2 and r_p in table order, degenerate prompts
+    included with zero norms; `intervals.moments_from_gram` builds them from a Gram) gives the
+    `dominance` test. Top-level keys: alpha, tasks, tasks_tested, tasks_all_degenerate,
+    n_prompts, n_excluded_degenerate, n_excluded_zero_norm, n_usable ({total, by_task}),
+    covariate_labels, thresholds, kruskal, pairwise, dominance, spearman, ols, reward_bins,
+    verdicts.
     """
-    _check(table, task_gram)
+    _check(table, task_moments)
     task = np.asarray(table.task, dtype=object)
     tasks = list(dict.fromkeys(table.task))
     norm, degen = table.column("grad_norm"), table.column("degenerate")
@@ -523,7 +545,7 @@ def compute_stats(
         "thresholds": _thresholds(),
         "kruskal": kruskal_test(groups),
         "pairwise": pairwise_mannwhitney(groups),
-        "ratio_ci": ratio_ci({t: task_gram[t] for t in tasks}, n_bootstrap, seed, alpha),
+        "dominance": dominance({t: task_moments[t] for t in tasks}, alpha, _labels(table, tasks)),
         "spearman": _spearman_all(norm, cov, task, usable, tasks, alpha),
         "ols": nested_ols(np.log(norm[in_ols]), {c: v[in_ols] for c, v in cov.items()},
                           task[in_ols].tolist()),
@@ -534,12 +556,19 @@ def compute_stats(
     return out
 
 
+def _labels(table: PromptTable, tasks: list[str]) -> dict[str, list[str]] | None:
+    if table.prompt_id is None:
+        return None
+    return {t: [str(i) for i, k in zip(table.prompt_id, table.task) if k == t] for t in tasks}
+
+
 def _thresholds() -> dict:
     return {
         "MIN_GROUP_N": MIN_GROUP_N, "MIN_SPEARMAN_N": MIN_SPEARMAN_N,
         "MIN_OLS_RESID_DF": MIN_OLS_RESID_DF, "MIN_PROMPTS_VERDICT": MIN_PROMPTS_VERDICT,
         "INHERENT_PARTIAL_R2": INHERENT_PARTIAL_R2, "SMALL_PARTIAL_R2": SMALL_PARTIAL_R2,
         "EXPLAINED_R2": EXPLAINED_R2, "N_REWARD_BINS": N_REWARD_BINS,
+        "SINGLE_PROMPT_SHARE": SINGLE_PROMPT_SHARE,
     }
 
 
@@ -571,9 +600,9 @@ def verdicts(stats: dict) -> list[str]:
         out.append(f"{which} with usable prompts: no comparison across tasks (Kruskal-Wallis, "
                    "pairwise tests and the task F-test are skipped).")
     else:
-        if stats["ratio_ci"]["max_over_min"]["max_task"] is not None:
-            out.append(_ratio_sentence(stats))
+        out.append(dominance_sentence(stats["dominance"]))
         out.append(_kruskal_sentence(stats))
+    out += single_prompt_sentences(stats["dominance"])
     out += [_ols_sentence(stats), *_advantage_sentences(stats)]
     return [s for s in out if s]
 
@@ -598,24 +627,72 @@ def _few(stats: dict, tasks: Sequence[str] | None = None, key: str = "n_usable")
     return [t for t in tasks if stats[key]["by_task"][t] < MIN_PROMPTS_VERDICT]
 
 
-def _ratio_sentence(stats: dict) -> str:
-    rc = stats["ratio_ci"]
-    mom = rc["max_over_min"]
-    top, ref = mom["max_task"], mom["min_task"]
-    few = _few(stats, [top, ref], "n_prompts")
-    if few:
-        return (f"Not enough prompts to tell how much larger {top}'s gradient is than {ref}'s "
-                f"(ratio {mom['ratio']:.1f}; fewer than {MIN_PROMPTS_VERDICT} prompts in "
-                f"{_join(few)}).")
-    row = rc["tasks"][top]
-    if row["lo"] is None:
-        return f"{top}'s gradient is {row['ratio']:.1f}x {ref}'s; no interval ({row['reason']})."
-    level = f"{100 * rc['level']:g}%"
-    s = (f"{top}'s gradient is {row['ratio']:.1f}x {ref}'s ({level} CI "
-         f"{row['lo']:.1f}-{row['hi']:.1f}).")
-    if row["lo"] <= 1:
-        s += " The interval includes 1: no task clearly dominates."
-    return s
+def _find_pair(dom: dict, a: str, b: str) -> dict:
+    return next(r for r in dom["pairs"] if r["a"] == a and r["b"] == b)
+
+
+def _times(pair: dict) -> str:
+    if pair["ratio"] is None:
+        return "an undefined multiple (U <= 0) of"
+    return f"{pair['ratio']:.2f}x"
+
+
+def _interval_text(pair: dict, level: float) -> str:
+    """'95% CI 1.8-2.6, Holm p=0.001', or why there is none."""
+    if pair["lo"] is None:
+        return f"no interval: {pair['reason']}"
+    hi = "unbounded" if pair["hi"] is None else f"{pair['hi']:.2f}"
+    holm_p = "" if pair["p_holm"] is None else f", Holm {format_p(pair['p_holm'])}"
+    return f"{100 * level:g}% CI {pair['lo']:.2f}-{hi}{holm_p}"
+
+
+def dominance_sentence(dom: dict) -> str:
+    """One sentence from `dominance(...)`: "X dominates" only when every other task is
+    significantly smaller after Holm; else which tasks lead together, or that the largest is
+    not significantly so, or (no row sums) untested. The unbiased gradient norm is sqrt(U) and
+    ratios are sqrt(U_a / U_b)."""
+    order, top = dom["order"], dom["top"]
+    if len(order) < 2:
+        return f"No comparison of task gradients ({dom['reason']})."
+    runner, smallest, level = order[1], order[-1], dom["level"]
+    to_runner, to_smallest = _find_pair(dom, top, runner), _find_pair(dom, top, smallest)
+    if not dom["tested"]:
+        return (f"{top} has the largest unbiased gradient norm, {_times(to_smallest)} "
+                f"{smallest}'s; untested ({dom['reason']}).")
+    if dom["dominant"]:
+        s = (f"{top} dominates: its unbiased gradient norm is {_times(to_runner)} {runner}'s, "
+             f"the next largest ({_interval_text(to_runner, level)})")
+        if smallest != runner:
+            s += f", and {_times(to_smallest)} {smallest}'s ({_interval_text(to_smallest, level)})"
+        return s + "."
+    leading = dom["leading"]
+    if len(leading) < len(order):
+        return (f"{_join(leading)} lead together (their differences are not significant after "
+                f"Holm); {top}'s unbiased gradient norm is {_times(to_smallest)} {smallest}'s "
+                f"({_interval_text(to_smallest, level)}).")
+    return (f"{top} has the largest unbiased gradient norm, not significantly: "
+            f"{_times(to_runner)} {runner}'s ({_interval_text(to_runner, level)}); no task is "
+            "significantly smaller after Holm.")
+
+
+def single_prompt_sentences(dom: dict) -> list[str]:
+    """One sentence per kind of `dominance(...)["single_prompt"]` flag."""
+    out = []
+    shares = [f for f in dom["single_prompt"] if f["kind"] == "share"]
+    if shares:
+        parts = [f"{f['task']} ({f['prompt']}, {_pct(f['share'])})" for f in shares]
+        out.append(f"One prompt carries most of its task's summed squared prompt norms in "
+                   f"{_join(parts)}: that task's gradient rests on one prompt.")
+    for f in (f for f in dom["single_prompt"] if f["kind"] == "deletion"):
+        if f["task"] == dom["top"]:
+            out.append(f"Without prompt {f['prompt']} of {f['task']}, {f['new_top']} would have "
+                       "the largest unbiased gradient norm: one prompt decides which task is "
+                       "largest.")
+        else:
+            out.append(f"Without prompt {f['prompt']} of {f['task']}, {f['task']} would have "
+                       "the largest unbiased gradient norm: one prompt decides which task is "
+                       "largest.")
+    return out
 
 
 def _kruskal_sentence(stats: dict) -> str:

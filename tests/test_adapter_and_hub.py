@@ -62,7 +62,7 @@ def test_adapter_gradients_equal_autograd_over_lora(tiny_llama, tiny_mix, lora_a
     out = tmp_path / "scan"
     result = run("scan", tiny_llama, tiny_mix, "--adapter", lora_adapter, "--out", out, "-k", "3",
                  "--max-new-tokens", "4", "--prompts-per-task", "2", "--advantage", "none",
-                 "--reward", "regex:[a-m]", "--no-stats", "--bootstrap", "0")
+                 "--reward", "regex:[a-m]", "--no-stats")
     assert result.exit_code == 0, result.output
     document = json.loads((out / "scan.json").read_text())
     assert document["config"]["params"] == ["lora"]  # the default with an adapter

@@ -101,10 +101,10 @@ def test_sign_parts_sum_to_the_task_gradient_and_modules_to_the_total():
                        + 2 * t["pos_neg_cosine"] * t["pos_grad_norm"] * t["neg_grad_norm"])
             assert rebuilt == pytest.approx(t["grad_sq_norm"], rel=1e-9)
         # each prompt's squared norm is its sign parts plus twice their cross term
-        moments = summary.prompt_moments[task]
+        moments = summary.task_moments[task]
         mine = np.flatnonzero(layout.prompt_task == layout.tasks.index(task))
         gram = result.total_prompt_gram()[mine]
-        assert torch.allclose(moments.pos_sq + moments.neg_sq + 2 * gram[:, 0, 1], moments.unit_sq)
+        assert torch.allclose(gram[:, 0, 0] + gram[:, 1, 1] + 2 * gram[:, 0, 1], torch.as_tensor(moments.unit_sq_norms))
         assert torch.allclose(gram[:, 0, 1], gram[:, 1, 0])
 
 

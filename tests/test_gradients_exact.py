@@ -212,9 +212,9 @@ def test_task_gradients_match_float64_autograd(advantage, loss, engine):
         noise = (squares - m * float(u.mean(0).norm() ** 2)) / (m - 1)
         assert summary.tasks[task]["noise_trace"] == pytest.approx(noise, rel=1e-6, abs=1e-12)
         # The second pass: row sums r_p = <u_p, S_t>, and the jackknife built on them.
-        moments = summary.prompt_moments[task]
+        moments = summary.task_moments[task]
         assert rel(moments.row_sums, u @ u.sum(0)) < 1e-6
-        assert rel(moments.unit_sq, (u * u).sum(1)) < 1e-6
+        assert rel(moments.unit_sq_norms, (u * u).sum(1)) < 1e-6
         loo = torch.stack([(u.sum(0) - u[i]).norm() ** 2 - ((u * u).sum() - (u[i] * u[i]).sum())
                            for i in range(m)]) / ((m - 1) * (m - 2))
         se = float(((m - 1) / m * ((loo - loo.mean()) ** 2).sum()).sqrt())
@@ -347,4 +347,4 @@ def test_sketched_row_sums_are_the_count_sketch_of_the_reference_vectors(engine)
             start += size
         sketch = projection.count_sketch(named, 64, 0)
         expected = sketch @ sketch.sum(0)
-        assert rel(summary.prompt_moments[task].row_sums, expected) < 1e-6
+        assert rel(summary.task_moments[task].row_sums, expected) < 1e-6

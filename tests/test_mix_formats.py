@@ -12,7 +12,7 @@ from conftest import write_jsonl
 from gradprobe.cli import app
 
 runner = CliRunner()
-FAST = ["-k", "3", "--max-new-tokens", "4", "--prompts-per-task", "2", "--no-stats", "--bootstrap", "0"]
+FAST = ["-k", "3", "--max-new-tokens", "4", "--prompts-per-task", "2", "--no-stats"]
 
 
 def run(*args):

@@ -45,7 +45,7 @@ def scans(tmp_path_factory) -> dict[str, Path]:
 
     def config(model: Path, out: str, **extra) -> ScanConfig:
         return ScanConfig(model=str(model), mix=str(mix), out=str(root / out), prompts_per_task=4,
-                          group_size=6, max_new_tokens=4, rewards=REWARDS, bootstrap=50, **extra)
+                          group_size=6, max_new_tokens=4, rewards=REWARDS, **extra)
 
     scan(config(model_a, "a"))
     model_b = policy_gradient_steps(model_a, root / "a" / "rollouts.jsonl", "echo", root / "model_b",

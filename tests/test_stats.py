@@ -12,6 +12,7 @@ from rich.console import Console
 from scipy import stats as sps
 
 from gradprobe import stats as gs
+from gradprobe.intervals import moments_from_gram
 from gradprobe.stats import COVARIATES, PromptTable, compute_stats, holm
 from gradprobe.views.stats_view import render_stats, stats_markdown
 
@@ -43,6 +44,11 @@ def synth(rng, sizes, effect=None, adv_coef=0.0, adv_shift=None, noise=0.5, deg_
     return table, grams, us
 
 
+def exact(grams):
+    """Exact task moments from each task's per-prompt Gram."""
+    return {t: moments_from_gram(g) for t, g in grams.items()}
+
+
 def usable(table):
     return ~table.degenerate & (table.grad_norm > 0)
 
@@ -57,7 +63,7 @@ def mixed():
     rng = np.random.default_rng(7)
     table, grams, us = synth(rng, {"math": 40, "code": 35, "count": 30},
                              effect={"code": 1.0, "count": 0.4}, adv_coef=0.8, deg_frac=0.15)
-    return table, grams, us, compute_stats(table, grams, n_bootstrap=300, seed=3)
+    return table, grams, us, compute_stats(table, exact(grams))
 
 
 # ---------------------------------------------------------------- against scipy / numpy
@@ -156,28 +162,41 @@ def test_ols_matches_lstsq(mixed):
         assert o["coefficients"][c]["t"] == pytest.approx(beta[i] / se[i])
 
 
-def test_bootstrap_ratio_matches_u_vectors(mixed):
-    table, _, us, s = mixed
-    rc = s["ratio_ci"]
-    rng = np.random.default_rng(3)  # the documented scheme: one integers() draw per task, in order
-    reps = {}
+def _u_and_jackknife(u):
+    """U-statistic and delete-one jackknife variance recomputed from the vectors."""
+    def ustat(x):
+        total = x.sum(0)
+        return (total @ total - (x * x).sum()) / (len(x) * (len(x) - 1))
+
+    loo = np.array([ustat(np.delete(u, p, 0)) for p in range(len(u))])
+    return ustat(u), (len(u) - 1) / len(u) * ((loo - loo.mean()) ** 2).sum()
+
+
+def test_dominance_matches_brute_force(mixed):
+    """Ratios, Fieller bounds, z-test p-values and Holm from the u_p vectors in float64."""
+    _, _, us, s = mixed
+    dom = s["dominance"]
+    fit = {t: _u_and_jackknife(u) for t, u in us.items()}
+    assert dom["order"] == sorted(us, key=lambda t: -fit[t][0])
+    z = sps.norm.ppf(0.975)
+    ps = []
+    for row, (a, b) in zip(dom["pairs"], combinations(dom["order"], 2)):
+        (ua, va), (ub, vb) = fit[a], fit[b]
+        assert (row["a"], row["b"]) == (a, b)
+        assert row["ratio"] == pytest.approx(np.sqrt(ua / ub), rel=1e-10)
+        grid = np.linspace(0, 3 * ua / ub, 300001)
+        inside = grid[(ua - grid * ub) ** 2 <= z**2 * (va + grid**2 * vb)]
+        assert row["squared_lo"] == pytest.approx(inside.min(), abs=2e-5 * ua / ub)
+        assert row["squared_hi"] == pytest.approx(inside.max(), abs=2e-5 * ua / ub)
+        ps.append(2 * sps.norm.sf(abs(ua - ub) / np.sqrt(va + vb)))
+        assert row["p"] == pytest.approx(ps[-1], rel=1e-9)
+        plain = np.linalg.norm(us[a].mean(0)) / np.linalg.norm(us[b].mean(0))
+        assert row["plain_ratio"] == pytest.approx(plain, rel=1e-10)
+    assert [r["p_holm"] for r in dom["pairs"]] == pytest.approx(holm(ps))
     for t, u in us.items():
-        idx = rng.integers(0, len(u), size=(300, len(u)))
-        reps[t] = np.linalg.norm(u[idx].mean(axis=1), axis=1)
-    norms = {t: np.linalg.norm(u.mean(0)) for t, u in us.items()}
-    ref = min(norms, key=norms.get)
-    assert rc["reference"] == ref
-    for t in us:
-        lo, hi = np.quantile(reps[t] / reps[ref], [0.025, 0.975])
-        row = rc["tasks"][t]
-        assert row["norm"] == pytest.approx(norms[t])
-        assert row["ratio"] == pytest.approx(norms[t] / norms[ref])
-        assert (row["lo"], row["hi"]) == pytest.approx((lo, hi), rel=1e-9)
-    r = np.array(list(reps.values()))
-    mom = rc["max_over_min"]
-    assert mom["ratio"] == pytest.approx(max(norms.values()) / min(norms.values()))
-    assert (mom["lo"], mom["hi"]) == pytest.approx(
-        tuple(np.quantile(r.max(0) / r.min(0), [0.025, 0.975])), rel=1e-9)
+        share = (u * u).sum(1).max() / (u * u).sum()
+        assert dom["tasks"][t]["max_prompt_share"] == pytest.approx(share)
+        assert dom["tasks"][t]["se"] == pytest.approx(np.sqrt(fit[t][1]), rel=1e-9)
 
 
 def test_reward_bins_match_numpy(mixed):
@@ -199,10 +218,11 @@ def test_reward_bins_match_numpy(mixed):
 def test_verdicts_inherent_case(mixed):
     *_, s = mixed
     text = " ".join(s["verdicts"])
-    top = s["ratio_ci"]["max_over_min"]["max_task"]
-    row = s["ratio_ci"]["tasks"][top]
-    assert f"{top}'s gradient is {row['ratio']:.1f}x" in text
-    assert f"{row['lo']:.1f}-{row['hi']:.1f}" in text
+    dom = s["dominance"]
+    top, smallest = dom["order"][0], dom["order"][-1]
+    row = next(r for r in dom["pairs"] if (r["a"], r["b"]) == (top, smallest))
+    assert f"{top}'s unbiased gradient norm is {row['ratio']:.2f}x {smallest}'s" in text
+    assert f"{row['lo']:.2f}-{row['hi']:.2f}" in text
     assert "inherent to the tasks" in text and "Kruskal-Wallis" in text
     assert "were degenerate" in text and "rises with |advantage|" in text
 
@@ -214,7 +234,7 @@ def _draws(n, **kw):
     rng = np.random.default_rng(2024)
     for _ in range(n):
         table, grams, _ = synth(rng, {"a": 25, "b": 25, "c": 25}, **kw)
-        yield compute_stats(table, grams, n_bootstrap=20)
+        yield compute_stats(table, exact(grams))
 
 
 def test_null_task_f_test_rejects_at_nominal_rate():
@@ -252,13 +272,13 @@ def _json(s):
 
 def test_one_task():
     table, grams, _ = synth(np.random.default_rng(1), {"math": 30}, adv_coef=1.0)
-    s = compute_stats(table, grams, n_bootstrap=50)
+    s = compute_stats(table, exact(grams))
     assert s["kruskal"]["H"] is None and s["kruskal"]["reason"]
     assert s["pairwise"] == []
     assert s["ols"]["F"] is None and "one task" in s["ols"]["task_reason"]
     assert s["ols"]["r2_covariates"] is not None
-    assert s["ratio_ci"]["tasks"]["math"]["ratio"] == 1.0
-    assert s["ratio_ci"]["max_over_min"]["ratio"] is None
+    assert s["dominance"]["order"] == ["math"] and s["dominance"]["pairs"] == []
+    assert s["dominance"]["dominant"] is None and "fewer than 2" in s["dominance"]["reason"]
     assert any("Only one task (math)" in v for v in s["verdicts"])
     assert not any("inherent" in v for v in s["verdicts"])
     _json(s)
@@ -266,22 +286,25 @@ def test_one_task():
 
 def test_two_tasks():
     table, grams, _ = synth(np.random.default_rng(2), {"a": 20, "b": 15}, effect={"b": 1.5})
-    s = compute_stats(table, grams, n_bootstrap=50)
+    s = compute_stats(table, exact(grams))
     assert s["kruskal"]["df"] == 1 and len(s["pairwise"]) == 1
     assert s["pairwise"][0]["p_holm"] == pytest.approx(s["pairwise"][0]["p"])
     assert s["ols"]["df_num"] == 1
-    assert s["ratio_ci"]["max_over_min"]["max_task"] == "b"
+    assert s["dominance"]["top"] == "b" and len(s["dominance"]["pairs"]) == 1
     _json(s)
 
 
 def test_tiny_samples_say_not_enough():
     table, grams, _ = synth(np.random.default_rng(3), {"a": 2, "b": 4, "c": 6}, effect={"c": 2})
-    s = compute_stats(table, grams, n_bootstrap=50)
+    s = compute_stats(table, exact(grams))
     assert s["tasks_tested"] == ["b", "c"]
     assert s["spearman"]["within"]["a"]["mean_reward"]["rho"] is None
     assert "fewer than" in s["spearman"]["within"]["a"]["mean_reward"]["reason"]
-    assert s["ratio_ci"]["tasks"]["a"]["lo"] is None
-    assert "fewer than" in s["ratio_ci"]["tasks"]["a"]["reason"]
+    assert s["dominance"]["tasks"]["a"]["lo"] is None
+    assert "fewer than 3 prompts" in s["dominance"]["tasks"]["a"]["reason"]
+    pair_a = [r for r in s["dominance"]["pairs"] if "a" in (r["a"], r["b"])]
+    assert pair_a and all(r["p"] is None and r["lo"] is None for r in pair_a)
+    assert "a" in s["dominance"]["leading"] or s["dominance"]["top"] == "a"
     assert s["ols"]["F"] is None and s["ols"]["task_reason"]
     assert any("Not enough prompts to tell" in v for v in s["verdicts"])
     assert not any("inherent" in v for v in s["verdicts"])
@@ -292,7 +315,7 @@ def test_ties_match_scipy():
     table, grams, _ = synth(np.random.default_rng(4), {"a": 30, "b": 30}, effect={"b": 0.7},
                             ties=True)
     assert len(np.unique(table.grad_norm)) < 15
-    s = compute_stats(table, grams, n_bootstrap=50)
+    s = compute_stats(table, exact(grams))
     g = groups(table, ["a", "b"])
     assert s["kruskal"]["H"] == pytest.approx(sps.kruskal(*g.values()).statistic)
     ref = sps.mannwhitneyu(g["a"], g["b"], alternative="two-sided")
@@ -305,7 +328,7 @@ def test_ties_match_scipy():
 def test_all_tied_norms():
     table, grams, _ = synth(np.random.default_rng(5), {"a": 10, "b": 10})
     table = PromptTable(**{**table.__dict__, "grad_norm": np.ones(20)})
-    s = compute_stats(table, grams, n_bootstrap=20)
+    s = compute_stats(table, exact(grams))
     assert s["kruskal"]["H"] is None and "tied" in s["kruskal"]["reason"]
     assert s["pairwise"][0]["p"] is None and s["pairwise"][0]["p_holm"] is None
     assert s["spearman"]["pooled"]["mean_reward"]["rho"] is None
@@ -320,12 +343,12 @@ def test_all_degenerate_task():
     table = PromptTable(**{**table.__dict__, "degenerate": table.degenerate | deg,
                            "grad_norm": np.where(deg, 0.0, table.grad_norm)})
     grams["dead"] = np.zeros((12, 12))
-    s = compute_stats(table, grams, n_bootstrap=50)
+    s = compute_stats(table, exact(grams))
     assert s["tasks_all_degenerate"] == ["dead"]
     assert s["n_excluded_degenerate"]["by_task"]["dead"] == 12
     assert "dead" not in s["tasks_tested"] and s["kruskal"]["df"] == 1
-    assert s["ratio_ci"]["tasks"]["dead"]["ratio"] is None
-    assert s["ratio_ci"]["reference"] != "dead"
+    assert "dead" not in s["dominance"]["order"]
+    assert "all prompts degenerate" in s["dominance"]["tasks"]["dead"]["reason"]
     assert any("dead has no usable prompt" in v for v in s["verdicts"])
     _json(s)
 
@@ -334,7 +357,7 @@ def test_constant_and_collinear_covariates_dropped():
     table, grams, _ = synth(np.random.default_rng(8), {"a": 25, "b": 25}, effect={"b": 1.0})
     table = PromptTable(**{**table.__dict__, "prompt_length": np.full(50, 12.0),
                            "reward_std": 2 * table.mean_reward + 1})
-    s = compute_stats(table, grams, n_bootstrap=20)
+    s = compute_stats(table, exact(grams))
     o = s["ols"]
     assert o["dropped_constant"] == ["prompt_length"] and o["dropped_collinear"] == ["reward_std"]
     keep = ["mean_reward", "mean_abs_advantage", "mean_completion_length"]
@@ -348,12 +371,12 @@ def test_constant_and_collinear_covariates_dropped():
 
 def test_empty_table_and_bad_input():
     empty = PromptTable([], *[np.zeros(0)] * 6, np.zeros(0, bool))
-    s = compute_stats(empty, {}, n_bootstrap=10)
+    s = compute_stats(empty, {})
     assert s["verdicts"] == ["No prompts to analyse."]
     _json(s)
     table, grams, _ = synth(np.random.default_rng(9), {"a": 5, "b": 5})
-    with pytest.raises(ValueError, match="task_gram"):
-        compute_stats(table, {"a": grams["a"], "b": grams["b"][:4, :4]})
+    with pytest.raises(ValueError, match="task_moments"):
+        compute_stats(table, exact({"a": grams["a"], "b": grams["b"][:4, :4]}))
 
 
 def test_format_p():
@@ -382,6 +405,155 @@ def test_nearly_collinear_covariate_dropped():
     std = table.reward_std
     near = 2 * std / (std + 1e-4) * std  # what std-normalised advantages give, eps included
     table = PromptTable(**{**table.__dict__, "mean_abs_advantage": near})
-    o = compute_stats(table, grams, n_bootstrap=20)["ols"]
+    o = compute_stats(table, exact(grams))["ols"]
     assert o["dropped_collinear"] == ["mean_abs_advantage"]
     assert all(abs(c["beta"]) < 1e3 for c in o["coefficients"].values())
+
+
+# ---------------------------------------------------------------- dominance verdict
+
+
+def table_of(us, rng):
+    """A PromptTable for per-prompt vectors {task: [m, d]}: ids 'task-i', random covariates."""
+    task = [t for t, u in us.items() for _ in range(len(u))]
+    n = len(task)
+    norm = np.concatenate([np.linalg.norm(u, axis=1) for u in us.values()])
+    reward = rng.uniform(0.1, 0.9, n)
+    return PromptTable(task=task, grad_norm=norm, mean_reward=reward,
+                       reward_std=np.sqrt(reward * (1 - reward)),
+                       mean_abs_advantage=rng.uniform(0.2, 1.0, n),
+                       mean_completion_length=rng.integers(20, 300, n).astype(float),
+                       prompt_length=rng.integers(10, 80, n).astype(float),
+                       degenerate=np.zeros(n, bool),
+                       prompt_id=[f"{t}-{i}" for t, u in us.items() for i in range(len(u))])
+
+
+def stats_of(us, rng):
+    """compute_stats on the vectors, checking the verdict rule on every result: "dominates"
+    only with every pair of the top task significant after Holm and its interval above 1."""
+    s = compute_stats(table_of(us, rng), exact({t: u @ u.T for t, u in us.items()}))
+    dom = s["dominance"]
+    if "dominates" in " ".join(s["verdicts"]):
+        assert dom["dominant"] == dom["top"]
+        mine = [r for r in dom["pairs"] if r["a"] == dom["top"]]
+        assert len(mine) == len(dom["order"]) - 1
+        assert all(r["p_holm"] < 0.05 and r["lo"] > 1 for r in mine)
+    return s
+
+
+def prompt_pool(rng, n=64, d=32, outlier=False):
+    """Per-prompt gradients of one distribution: a shared mean direction, log-normal sizes."""
+    u = 0.6 + rng.standard_normal((n, d)) * rng.lognormal(0, 0.5, (n, 1))
+    if outlier:  # one prompt 12x the median norm
+        norms = np.linalg.norm(u, axis=1)
+        u[0] *= 12 * np.median(norms) / norms[0]
+    return u
+
+
+@pytest.mark.parametrize("outlier", [False, True])
+def test_null_relabellings_claim_differences_at_the_nominal_rate(outlier):
+    """40 random relabellings of one pool into 4 fake tasks: no task truly differs."""
+    rng = np.random.default_rng(11)
+    pool = prompt_pool(rng, outlier=outlier)
+    dominant, excluded, pairs, flagged = 0, 0, 0, 0
+    for _ in range(40):
+        perm = rng.permutation(len(pool))
+        us = {f"t{k}": pool[perm[16 * k:16 * (k + 1)]] for k in range(4)}
+        s = stats_of(us, rng)
+        dom = s["dominance"]
+        dominant += dom["dominant"] is not None
+        assert ("dominates" in " ".join(s["verdicts"])) == (dom["dominant"] is not None)
+        excluded += sum(r["lo"] > 1 or (r["hi"] is not None and r["hi"] < 1) for r in dom["pairs"])
+        pairs += len(dom["pairs"])
+        if outlier:
+            holder = next(t for t in us if any(np.array_equal(v, pool[0]) for v in us[t]))
+            flag = [f for f in dom["single_prompt"] if f["kind"] == "share"]
+            flagged += any(f["task"] == holder and f["share"] > 0.5 for f in flag)
+            assert any("rests on one prompt" in v and holder in v for v in s["verdicts"])
+    assert dominant <= 4, dominant  # at most 10% of 40
+    assert excluded / pairs <= 0.10, excluded / pairs
+    if outlier:
+        assert flagged == 40
+
+
+def test_runner_up_within_3_percent_is_no_dominance():
+    """The demo's case: count 2.2x solve, add within 3% of count: they lead together."""
+    rng = np.random.default_rng(12)
+    sizes = {"count": 1.0, "add": 0.97, "reverse": 0.7, "solve": 1 / 2.2}
+    us = {t: c * (0.6 + rng.standard_normal((48, 32)) * 0.6 * rng.lognormal(0, 0.5, (48, 1)))
+          for t, c in sizes.items()}
+    s = stats_of(us, rng)
+    dom = s["dominance"]
+    text = " ".join(s["verdicts"])
+    assert dom["dominant"] is None and "dominates" not in text
+    assert set(dom["leading"]) == {"count", "add"} and dom["order"][-1] == "solve"
+    assert "count and add lead together" in text or "add and count lead together" in text
+    top_vs_add = next(r for r in dom["pairs"] if {r["a"], r["b"]} == {"count", "add"})
+    assert top_vs_add["lo"] < 1 < top_vs_add["hi"]
+    from gradprobe.pipeline import dominance_verdict
+    tasks = {t: {"grad_norm": float(np.linalg.norm(u.mean(0))), "share": 0.25}
+             for t, u in us.items()}
+    headline = dominance_verdict(tasks, dom)
+    assert "dominates" not in headline and "lead together" in headline
+
+
+def test_a_clear_leader_dominates_and_the_headline_says_its_share():
+    rng = np.random.default_rng(13)
+    sizes = {"count": 2.0, "add": 1.0, "solve": 0.8}
+    us = {t: c * (0.6 + rng.standard_normal((48, 32)) * 0.3) for t, c in sizes.items()}
+    dom = stats_of(us, rng)["dominance"]
+    assert dom["dominant"] == "count" and dom["leading"] == ["count"]
+    assert all(r["p_holm"] < 0.05 for r in dom["pairs"] if r["a"] == "count")
+    from gradprobe.pipeline import dominance_verdict
+    tasks = {t: {"grad_norm": 1.0 + (t == "count"), "share": 0.6 if t == "count" else 0.2}
+             for t in us}
+    headline = dominance_verdict(tasks, dom)
+    assert headline.startswith("count dominates: its unbiased gradient norm is")
+    assert "60% of the mixed" in headline
+    assert "add's, the next largest" in headline
+
+
+def test_largest_not_significantly_and_untested_without_row_sums():
+    rng = np.random.default_rng(14)
+    us = {t: 0.3 + rng.standard_normal((12, 16)) for t in ("a", "b")}
+    s = stats_of(us, rng)
+    assert s["dominance"]["dominant"] is None
+    assert "has the largest unbiased gradient norm, not significantly" in " ".join(s["verdicts"])
+    from gradprobe.intervals import TaskMoments
+    blind = {t: TaskMoments(float(u.sum(0) @ u.sum(0)), (u * u).sum(1), None, "none")
+             for t, u in us.items()}
+    dom = gs.dominance(blind)
+    assert not dom["tested"] and dom["dominant"] is None
+    assert all(r["lo"] is None and "no row sums" in r["reason"] for r in dom["pairs"])
+    assert "untested (no row sums" in gs.dominance_sentence(dom)
+
+
+def test_one_deletion_that_changes_the_leader_is_flagged():
+    rng = np.random.default_rng(15)
+    us = {t: mean + rng.standard_normal((10, 16)) * 0.2 for t, mean in (("a", 0.5), ("b", 0.56))}
+    us["a"][3] = 3.0 * us["a"].mean(0)  # one prompt along the mean, three times its size
+    s = stats_of(us, rng)
+    dom = s["dominance"]
+    flags = [f for f in dom["single_prompt"] if f["kind"] == "deletion"]
+    assert dom["top"] == "a" and flags and flags[0]["prompt"] == "a-3"
+    assert flags[0]["u_without"] < dom["tasks"]["b"]["value"]
+    assert any("Without prompt a-3 of a, b would have the largest" in v for v in s["verdicts"])
+
+
+def test_dominance_fits_the_scan_schema_in_every_row_sum_mode(mixed):
+    """stats.dominance against scan.schema.json's $defs.dominance, exact, sketched and absent."""
+    from jsonschema import Draft202012Validator
+
+    from gradprobe import schema
+    from gradprobe.intervals import TaskMoments
+
+    definition = schema.load("scan")["$defs"]["dominance"]
+    _, grams, us, s = mixed
+    rng = np.random.default_rng(16)
+    proj = rng.standard_normal((6, 4)) / 2.0
+    sketched = {t: TaskMoments(g.sum(), np.diag(g), (u @ proj) @ (u @ proj).sum(0), "sketch", 4)
+                for (t, g), u in zip(grams.items(), us.values())}
+    blind = {t: TaskMoments(g.sum(), np.diag(g), None, "none") for t, g in grams.items()}
+    for dom in (s["dominance"], gs.dominance(sketched), gs.dominance(blind)):
+        Draft202012Validator(definition).validate(_json(dom))
+    assert gs.dominance(sketched)["sketch_dims"] == [4]

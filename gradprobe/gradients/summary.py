@@ -15,20 +15,8 @@ import torch
 from gradprobe.gradients import estimators as est
 from gradprobe.gradients.engine import UnitGradients
 from gradprobe.gradients.layout import UnitLayout
+from gradprobe.intervals import TaskMoments, u_statistic_interval
 
-CI_METHOD = "delete-one-prompt jackknife from exact row sums, normal 95% interval"
-
-
-@dataclass
-class TaskPrompts:
-    """One task's per-prompt moments over a parameter set (docs/metrics.md): with S = sum_p u_p,
-    ||S||^2, each ||u_p||^2 (and its sign parts), and the row sums r_p = <u_p, S> when known."""
-
-    sum_sq: float
-    unit_sq: torch.Tensor
-    pos_sq: torch.Tensor
-    neg_sq: torch.Tensor
-    row_sums: torch.Tensor | None
 
 
 @dataclass
@@ -40,7 +28,8 @@ class GradientSummary:
     cosine_unbiased: list[list[float | None]]
     mixed: dict[str, float]
     prompt_grad_norm: np.ndarray
-    prompt_moments: dict[str, TaskPrompts]
+    task_moments: dict[str, TaskMoments]
+    """Per task, in prompt order: ||S_t||^2, each ||u_p||^2 and the row sums (the statistics' input)."""
     modules: dict[str, dict[str, Any]]
 
 
@@ -62,9 +51,10 @@ def _sign_to_task(n_tasks: int) -> torch.Tensor:
 
 
 def _core_figures(prompt_gram: torch.Tensor, sign_dots: torch.Tensor, row_dots: torch.Tensor | None,
-                  layout: UnitLayout) -> dict[str, Any]:
-    """Norms, U-statistics and per-prompt moments of one parameter set (all selected parameters,
-    or one module group) from its prompt Grams [P, 2, 2], sign-sum dots [2T, 2T] and row dots."""
+                  layout: UnitLayout, source: str = "none", sketch_dim: int | None = None) -> dict[str, Any]:
+    """Norms, U-statistics and per-task moments of one parameter set (all selected parameters,
+    or one module group) from its prompt Grams [P, 2, 2], sign-sum dots [2T, 2T] and the units'
+    row dots (`source` says how those were obtained: exact, sketch, or none when absent)."""
     n_tasks = len(layout.tasks)
     combine = _sign_to_task(n_tasks)
     task_dots = combine @ sign_dots @ combine.T
@@ -75,12 +65,12 @@ def _core_figures(prompt_gram: torch.Tensor, sign_dots: torch.Tensor, row_dots: 
     for t in range(n_tasks):
         mine = torch.as_tensor(np.flatnonzero(layout.prompt_task == t))
         m = len(mine)
-        moments.append(TaskPrompts(
-            sum_sq=float(task_dots[t, t]) * m * m,
-            unit_sq=unit_sq[mine],
-            pos_sq=prompt_gram[mine, 0, 0],
-            neg_sq=prompt_gram[mine, 1, 1],
-            row_sums=None if prompt_rows is None else m * prompt_rows[mine],
+        moments.append(TaskMoments(
+            sum_sq_norm=float(task_dots[t, t]) * m * m,  # ||S_t||^2 = m^2 ||g_t||^2
+            unit_sq_norms=unit_sq[mine].numpy(),
+            row_sums=None if prompt_rows is None else (m * prompt_rows[mine]).numpy(),  # <u_p, m g_t>
+            source=source if prompt_rows is not None else "none",
+            sketch_dim=sketch_dim if prompt_rows is not None and source == "sketch" else None,
         ))
     return {
         "task_dots": task_dots,
@@ -90,7 +80,7 @@ def _core_figures(prompt_gram: torch.Tensor, sign_dots: torch.Tensor, row_dots: 
         "grad_sq_norm": task_dots.diagonal(),
         "grad_norm": task_norms,
         "norm_ratio": est.norm_ratios(task_norms),
-        "unbiased": [est.u_statistic(mo.sum_sq, mo.unit_sq) for mo in moments],
+        "unbiased": [est.u_statistic(mo.sum_sq_norm, torch.as_tensor(mo.unit_sq_norms)) for mo in moments],
     }
 
 
@@ -100,8 +90,14 @@ def summarise_gradients(result: UnitGradients, layout: UnitLayout) -> GradientSu
     `result` must come from an engine run with `layout.reductions()`.
     """
     n_tasks = len(layout.tasks)
-    row_dots = result.sketched_row_dots if result.row_dots is None else result.row_dots.sum(0)
-    core = _core_figures(result.total_prompt_gram(), result.sum_dots.sum(0), row_dots, layout)
+    if result.row_dots is not None:
+        row_dots, source = result.row_dots.sum(0), "exact"
+    elif result.sketched_row_dots is not None:
+        row_dots, source = result.sketched_row_dots, "sketch"
+    else:
+        row_dots, source = None, "none"
+    core = _core_figures(result.total_prompt_gram(), result.sum_dots.sum(0), row_dots, layout, source,
+                         result.sketch_dim)
     weights = torch.as_tensor(layout.task_weights, dtype=torch.float64)
     shares = est.update_shares(core["task_dots"], weights)
     sign_dots = core["sign_dots"]
@@ -109,12 +105,7 @@ def summarise_gradients(result: UnitGradients, layout: UnitLayout) -> GradientSu
     for t, name in enumerate(layout.tasks):
         moments = core["moments"][t]
         unbiased = core["unbiased"][t]
-        if moments.row_sums is None:
-            se, interval = None, [None, None]
-        else:
-            se = _finite(est.u_statistic_jackknife(moments.sum_sq, moments.unit_sq, moments.row_sums)[0])
-            interval = [None, None] if se is None else [_finite(unbiased - est.Z_95 * se),
-                                                         _finite(unbiased + est.Z_95 * se)]
+        interval = u_statistic_interval(moments)  # the same interval the statistics use
         pos_sq, neg_sq = float(sign_dots[2 * t, 2 * t]), float(sign_dots[2 * t + 1, 2 * t + 1])
         pos, neg = max(pos_sq, 0.0) ** 0.5, max(neg_sq, 0.0) ** 0.5
         pos_neg = float(sign_dots[2 * t, 2 * t + 1])
@@ -125,10 +116,10 @@ def summarise_gradients(result: UnitGradients, layout: UnitLayout) -> GradientSu
             "share": _finite(shares[t]),
             "mix_weight": float(weights[t]),
             "grad_sq_norm_unbiased": _finite(unbiased),
-            "grad_sq_norm_unbiased_se": se,
-            "grad_sq_norm_unbiased_ci": interval,
-            "noise_trace": _finite(est.noise_trace(moments.sum_sq, moments.unit_sq)),
-            "noise_scale": _finite(est.noise_scale(moments.sum_sq, moments.unit_sq)),
+            "grad_sq_norm_unbiased_se": _finite(interval.se) if interval.se is not None else None,
+            "grad_sq_norm_unbiased_ci": [None if v is None else _finite(v) for v in (interval.lo, interval.hi)],
+            "noise_trace": _finite(est.noise_trace(moments.sum_sq_norm, torch.as_tensor(moments.unit_sq_norms))),
+            "noise_scale": _finite(est.noise_scale(moments.sum_sq_norm, torch.as_tensor(moments.unit_sq_norms))),
             "pos_grad_norm": pos,
             "neg_grad_norm": neg,
             "pos_neg_ratio": _finite(pos / neg) if neg > 0 else None,
@@ -148,7 +139,7 @@ def summarise_gradients(result: UnitGradients, layout: UnitLayout) -> GradientSu
         cosine_unbiased=_matrix(corrected),
         mixed={"grad_norm": float(np.sqrt(max(mixed_sq, 0.0))), "grad_sq_norm": mixed_sq},
         prompt_grad_norm=core["unit_sq"].clamp_min(0).sqrt().numpy(),
-        prompt_moments={name: core["moments"][t] for t, name in enumerate(layout.tasks)},
+        task_moments={name: core["moments"][t] for t, name in enumerate(layout.tasks)},
         modules=_module_breakdown(result, layout, [_finite(v) for v in core["grad_norm"]]),
     )
 
@@ -179,7 +170,7 @@ def _module_breakdown(result: UnitGradients, layout: UnitLayout,
     out = {}
     for g, group in enumerate(result.groups):
         row_dots = None if result.row_dots is None else result.row_dots[g]
-        core = _core_figures(result.prompt_gram[g], result.sum_dots[g], row_dots, layout)
+        core = _core_figures(result.prompt_gram[g], result.sum_dots[g], row_dots, layout, "exact")
         out[group] = {
             "n_parameters": result.group_sizes[g],
             "proxy_fidelity": proxy_fidelity([_finite(v) for v in core["grad_norm"]], full_norms),

@@ -41,18 +41,17 @@ def _pairwise(stats: dict) -> Grid:
             ["a", "b", "U", "p", "p_holm", "effect", "note"], rows)
 
 
-def _ratios(stats: dict) -> Grid:
-    rc = stats["ratio_ci"]
-    level = f"{100 * rc['level']:g}% CI"
-    rows = [[t, fmt(r["m"]), fmt(r["norm"], ".4g"), fmt(r["ratio"], ".2f"),
-             _ci(r["lo"], r["hi"], ".2f"), r["reason"] or ""] for t, r in rc["tasks"].items()]
-    mom = rc["max_over_min"]
-    name = f"max/min ({mom['max_task']}/{mom['min_task']})" if mom["max_task"] else "max/min"
-    rows.append([name, "", "", fmt(mom["ratio"], ".2f"), _ci(mom["lo"], mom["hi"], ".2f"),
-                 mom["reason"] or ""])
-    title = (f"Norm ratio to the smallest task ({rc['reference']}), "
-             f"bootstrap n={rc['n_bootstrap']}, seed {rc['seed']}")
-    return title, ["task", "prompts", "grad_norm", "ratio", level, "note"], rows
+def _dominance(stats: dict) -> Grid:
+    dom = stats["dominance"]
+    level = f"{100 * dom['level']:g}% CI"
+    unbounded = float("inf")
+    rows = [[r["a"], r["b"], fmt(r["ratio"], ".2f"),
+             _ci(r["lo"], unbounded if r["hi"] is None else r["hi"], ".2f"),
+             fmt(r["plain_ratio"], ".2f"), _p(r["p"]), _p(r["p_holm"]), r["reason"] or ""]
+            for r in dom["pairs"]]
+    title = (f"Norm ratios sqrt(U_a/U_b) (Fieller interval, jackknife, Holm); leading: "
+             f"{', '.join(dom['leading']) or '-'}; dominant: {dom['dominant'] or 'none'}")
+    return title, ["a", "b", "ratio", level, "plain ratio", "p", "p_holm", "note"], rows
 
 
 def _spearman(stats: dict) -> Grid:
@@ -99,7 +98,7 @@ def _bins(stats: dict) -> Grid:
     return "Mean ||u_p|| by mean-reward bin", header, rows
 
 
-GRIDS = (_kruskal, _pairwise, _ratios, _spearman, _ols, _bins)
+GRIDS = (_kruskal, _pairwise, _dominance, _spearman, _ols, _bins)
 
 
 def _grids(stats: dict) -> list[Grid]:
@@ -112,7 +111,7 @@ def stats_grids(stats: dict[str, Any]) -> list[Grid]:
 
 
 def render_stats(stats: dict[str, Any]) -> list[RenderableType]:
-    """The stats tables (Kruskal-Wallis, pairwise, ratio CIs, Spearman, OLS, reward bins) and
+    """The stats tables (Kruskal-Wallis, pairwise, norm ratios, Spearman, OLS, reward bins) and
     the verdict sentences, as rich renderables (metrics.md)."""
     parts: list[RenderableType] = []
     for title, header, rows in _grids(stats):
