@@ -33,8 +33,6 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=24)
     parser.add_argument("--completion-len", type=int, default=32)
     parser.add_argument("--intervals", default="exact")
-    parser.add_argument("--micro-batch-tokens", type=int, default=None,
-                        help="padded tokens per micro-batch (default: the planner's)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -77,7 +75,7 @@ def main() -> None:
                 "model": args.model, "device": args.device, "processes": world, "tasks": args.tasks,
                 "prompts": args.tasks * args.prompts, "group_size": args.group_size, "intervals": args.intervals,
                 "gradient_bytes": gradient_bytes,
-                "micro_batches_rank0": micro_batches[0],
+                "micro_batches_rank0": micro_batches[0],  # both passes
                 "payload_bytes_rank0": payload,
                 "payload_by_kind": session.log.bytes_by_kind,
                 "payload_per_micro_batch": payload / max(1, micro_batches[0]),

@@ -146,7 +146,10 @@ def sample_rollouts(
 
 
 def batch_seed(seed: int, batch: int) -> int:
-    """The sampling seed of generation batch `batch`: 64 bits of sha256("seed/batch")."""
+    """The sampling seed of generation batch `batch`: `seed` itself for batch 0 (a scan of one
+    batch samples as it always did), else 64 bits of sha256("seed/batch")."""
+    if batch == 0:
+        return seed
     digest = hashlib.sha256(f"{seed}/{batch}".encode()).digest()
     return int.from_bytes(digest[:8], "little")
 

@@ -145,26 +145,38 @@ from gradprobe.errors import UserInputError
 
 def score(completion, answer, **kwargs):
     if os.environ["RANK"] == "1":
-        raise {error}("the verifier is unreachable from this node")
+        {failure}
     return 0.0
 '''
+FAILURES = {"UserInputError": 'raise UserInputError("the verifier is unreachable from this node")',
+            "RuntimeError": 'raise RuntimeError("the verifier is unreachable from this node")',
+            "crash": "os._exit(9)"}
+
+
+def run_with_failing_reward(tiny_llama, scans, tmp_path, failure: str) -> subprocess.CompletedProcess:
+    (tmp_path / "flaky_reward.py").write_text(REWARD_MODULE.format(failure=FAILURES[failure]))
+    run = torchrun(2, tiny_llama, scans["mix"], "--out", tmp_path / "never", *SCAN, "--reward", "echo=flaky_reward:score",
+                   env={"PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT), *sys.path])}, timeout=120)
+    assert not (tmp_path / "never").exists()
+    return run
 
 
 @pytest.mark.parametrize("error, exit_code", [("UserInputError", 2), ("RuntimeError", 1)])
 def test_a_failing_rank_stops_every_rank_with_one_message(tiny_llama, scans, tmp_path, error, exit_code):
-    (tmp_path / "flaky_reward.py").write_text(REWARD_MODULE.format(error=error))
-    run = torchrun(2, tiny_llama, scans["mix"], "--out", tmp_path / "never", *SCAN, "--reward", "echo=flaky_reward:score",
-                   env={"PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT), *sys.path])}, timeout=120)
-    assert run.returncode != 0
+    run = run_with_failing_reward(tiny_llama, scans, tmp_path, error)
     output = run.stdout + run.stderr
     message = "error: rank 1: " + ("" if error == "UserInputError" else "RuntimeError: ")
     assert output.count(message + "the verifier is unreachable from this node") == 1, output[-3000:]
     # torchrun's report: the first rank to leave left with the usual code (torchrun then ends
     # any rank still leaving, after rank 0 printed the message)
     assert run.returncode == 1 and f"exitcode  : {exit_code} " in output, output[-3000:]
-    assert not (tmp_path / "never").exists()
     if error == "UserInputError":  # a user error is one line: no traceback through gradprobe
         assert str(ROOT / "gradprobe") not in output, output[-3000:]
+
+
+def test_a_rank_that_dies_ends_the_job_without_a_hang(tiny_llama, scans, tmp_path):
+    run = run_with_failing_reward(tiny_llama, scans, tmp_path, "crash")  # within the 120 s, not the 60 s timeout
+    assert run.returncode == 1 and "exitcode  : 9 " in run.stderr, run.stderr[-3000:]
 
 
 # ---- the pure parts -------------------------------------------------------------------------
@@ -189,6 +201,7 @@ def test_a_rank_keeps_the_loss_of_its_own_prompts_only():
 
 
 def test_generation_batches_are_seeded_by_themselves_and_regathered_in_order():
+    assert batch_seed(7, 0) == 7  # one batch samples as before batches had seeds of their own
     assert batch_seed(0, 1) == batch_seed(0, 1) != batch_seed(0, 2) != batch_seed(1, 1)
     counts = batch_rollout_counts(5, 2, 3)
     assert counts == [6, 6, 3]

@@ -34,6 +34,22 @@ class DistributedFailure(RuntimeError):
     """Another rank failed with something other than a user error, or the ranks fell out of step."""
 
 
+class CollectiveFailure(DistributedFailure):
+    """A collective itself failed: a peer is gone or did not answer within the timeout. No rank
+    can be told any more; torchrun ends the others."""
+
+
+@contextmanager
+def _collective(kind: str) -> Iterator[None]:
+    """A collective's own failure (torch raises RuntimeError subclasses) as CollectiveFailure."""
+    try:
+        yield
+    except RuntimeError as error:
+        first_line = (str(error).splitlines() or [""])[0]
+        raise CollectiveFailure(f"the {kind} exchange between ranks failed (a peer is gone or timed out "
+                                f"after {collective_timeout().total_seconds():.0f} s): {first_line}") from None
+
+
 @dataclass
 class CommunicationLog:
     """Payload bytes handed to each kind of collective (what this rank sends into it)."""
@@ -79,7 +95,8 @@ class Session:
             return
         reports: list[Any] = [None] * self.world
         mine = (phase, None if error is None else _describe(error))
-        torch.distributed.all_gather_object(reports, mine)
+        with _collective(phase):
+            torch.distributed.all_gather_object(reports, mine)
         self.log.add("agree", 0)
         raise_shared_failure(reports)
 
@@ -89,19 +106,21 @@ class Session:
         if not self.is_distributed:
             return
         self.log.add(kind, tensor.numel() * tensor.element_size())
-        if self.backend == "nccl" and tensor.device.type != "cuda":
-            staged = tensor.to(torch.device("cuda", torch.cuda.current_device()))
-            torch.distributed.all_reduce(staged)
-            tensor.copy_(staged)
-        else:
-            torch.distributed.all_reduce(tensor)
+        with _collective(kind):
+            if self.backend == "nccl" and tensor.device.type != "cuda":
+                staged = tensor.to(torch.device("cuda", torch.cuda.current_device()))
+                torch.distributed.all_reduce(staged)
+                tensor.copy_(staged)
+            else:
+                torch.distributed.all_reduce(tensor)
 
     def all_gather_objects(self, value: Any, kind: str) -> list[Any]:
         """Every rank's `value`, in rank order (pickled; for small data such as rollouts)."""
         if not self.is_distributed:
             return [value]
         gathered: list[Any] = [None] * self.world
-        torch.distributed.all_gather_object(gathered, value)
+        with _collective(kind):
+            torch.distributed.all_gather_object(gathered, value)
         self.log.add(kind, len(_pickled(value)))
         return gathered
 
@@ -187,9 +206,9 @@ def open_session(device: str = "auto", report: Callable[[BaseException], None] |
             session.agree("done")
         except BaseException as error:
             shared = getattr(error, "shared", False)
-            if not shared:
+            if not shared and not isinstance(error, CollectiveFailure):
                 shared = _tell_others(session, error)
-            if session.is_writer and report is not None:
+            if report is not None and (session.is_writer or isinstance(error, CollectiveFailure)):
                 report(error)
             if shared:
                 _wait_for_all(session)
@@ -204,10 +223,10 @@ def _tell_others(session: Session, error: BaseException) -> bool:
     timed out: torchrun ends the rest)."""
     try:
         session.agree("failed", error)
+    except CollectiveFailure:
+        return False
     except (UserInputError, DistributedFailure):
         return True  # the report itself (or another rank's, made at the same time)
-    except RuntimeError:
-        return False
     return True
 
 

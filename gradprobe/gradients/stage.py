@@ -76,12 +76,13 @@ def run_gradient_stage(
         try:
             if settings.checkpoint_activations:
                 raise UnsupportedModel("activation checkpointing runs on the vmap engine")
-            plan = plan_stage(model, param_names, rollout_shape(full_batch, layout), settings, max_memory)
-            hosted = plan.sums_location == "host" and next(model.parameters()).device.type != "cpu"
+            shape = rollout_shape(full_batch, layout)
+            plan = None if shape is None else plan_stage(model, param_names, shape, settings, max_memory)
+            hosted = plan is not None and plan.sums_location == "host" and next(model.parameters()).device.type != "cpu"
             engine = HookedEngine(model, param_names, settings.temperature, settings.accumulate_dtype,
                                   settings.pad_token_id, "cpu" if hosted or settings.sums == "host" else None,
                                   sketch_dim=sketch_dim, completion=parallel)
-            tokens = plan.micro_batch_tokens
+            tokens = 1 if plan is None else plan.micro_batch_tokens  # None: no prompt carries a loss
             if parallel is not None:  # at most the longest sequence's tokens: one try, no halving
                 tokens = max(tokens, max((len(s) for s in batch.sequences), default=1))
                 return _without_retry(lambda: engine.run(batch, reductions, tokens, on_chunk, keep_sums, row_dots),
@@ -108,9 +109,10 @@ def _without_retry(attempt: Callable[[], UnitGradients], device: torch.device) -
     return halving_on_out_of_memory(lambda _: attempt(), 1, 1, device)
 
 
-def rollout_shape(batch: UnitBatch, layout: UnitLayout) -> RolloutShape:
+def rollout_shape(batch: UnitBatch, layout: UnitLayout) -> RolloutShape | None:
     """The planner's view of the rollouts: per prompt its task, prompt length (the tokens before
-    the first loss coefficient of its sequences) and its completions' lengths."""
+    the first loss coefficient of its sequences) and its completions' lengths; None when no
+    prompt has a completion in a unit (every group degenerate: nothing to differentiate)."""
     tasks, prompt_lens, completion_lens = [], [], []
     for p, units in enumerate(layout.prompt_units()):
         sequences = [s for u in units for s in batch.units[u]]
@@ -121,7 +123,7 @@ def rollout_shape(batch: UnitBatch, layout: UnitLayout) -> RolloutShape:
         tasks.append(layout.tasks[layout.prompt_task[p]])
         prompt_lens.append(max(1, prompt))
         completion_lens.append([max(1, n - prompt) for n in lengths])
-    return RolloutShape.from_lengths(tasks, prompt_lens, completion_lens)
+    return RolloutShape.from_lengths(tasks, prompt_lens, completion_lens) if tasks else None
 
 
 def _loss_start(coefficients: list[float]) -> int:
