@@ -185,8 +185,9 @@ def open_session(device: str = "auto", report: Callable[[BaseException], None] |
     On an error inside the block this rank reports it to the others (`Session.agree`) before it
     propagates, so no rank waits for one that is gone; rank 0 hands the error, its own or
     another's, to `report` (the one message the user sees), and every rank waits for the others
-    before leaving, so none is ended by torchrun before that message is out. On success every
-    rank agrees once more at the end, so all exit alike."""
+    before leaving, so none is ended by torchrun before that message is out. When a collective
+    itself failed (a peer gone or timed out) no one can be told: each rank that saw it reports
+    it and leaves. On success every rank agrees once more at the end, so all exit alike."""
     global _current
     if not launched_by_torchrun():
         yield _current
