@@ -32,9 +32,14 @@ def test_hooks_and_vmap_engines_give_the_same_scan(tiny_qwen2, tiny_mix, tmp_pat
     assert hooks["engine"]["name"] == "hooks" and vmap["engine"]["name"] == "vmap"
     assert hooks["config"]["engine"] == "hooks"
     for task, row in vmap["tasks"].items():
-        for key in ("grad_norm", "grad_sq_norm_unbiased", "pos_grad_norm", "neg_grad_norm", "share"):
+        for key in ("grad_norm", "pos_grad_norm", "neg_grad_norm", "share"):
             if row[key] is not None:
                 assert hooks["tasks"][task][key] == pytest.approx(row[key], rel=1e-4, abs=1e-9), (task, key)
+        # U = (||S||^2 - sum_p ||u_p||^2) / (m(m-1)) from float32 sums: exact to the round-off of
+        # ||S||^2, which is all there is when U is ~0 against it (these random models' tasks)
+        floor = 1e-6 * row["grad_sq_norm"]
+        assert hooks["tasks"][task]["grad_sq_norm_unbiased"] == pytest.approx(
+            row["grad_sq_norm_unbiased"], rel=1e-4, abs=floor), task
     assert [p["prompt_grad_norm"] for p in hooks["prompts"]] == pytest.approx(
         [p["prompt_grad_norm"] for p in vmap["prompts"]], rel=1e-4, abs=1e-9)
 
