@@ -77,10 +77,14 @@ DEMO_SETTINGS = {"prompts_per_task": 48, "group_size": 8, "max_new_tokens": 10, 
 
 def fail(message: str) -> None:
     """Print one error line and exit 2."""
+    _error_line(message)
+    raise typer.Exit(2)
+
+
+def _error_line(message: str) -> None:
     from rich.markup import escape
 
     stderr.print(f"[bold red]error:[/bold red] {escape(message)}", highlight=False, soft_wrap=True)
-    raise typer.Exit(2)
 
 
 @contextmanager
@@ -141,6 +145,7 @@ def scan(
     truncate_prompts: Annotated[bool, typer.Option("--truncate-prompts", help="Keep the last tokens of a prompt too long for the model's positions (with --max-new-tokens) instead of stopping with an error.")] = False,
     reward_timeout: Annotated[float, typer.Option(help="Seconds one completion's reward may take (0: no limit); a reward that runs longer stops the scan naming the task and prompt.")] = 60.0,
     allow_weak_sandbox: Annotated[bool, typer.Option("--allow-weak-sandbox", help="Where bubblewrap cannot run, let python_tests run model-written code under an in-process guard only (determined code can escape it). scan.json records the isolation used.")] = False,
+    generate_batch_size: Annotated[int, typer.Option(help="Prompts per generation batch; each batch samples from its own seed (under torchrun, ranks take whole batches).")] = 16,
     advantage: Annotated[str, typer.Option(help="Advantage estimator: grpo, dr_grpo, rloo or none.")] = "grpo",
     loss: Annotated[str, typer.Option(help="Loss aggregation: grpo, bnpo, dapo or dr_grpo.")] = "grpo",
     params: Annotated[Optional[list[str]], typer.Option(help="Parameters to differentiate: all, last-block, attention, mlp, lora, or globs on names (repeatable) [default: all; lora with --adapter]")] = None,
@@ -212,14 +217,28 @@ def scan(
         adapter=None if adapter is None else str(adapter), reward_workers=reward_workers,
         allow_weak_sandbox=allow_weak_sandbox, reward_timeout_s=reward_timeout,
         truncate_prompts=truncate_prompts,
+        generate_batch_size=generate_batch_size,
         task_grads_limit_mb=task_grads_limit, task_grads_seed=task_grads_seed, **settings,
     )
     _quiet_libraries()
+    from gradprobe.distributed import DistributedFailure, open_session
+
+    def report(error: BaseException) -> None:  # rank 0 of a torchrun scan: the one message
+        if isinstance(error, (UserInputError, DistributedFailure)):
+            _error_line(str(error))
+
+    session = None
     try:
-        with _stated_warnings():
-            result = run_scan(config, RichProgress(stderr))
+        with _stated_warnings(), open_session(config.device, report) as session:
+            result = run_scan(config, RichProgress(stderr) if session.is_writer else None)
     except UserInputError as exc:
+        if session is not None and session.is_distributed:
+            raise typer.Exit(2) from None
         fail(str(exc))
+    except DistributedFailure:
+        raise typer.Exit(1) from None
+    if not session.is_writer:
+        return
     if as_json:
         print(json.dumps(result.document, indent=2))
     else:

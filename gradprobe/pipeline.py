@@ -125,6 +125,8 @@ def validate(config: ScanConfig) -> None:
             raise UserInputError("--top-p must be in (0, 1]")
     if config.max_new_tokens < 1:
         raise UserInputError("--max-new-tokens must be at least 1")
+    if config.generate_batch_size < 1:
+        raise UserInputError("--generate-batch-size must be at least 1")
     if config.reward_workers < 1:
         raise UserInputError("--reward-workers must be at least 1")
     if not config.reward_timeout_s >= 0:
@@ -164,10 +166,14 @@ def scan(config: ScanConfig, progress: Progress | None = None) -> ScanResult:
     from gradprobe.rollouts import encode_prompts, read_rollouts, sample_rollouts
     from gradprobe.scoring import assign_advantages, score_rollouts
 
+    from gradprobe import distributed
+
     progress = progress or SilentProgress()
     validate(config)
+    session = distributed.current()  # several processes under torchrun; only rank 0 writes
     out = Path(config.out)
-    artifacts.check_output_dir(out, config.overwrite)
+    if session.is_writer:
+        artifacts.check_output_dir(out, config.overwrite)
     timings: dict[str, float] = {}
     total_start = time.perf_counter()
     mix = None
@@ -202,15 +208,21 @@ def scan(config: ScanConfig, progress: Progress | None = None) -> ScanResult:
         encoded = encode_prompts(tokenizer, prompts, rendered, model, config.max_new_tokens,
                                  config.truncate_prompts)
         _check_plan_before_sampling(model, param_names, prompts, encoded, config, settings, budget)
+        batches = _generation_share(session, len(prompts), config.generate_batch_size)
         with _timed(timings, "generate_s"), progress.stage("sampling", len(prompts)) as advance:
             rollouts = sample_rollouts(
                 model, tokenizer, prompts, rendered, config.group_size, config.max_new_tokens,
                 config.temperature, config.top_p, config.seed, config.generate_batch_size, advance,
-                encoded,
+                encoded, batches,
             )
         with _timed(timings, "rewards_s"), progress.stage("rewards", len(rollouts)) as advance:
             rollouts = score_rollouts(rollouts, reward_specs, advance, config.reward_workers,
                                       config.reward_timeout_s)
+        if session.is_distributed:
+            from gradprobe.distributed.rollouts import batch_rollout_counts, gather_in_batch_order
+
+            counts = batch_rollout_counts(len(prompts), config.generate_batch_size, config.group_size)
+            rollouts = gather_in_batch_order(session, rollouts, batches, counts)
     else:
         with _timed(timings, "rollouts_s"):
             rollouts = read_rollouts(Path(config.rollouts), tokenizer, model)
@@ -235,6 +247,7 @@ def scan(config: ScanConfig, progress: Progress | None = None) -> ScanResult:
     document["rewards"] = rewards
     if fallback:
         document["engine"]["fallback"] = fallback
+    document["engine"]["processes"] = session.world
     if len(param_names) < len(all_names) and config.proxy_check and (
         sum(p.numel() for p in model.parameters()) <= PROXY_CHECK_MAX_PARAMETERS
     ):
@@ -247,6 +260,8 @@ def scan(config: ScanConfig, progress: Progress | None = None) -> ScanResult:
                              [full.tasks[t]["grad_norm"] for t in layout.tasks]),
             "full_norm_ratio": {t: full.tasks[t]["norm_ratio"] for t in layout.tasks},
         }
+    if not session.is_writer:  # the others' work is done: rank 0 has every reduction
+        return ScanResult(document, out)
     if config.stats:
         with _timed(timings, "stats_s"):
             document["stats"] = run_statistics(document["prompts"], summary.task_moments)
@@ -306,10 +321,14 @@ def _gradients(model: Any, names: list[str], batch: Any, layout: Any, settings: 
                advance: Callable[[int], None] | None, keep_sums: bool = True) -> tuple[Any, str | None]:
     """The gradient stage, its failures as one-line user errors."""
     from gradprobe.gradients.engine import EngineOutOfMemory, NonFiniteGradientError
+    from gradprobe import distributed
+    from gradprobe.distributed.data_parallel import DataParallel
     from gradprobe.gradients.stage import EngineUnavailable, run_gradient_stage
 
+    session = distributed.current()
+    parallel = DataParallel(session) if session.is_distributed else None
     try:
-        return run_gradient_stage(model, names, batch, layout, settings, budget, advance, keep_sums)
+        return run_gradient_stage(model, names, batch, layout, settings, budget, advance, keep_sums, parallel)
     except EngineUnavailable as exc:
         raise UserInputError(f"--engine hooks cannot run here: {exc}; use --engine auto or vmap") from None
     except EngineOutOfMemory as exc:
@@ -323,6 +342,15 @@ def _gradients(model: Any, names: list[str], batch: Any, layout: Any, settings: 
             f"non-finite gradients in task(s) {', '.join(bad)}; try --dtype float32 or "
             "check those tasks' completions"
         ) from None
+
+
+def _generation_share(session: Any, n_prompts: int, batch_size: int) -> list[int] | None:
+    """The generation batches this process samples (None: all, one process)."""
+    if not session.is_distributed:
+        return None
+    from gradprobe.distributed.data_parallel import generation_batches
+
+    return generation_batches(-(-n_prompts // batch_size), session)
 
 
 def available_memory(device: Any) -> int:

@@ -7,9 +7,10 @@ losses").
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,20 +86,25 @@ def sample_rollouts(
     batch_size: int = 16,
     on_batch: Callable[[int], None] | None = None,
     encoded_prompts: list[list[int]] | None = None,
+    batches: Collection[int] | None = None,
 ) -> list[Rollout]:
     """K completions of each prompt with batched, left-padded `generate`, seeded.
 
     `rendered` holds each prompt as the model sees it (chat template applied), and
     `encoded_prompts` its token ids where already checked (`encode_prompts`). `on_batch(n)` is
-    called with the number of prompts done after each batch.
+    called with the number of prompts done after each batch. Batch b (prompts b x batch_size
+    onwards) samples from the seed `batch_seed(seed, b)`, so any set of `batches` (one
+    process's share of a torchrun scan) gives exactly those batches' rollouts of a whole run.
     """
     eos = eos_token_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos)
     tokenizer.padding_side = "left"
     device = next(model.parameters()).device
-    torch.manual_seed(seed)
     rollouts: list[Rollout] = []
-    for start in range(0, len(prompts), batch_size):
+    for index, start in enumerate(range(0, len(prompts), batch_size)):
+        if batches is not None and index not in batches:
+            continue
+        torch.manual_seed(batch_seed(seed, index))
         records = prompts[start : start + batch_size]
         texts = rendered[start : start + batch_size]
         encoded = encoded_prompts[start : start + batch_size] if encoded_prompts is not None else \
@@ -141,6 +147,15 @@ def sample_rollouts(
         if on_batch is not None:
             on_batch(len(records))
     return rollouts
+
+
+def batch_seed(seed: int, batch: int) -> int:
+    """The sampling seed of generation batch `batch`: `seed` itself for batch 0 (a scan of one
+    batch samples as it always did), else 64 bits of sha256("seed/batch")."""
+    if batch == 0:
+        return seed
+    digest = hashlib.sha256(f"{seed}/{batch}".encode()).digest()
+    return int.from_bytes(digest[:8], "little")
 
 
 def encode_prompt(tokenizer: Any, record: PromptRecord, rendered: str) -> list[int]:

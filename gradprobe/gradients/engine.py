@@ -27,6 +27,7 @@ import math
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -266,19 +267,34 @@ def activation_bytes_per_token(model: torch.nn.Module) -> int:
 
 
 
+class PassCompletion(Protocol):
+    """What completes the reductions after each pass when several processes each ran a share of
+    the prompts (`gradprobe.distributed`): every reduction is a sum over prompts, so adding the
+    processes' partial reductions gives the whole one."""
+
+    def complete_sums(self, totals: StreamingReductions) -> None:
+        """After pass 1: prompt Grams, sums and unit sketches made whole on every process."""
+
+    def complete_row_dots(self, totals: StreamingReductions) -> None:
+        """After pass 2: row dots made whole."""
+
+
 class StreamingReductions:
     """The running reductions of one engine run: prompt Grams and sums (pass 1), row dots (pass 2).
 
     Callers hand over per-unit gradients of one parameter for the units of whole prompts
     (`prompt_ids`, each prompt's k units in order); everything is added at once and nothing
     per-unit is kept. The sums live on `sums_device` (the model's device, or host memory when the
-    device cannot hold them: contributions are formed on the device and added there).
+    device cannot hold them: contributions are formed on the device and added there). Engines
+    call `end_pass_one` and `end_pass_two`; with a `completion` these combine the processes'
+    partial reductions (pass 2 needs the complete sums).
     """
 
     def __init__(self, selected: SelectedParameters, reductions: Reductions,
                  sums_device: torch.device | None = None, sketch_dim: int | None = None,
-                 sketch_seed: int = 0) -> None:
+                 sketch_seed: int = 0, completion: PassCompletion | None = None) -> None:
         self.selected, self.reductions = selected, reductions
+        self.completion = completion
         self.k = reductions.units_per_prompt
         device = selected.device
         # Host-resident when asked for: contributions are formed on the device, then moved.
@@ -384,6 +400,18 @@ class StreamingReductions:
         weights = self.reductions.sum_weights.to(sketch.device, torch.float64)
         targets = self.reductions.targets.to(sketch.device, torch.float64) @ (weights @ sketch)
         return (sketch * targets[self.unit_target]).sum(1)
+
+    def end_pass_one(self) -> None:
+        """Pass 1 is over here; with a `completion`, complete the reductions across processes.
+        Then NonFiniteGradientError when any unit's gradient is not finite."""
+        if self.completion is not None:
+            self.completion.complete_sums(self)
+        if bad := self.nonfinite_units():
+            raise NonFiniteGradientError(bad)
+
+    def end_pass_two(self) -> None:
+        if self.completion is not None:
+            self.completion.complete_row_dots(self)
 
     def nonfinite_units(self) -> list[int]:
         """Units whose squared norm (a prompt Gram's diagonal, any group) is NaN or Inf."""

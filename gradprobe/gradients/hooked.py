@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from gradprobe.gradients.engine import (
-    NonFiniteGradientError,
+    PassCompletion,
     Reductions,
     SelectedParameters,
     StreamingReductions,
@@ -85,8 +85,10 @@ class HookedEngine:
         work_bytes: int = DEFAULT_WORK_BYTES,
         sketch_dim: int | None = None,
         linear_norms: str = "auto",
+        completion: PassCompletion | None = None,
     ) -> None:
         self.model = model.eval().requires_grad_(False)
+        self.completion = completion
         self.selected = SelectedParameters.of(model, param_names, accumulate_dtype)
         self.names, self.dtype, self.device = self.selected.names, self.selected.dtype, self.selected.device
         self.temperature = temperature
@@ -161,7 +163,8 @@ class HookedEngine:
         """Pass 1 (prompt Grams and sums), then with `row_dots` pass 2; `on_chunk(n_units)` after
         each micro-batch of each pass."""
         micro_batches = self.plan(batch, reductions.prompts, max_tokens)
-        totals = StreamingReductions(self.selected, reductions, self.sums_device, self.sketch_dim)
+        totals = StreamingReductions(self.selected, reductions, self.sums_device, self.sketch_dim,
+                                     completion=self.completion)
         passes = ["sums", "row_dots"] if row_dots else ["sums"]
         for mode in passes:
             state = _PassState(self, totals, mode)
@@ -176,8 +179,7 @@ class HookedEngine:
             finally:
                 for handle in handles:
                     handle.remove()
-            if mode == "sums" and (bad := totals.nonfinite_units()):
-                raise NonFiniteGradientError(bad)
+            totals.end_pass_one() if mode == "sums" else totals.end_pass_two()
         largest = max((len(p) * reductions.units_per_prompt for p in micro_batches), default=0)
         return totals.result(keep_sums, row_dots, "hooks", len(passes), largest)
 

@@ -13,9 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
+from gradprobe.distributed.data_parallel import DataParallel
 from gradprobe.errors import UserInputError
 from gradprobe.gradients import SKETCH_DIM
-from gradprobe.gradients.engine import UnitBatch, UnitGradients
+from gradprobe.gradients.engine import UnitBatch, UnitGradients, halving_on_out_of_memory
 from gradprobe.gradients.hooked import HookedEngine, UnsupportedModel
 from gradprobe.gradients.layout import UnitLayout
 from gradprobe.gradients.plan import RolloutShape, ScanPlan, plan_for_model
@@ -55,11 +56,19 @@ def run_gradient_stage(
     max_memory: int,
     on_chunk: Callable[[int], None] | None = None,
     keep_sums: bool = True,
+    parallel: DataParallel | None = None,
 ) -> tuple[UnitGradients, str | None]:
     """Prompt Grams, task sign sums and (exact intervals) row dots of the selected parameters;
     also why vmap was used, if it was used under `auto`. Raises EngineUnavailable when `hooks`
-    was required and cannot run."""
+    was required and cannot run.
+
+    With `parallel` (several processes) this process computes its share of the prompts and the
+    reductions are completed across processes after each pass; an out-of-memory error is then
+    not retried with smaller micro-batches (the others would wait at a different pass)."""
     reductions = layout.reductions()
+    full_batch = batch
+    if parallel is not None:
+        batch = parallel.local_batch(batch, reductions.prompts)
     row_dots = settings.intervals == "exact"
     sketch_dim = SKETCH_DIM if settings.intervals == "sketch" else None
     fallback = None
@@ -67,27 +76,43 @@ def run_gradient_stage(
         try:
             if settings.checkpoint_activations:
                 raise UnsupportedModel("activation checkpointing runs on the vmap engine")
-            plan = plan_stage(model, param_names, rollout_shape(batch, layout), settings, max_memory)
-            hosted = plan.sums_location == "host" and next(model.parameters()).device.type != "cpu"
+            shape = rollout_shape(full_batch, layout)
+            plan = None if shape is None else plan_stage(model, param_names, shape, settings, max_memory)
+            hosted = plan is not None and plan.sums_location == "host" and next(model.parameters()).device.type != "cpu"
             engine = HookedEngine(model, param_names, settings.temperature, settings.accumulate_dtype,
                                   settings.pad_token_id, "cpu" if hosted or settings.sums == "host" else None,
-                                  sketch_dim=sketch_dim)
-            return engine.run_adaptive(batch, reductions, plan.micro_batch_tokens, on_chunk,
+                                  sketch_dim=sketch_dim, completion=parallel)
+            tokens = 1 if plan is None else plan.micro_batch_tokens  # None: no prompt carries a loss
+            if parallel is not None:  # at most the longest sequence's tokens: one try, no halving
+                tokens = max(tokens, max((len(s) for s in batch.sequences), default=1))
+                return _without_retry(lambda: engine.run(batch, reductions, tokens, on_chunk, keep_sums, row_dots),
+                                      engine.device), None
+            return engine.run_adaptive(batch, reductions, tokens, on_chunk,
                                        keep_sums=keep_sums, row_dots=row_dots), None
         except UnsupportedModel as exc:
             if settings.engine == "hooks":
                 raise EngineUnavailable(str(exc)) from None
             fallback = str(exc)
     engine = GradientEngine(model, param_names, settings.temperature, settings.accumulate_dtype,
-                            settings.pad_token_id, settings.checkpoint_activations, sketch_dim)
-    chunk_size = settings.chunk_size or engine.plan_chunk_size(batch, max_memory)
+                            settings.pad_token_id, settings.checkpoint_activations, sketch_dim, completion=parallel)
+    chunk_size = settings.chunk_size or engine.plan_chunk_size(full_batch, max_memory)
+    if parallel is not None:
+        size = max(reductions.units_per_prompt, chunk_size - chunk_size % reductions.units_per_prompt)
+        return _without_retry(lambda: engine.run(batch, reductions, size, on_chunk, keep_sums, row_dots),
+                              engine.device), fallback
     result = engine.run_adaptive(batch, reductions, chunk_size, on_chunk, keep_sums=keep_sums, row_dots=row_dots)
     return result, fallback
 
 
-def rollout_shape(batch: UnitBatch, layout: UnitLayout) -> RolloutShape:
+def _without_retry(attempt: Callable[[], UnitGradients], device: torch.device) -> UnitGradients:
+    """attempt(), an out-of-memory error as EngineOutOfMemory."""
+    return halving_on_out_of_memory(lambda _: attempt(), 1, 1, device)
+
+
+def rollout_shape(batch: UnitBatch, layout: UnitLayout) -> RolloutShape | None:
     """The planner's view of the rollouts: per prompt its task, prompt length (the tokens before
-    the first loss coefficient of its sequences) and its completions' lengths."""
+    the first loss coefficient of its sequences) and its completions' lengths; None when no
+    prompt has a completion in a unit (every group degenerate: nothing to differentiate)."""
     tasks, prompt_lens, completion_lens = [], [], []
     for p, units in enumerate(layout.prompt_units()):
         sequences = [s for u in units for s in batch.units[u]]
@@ -98,7 +123,7 @@ def rollout_shape(batch: UnitBatch, layout: UnitLayout) -> RolloutShape:
         tasks.append(layout.tasks[layout.prompt_task[p]])
         prompt_lens.append(max(1, prompt))
         completion_lens.append([max(1, n - prompt) for n in lengths])
-    return RolloutShape.from_lengths(tasks, prompt_lens, completion_lens)
+    return RolloutShape.from_lengths(tasks, prompt_lens, completion_lens) if tasks else None
 
 
 def _loss_start(coefficients: list[float]) -> int:

@@ -25,7 +25,7 @@ import torch
 from torch.func import functional_call, grad, vmap
 
 from gradprobe.gradients.engine import (
-    NonFiniteGradientError,
+    PassCompletion,
     Reductions,
     SelectedParameters,
     StreamingReductions,
@@ -53,8 +53,10 @@ class GradientEngine:
         pad_token_id: int = 0,
         checkpoint_activations: bool = False,
         sketch_dim: int | None = None,
+        completion: PassCompletion | None = None,
     ) -> None:
         self.model = model.eval().requires_grad_(False)
+        self.completion = completion
         self.checkpoint_activations = checkpoint_activations
         self.sketch_dim = sketch_dim
         use_eager_attention(model)
@@ -172,7 +174,8 @@ class GradientEngine:
         active = [p for p, units in enumerate(reductions.prompts) if any(batch.is_active(u) for u in units)]
         per_chunk = max(1, chunk_size // k)
         chunks = [active[i : i + per_chunk] for i in range(0, len(active), per_chunk)]
-        totals = StreamingReductions(self.selected, reductions, sketch_dim=self.sketch_dim)
+        totals = StreamingReductions(self.selected, reductions, sketch_dim=self.sketch_dim,
+                                     completion=self.completion)
         for prompt_ids in chunks:
             units = [u for p in prompt_ids for u in reductions.prompts[p]]
             for name, value in self.unit_gradients(batch, units).items():
@@ -183,8 +186,7 @@ class GradientEngine:
                     totals.add_sketch(name, prompt_ids, part)
             if on_chunk is not None:
                 on_chunk(len(units))
-        if bad := totals.nonfinite_units():
-            raise NonFiniteGradientError(bad)
+        totals.end_pass_one()
         if row_dots:
             for prompt_ids in chunks:
                 units = [u for p in prompt_ids for u in reductions.prompts[p]]
@@ -192,4 +194,5 @@ class GradientEngine:
                     totals.add_row_dots(name, prompt_ids, PerUnit(value))
                 if on_chunk is not None:
                     on_chunk(len(units))
+            totals.end_pass_two()
         return totals.result(keep_sums, row_dots, "vmap", 2 if row_dots else 1, per_chunk * k)

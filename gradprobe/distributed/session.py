@@ -1,0 +1,242 @@
+"""One process's place in a torchrun job: process group, rank, world, and the collectives the scan uses.
+
+torchrun sets RANK, WORLD_SIZE, LOCAL_RANK and MASTER_ADDR/PORT; `open_session` joins the group
+(nccl on CUDA, gloo on the CPU) with a collective timeout, so a peer that stops answering ends
+the job instead of hanging it. Without torchrun's variables it is a session of one process whose
+collectives are identities, and the scan runs as before.
+
+Failures are shared, not raced: every exchange starts with `agree`, where each rank says "ok" or
+why it failed. A rank that fails calls `agree` once with its error before it exits; that call
+meets the other ranks at whatever exchange they wait in, and all of them raise the same error.
+The collectives that move data only run after every rank said "ok".
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import torch
+
+from gradprobe.errors import UserInputError
+
+DEFAULT_TIMEOUT_S = 3600.0
+"""How long a collective waits for every rank: it must cover the longest stretch of local work
+between two exchanges (a slow rank's whole pass over its prompts)."""
+TIMEOUT_VARIABLE = "GRADPROBE_COLLECTIVE_TIMEOUT"
+
+
+class DistributedFailure(RuntimeError):
+    """Another rank failed with something other than a user error, or the ranks fell out of step."""
+
+
+class CollectiveFailure(DistributedFailure):
+    """A collective itself failed: a peer is gone or did not answer within the timeout. No rank
+    can be told any more; torchrun ends the others."""
+
+
+@contextmanager
+def _collective(kind: str) -> Iterator[None]:
+    """A collective's own failure (torch raises RuntimeError subclasses) as CollectiveFailure."""
+    try:
+        yield
+    except RuntimeError as error:
+        first_line = (str(error).splitlines() or [""])[0]
+        raise CollectiveFailure(f"the {kind} exchange between ranks failed (a peer is gone or timed out "
+                                f"after {collective_timeout().total_seconds():.0f} s): {first_line}") from None
+
+
+@dataclass
+class CommunicationLog:
+    """Payload bytes handed to each kind of collective (what this rank sends into it)."""
+
+    bytes_by_kind: dict[str, int] = field(default_factory=dict)
+    calls_by_kind: dict[str, int] = field(default_factory=dict)
+
+    def add(self, kind: str, n_bytes: int) -> None:
+        self.bytes_by_kind[kind] = self.bytes_by_kind.get(kind, 0) + n_bytes
+        self.calls_by_kind[kind] = self.calls_by_kind.get(kind, 0) + 1
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.bytes_by_kind.values())
+
+
+@dataclass
+class Session:
+    """This process's rank in a world of `world` processes (world 1: no process group)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    backend: str | None = None
+    log: CommunicationLog = field(default_factory=CommunicationLog)
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_writer(self) -> bool:
+        """Only rank 0 writes artifacts and prints results."""
+        return self.rank == 0
+
+    def agree(self, phase: str, error: BaseException | None = None) -> None:
+        """Every rank reports `phase` and its error (None: ok); raises on every rank when any
+        failed (UserInputError for a user error, else DistributedFailure), or when the ranks
+        that are ok are at different phases."""
+        if not self.is_distributed:
+            if error is not None:
+                raise error
+            return
+        reports: list[Any] = [None] * self.world
+        mine = (phase, None if error is None else _describe(error))
+        with _collective(phase):
+            torch.distributed.all_gather_object(reports, mine)
+        self.log.add("agree", 0)
+        raise_shared_failure(reports)
+
+    def all_reduce_sum(self, tensor: torch.Tensor, kind: str) -> None:
+        """tensor <- the sum of every rank's tensor, in place (CPU tensors go through the
+        current CUDA device under nccl)."""
+        if not self.is_distributed:
+            return
+        self.log.add(kind, tensor.numel() * tensor.element_size())
+        with _collective(kind):
+            if self.backend == "nccl" and tensor.device.type != "cuda":
+                staged = tensor.to(torch.device("cuda", torch.cuda.current_device()))
+                torch.distributed.all_reduce(staged)
+                tensor.copy_(staged)
+            else:
+                torch.distributed.all_reduce(tensor)
+
+    def all_gather_objects(self, value: Any, kind: str) -> list[Any]:
+        """Every rank's `value`, in rank order (pickled; for small data such as rollouts)."""
+        if not self.is_distributed:
+            return [value]
+        gathered: list[Any] = [None] * self.world
+        with _collective(kind):
+            torch.distributed.all_gather_object(gathered, value)
+        self.log.add(kind, len(_pickled(value)))
+        return gathered
+
+
+def raise_shared_failure(reports: list[tuple[str, tuple[str, str] | None]]) -> None:
+    """Raise the first failure among the ranks' (phase, failure) reports, naming its rank; or
+    DistributedFailure when the ranks that are ok report different phases."""
+    for rank, (_, failure) in enumerate(reports):
+        if failure is not None:
+            kind, message = failure
+            text = f"rank {rank}: {message}"
+            error = UserInputError(text) if kind == "input" else DistributedFailure(text)
+            error.shared = True  # every rank raises it: none reports it again
+            raise error
+    phases = {phase for phase, _ in reports}
+    if len(phases) > 1:
+        raise DistributedFailure(f"ranks out of step: {', '.join(f'rank {r} at {p}' for r, (p, _) in enumerate(reports))}")
+
+
+def _describe(error: BaseException) -> tuple[str, str]:
+    if isinstance(error, UserInputError):
+        return "input", str(error)
+    first_line = (str(error).splitlines() or [""])[0]
+    return "internal", f"{type(error).__name__}: {first_line}"
+
+
+def _pickled(value: Any) -> bytes:
+    import pickle
+
+    return pickle.dumps(value)
+
+
+_current = Session()
+
+
+def current() -> Session:
+    """The session of this process (a one-process session unless `open_session` is active)."""
+    return _current
+
+
+def collective_timeout() -> timedelta:
+    """GRADPROBE_COLLECTIVE_TIMEOUT seconds, else DEFAULT_TIMEOUT_S."""
+    text = os.environ.get(TIMEOUT_VARIABLE, "")
+    try:
+        seconds = float(text) if text else DEFAULT_TIMEOUT_S
+    except ValueError:
+        raise UserInputError(f"{TIMEOUT_VARIABLE}={text!r}: give a number of seconds") from None
+    if not seconds > 0:
+        raise UserInputError(f"{TIMEOUT_VARIABLE} must be a positive number of seconds")
+    return timedelta(seconds=seconds)
+
+
+def launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+@contextmanager
+def open_session(device: str = "auto", report: Callable[[BaseException], None] | None = None) -> Iterator[Session]:
+    """Join torchrun's process group for the block (nccl when CUDA is used, else gloo), make it
+    `current()`, and leave it after; without torchrun, a one-process session and nothing else.
+
+    On an error inside the block this rank reports it to the others (`Session.agree`) before it
+    propagates, so no rank waits for one that is gone; rank 0 hands the error, its own or
+    another's, to `report` (the one message the user sees), and every rank waits for the others
+    before leaving, so none is ended by torchrun before that message is out. When a collective
+    itself failed (a peer gone or timed out) no one can be told: each rank that saw it reports
+    it and leaves. On success every rank agrees once more at the end, so all exit alike."""
+    global _current
+    if not launched_by_torchrun():
+        yield _current
+        return
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    backend = "nccl" if use_cuda else "gloo"
+    torch.distributed.init_process_group(backend, timeout=collective_timeout(),
+                                         device_id=torch.device("cuda", local_rank) if use_cuda else None)
+    session = _current = Session(rank, world, local_rank, backend)
+    try:
+        try:
+            yield session
+            session.agree("done")
+        except BaseException as error:
+            shared = getattr(error, "shared", False)
+            if not shared and not isinstance(error, CollectiveFailure):
+                shared = _tell_others(session, error)
+            if report is not None and (session.is_writer or isinstance(error, CollectiveFailure)):
+                report(error)
+            if shared:
+                _wait_for_all(session)
+            raise
+    finally:
+        _current = Session()
+        torch.distributed.destroy_process_group()
+
+
+def _tell_others(session: Session, error: BaseException) -> bool:
+    """Report `error` at the others' next exchange; False when that failed (a peer is gone or
+    timed out: torchrun ends the rest)."""
+    try:
+        session.agree("failed", error)
+    except CollectiveFailure:
+        return False
+    except (UserInputError, DistributedFailure):
+        return True  # the report itself (or another rank's, made at the same time)
+    return True
+
+
+def _wait_for_all(session: Session) -> None:
+    """A last barrier (bounded on gloo), so every rank leaves after rank 0 reported."""
+    try:
+        if session.backend == "gloo":
+            torch.distributed.monitored_barrier(timeout=timedelta(seconds=60))
+        else:
+            torch.distributed.barrier()
+    except RuntimeError:
+        pass

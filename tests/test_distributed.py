@@ -1,0 +1,221 @@
+"""The scan under torchrun (gloo, CPU): equal to the one-process scan, and failing together.
+
+Each distributed scan runs `python -m torch.distributed.run ... -m gradprobe scan` as a
+subprocess. Models run in float64 so the sums' rounding (float32 sums add in another order when
+ranks share the prompts) stays far below the 1e-6 relative tolerance every number is held to;
+one float32 run checks the default precision with its own tolerance.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import write_jsonl
+from gradprobe import task_grads
+from gradprobe.cli import app
+from gradprobe.distributed.data_parallel import assign_prompts, prompt_costs, restrict_to_prompts
+from gradprobe.distributed.rollouts import batch_rollout_counts, split_by_batch
+from gradprobe.distributed.session import DistributedFailure, raise_shared_failure
+from gradprobe.errors import UserInputError
+from gradprobe.gradients.engine import UnitBatch
+from gradprobe.rollouts import batch_seed
+
+ROOT = Path(__file__).resolve().parents[1]
+SCAN = ["-k", "3", "--max-new-tokens", "5", "--prompts-per-task", "5", "--reward", "add=numeric",
+        "--reward", "regex:[a-m]", "--generate-batch-size", "2", "--no-stats"]
+# Not compared: when and where it ran, how long, and rank 0's own largest micro-batch.
+NOT_COMPARED = {("created",), ("timings",), ("config", "out"), ("engine", "chunk_size"), ("engine", "processes")}
+
+
+def one_process(*args: object) -> None:
+    result = CliRunner().invoke(app, ["scan", *map(str, args)])
+    assert result.exit_code == 0, result.output
+
+
+def torchrun(n: int, *args: object, env: dict[str, str] | None = None, timeout: float = 150) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n),
+               "--standalone", "-m", "gradprobe", "scan", *map(str, args)]
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *sys.path]), "OMP_NUM_THREADS": "1",
+                   "GRADPROBE_COLLECTIVE_TIMEOUT": "60", **(env or {})}
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=environment, cwd=ROOT)
+
+
+def differences(a: object, b: object, rel: float, abs_tol: float, path: tuple = ()) -> list[str]:
+    """Where two scan documents differ: numbers beyond the tolerance, anything else at all."""
+    if path in NOT_COMPARED:
+        return []
+    if isinstance(a, dict) and isinstance(b, dict):
+        if set(a) != set(b):
+            return [f"{'/'.join(path)}: keys {sorted(set(a) ^ set(b))}"]
+        return [d for k in a for d in differences(a[k], b[k], rel, abs_tol, (*path, k))]
+    if isinstance(a, list) and isinstance(b, list):
+        if len(a) != len(b):
+            return [f"{'/'.join(path)}: lengths {len(a)} and {len(b)}"]
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in differences(x, y, rel, abs_tol, (*path, str(i)))]
+    if isinstance(a, float) and isinstance(b, (int, float)) and not isinstance(b, bool):
+        return [] if math.isclose(a, b, rel_tol=rel, abs_tol=abs_tol) else [f"{'/'.join(path)}: {a} != {b}"]
+    return [] if a == b else [f"{'/'.join(path)}: {a!r} != {b!r}"]
+
+
+def scan_json(directory: Path) -> dict:
+    return json.loads((directory / "scan.json").read_text())
+
+
+def assert_same_scan(one: Path, many: Path, n: int, rel: float = 1e-6, abs_tol: float = 1e-12) -> None:
+    a, b = scan_json(one), scan_json(many)
+    assert b["engine"]["processes"] == n
+    found = differences(a, b, rel, abs_tol)
+    assert not found, found[:20]
+
+
+def rollout_rows(directory: Path) -> list[dict]:
+    """rollouts.jsonl without the gradient norm each row carries (compared in scan.json)."""
+    rows = [json.loads(line) for line in (directory / "rollouts.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if k != "prompt_grad_norm"} for row in rows]
+
+
+@pytest.fixture(scope="module")
+def scans(tiny_llama, tmp_path_factory) -> dict[str, Path]:
+    """One-process scans (the reference) of the tiny model, sampled and offline."""
+    root = tmp_path_factory.mktemp("distributed")
+    mix = write_jsonl(root / "mix.jsonl", [
+        {"task": "add", "prompt": f"{a}+{b}=", "answer": str(a + b)} for a, b in
+        [(1, 2), (3, 4), (5, 1), (2, 2), (7, 1), (4, 4)]] + [
+        {"task": "echo", "prompt": f"say {w}:", "answer": w} for w in ["ab", "cd", "ef", "gh", "ij", "kl"]])
+    one_process(tiny_llama, mix, "--out", root / "one", *SCAN, "--dtype", "float64")
+    rows = [json.loads(line) for line in (root / "one" / "rollouts.jsonl").read_text().splitlines()]
+    keys = ("task", "prompt_id", "prompt", "completion", "reward", "prompt_token_ids", "completion_token_ids")
+    offline = write_jsonl(root / "offline.jsonl", [{k: r[k] for k in keys} for r in rows])
+    offline_args = ["--rollouts", offline, "--max-new-tokens", "5", "--no-stats", "--dtype", "float64",
+                    "--intervals", "none", "--params", "last-block"]
+    one_process(tiny_llama, "--out", root / "one_offline", *offline_args)
+    return {"root": root, "mix": mix, "one": root / "one", "offline_args": offline_args,
+            "one_offline": root / "one_offline"}
+
+
+def test_two_processes_sample_and_scan_as_one(tiny_llama, scans):
+    out = scans["root"] / "two"
+    run = torchrun(2, tiny_llama, scans["mix"], "--out", out, *SCAN, "--dtype", "float64")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert_same_scan(scans["one"], out, 2)
+    # the rollouts themselves: rank 1 sampled batches 1, 3, 5 from their own seeds
+    assert rollout_rows(out) == rollout_rows(scans["one"])
+    one, two = task_grads.read(scans["one"] / "task_grads.safetensors"), task_grads.read(out / "task_grads.safetensors")
+    assert one.kind == two.kind == "exact" and one.params == two.params
+    for name, value in one.tensors.items():
+        torch.testing.assert_close(two.tensors[name], value, rtol=1e-6, atol=1e-12)
+    against_itself = CliRunner().invoke(app, ["compare", str(scans["one"]), str(scans["one"]), "--json"])
+    against_two = CliRunner().invoke(app, ["compare", str(scans["one"]), str(out), "--json"])
+    assert against_two.exit_code == 0, against_two.output
+    found = differences(json.loads(against_itself.stdout), json.loads(against_two.stdout), 1e-6, 1e-12)
+    assert {d.split(":")[0] for d in found} <= {"b/path", "b/created"}, found  # B's directory and time
+
+
+def test_three_processes_offline_rollouts_no_intervals_and_a_proxy(tiny_llama, scans):
+    """3 ranks do not divide the 10 prompts; parameter subset with the full-model proxy check."""
+    out = scans["root"] / "three"
+    run = torchrun(3, tiny_llama, "--out", out, *scans["offline_args"])
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert_same_scan(scans["one_offline"], out, 3)
+    assert scan_json(out)["proxy_fidelity"]["params"] == ["last-block"]
+
+
+def test_float32_sketch_intervals_on_three_processes(tiny_llama, scans, tmp_path):
+    """The default precision: the float32 sums add in another order across ranks, so numbers that
+    come from cancellation (a cosine near 0, an unbiased norm) agree to 1e-6 of their scale."""
+    args = [tiny_llama, scans["mix"], *SCAN, "--intervals", "sketch"]
+    one_process(*args, "--out", tmp_path / "one")
+    run = torchrun(3, *args, "--out", tmp_path / "three")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert_same_scan(tmp_path / "one", tmp_path / "three", 3, rel=1e-5, abs_tol=1e-6)
+
+
+REWARD_MODULE = '''
+import os
+from gradprobe.errors import UserInputError
+
+def score(completion, answer, **kwargs):
+    if os.environ["RANK"] == "1":
+        {failure}
+    return 0.0
+'''
+FAILURES = {"UserInputError": 'raise UserInputError("the verifier is unreachable from this node")',
+            "RuntimeError": 'raise RuntimeError("the verifier is unreachable from this node")',
+            "crash": "os._exit(9)"}
+
+
+def run_with_failing_reward(tiny_llama, scans, tmp_path, failure: str) -> subprocess.CompletedProcess:
+    (tmp_path / "flaky_reward.py").write_text(REWARD_MODULE.format(failure=FAILURES[failure]))
+    run = torchrun(2, tiny_llama, scans["mix"], "--out", tmp_path / "never", *SCAN, "--reward", "echo=flaky_reward:score",
+                   env={"PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT), *sys.path])}, timeout=120)
+    assert not (tmp_path / "never").exists()
+    return run
+
+
+@pytest.mark.parametrize("error, exit_code", [("UserInputError", 2), ("RuntimeError", 1)])
+def test_a_failing_rank_stops_every_rank_with_one_message(tiny_llama, scans, tmp_path, error, exit_code):
+    run = run_with_failing_reward(tiny_llama, scans, tmp_path, error)
+    output = run.stdout + run.stderr
+    message = "error: rank 1: " + ("" if error == "UserInputError" else "RuntimeError: ")
+    assert output.count(message + "the verifier is unreachable from this node") == 1, output[-3000:]
+    # torchrun's report: the first rank to leave left with the usual code (torchrun then ends
+    # any rank still leaving, after rank 0 printed the message)
+    assert run.returncode == 1 and f"exitcode  : {exit_code} " in output, output[-3000:]
+    if error == "UserInputError":  # a user error is one line: no traceback through gradprobe
+        assert str(ROOT / "gradprobe") not in output, output[-3000:]
+
+
+def test_a_rank_that_dies_ends_the_job_without_a_hang(tiny_llama, scans, tmp_path):
+    run = run_with_failing_reward(tiny_llama, scans, tmp_path, "crash")  # within the 120 s, not the 60 s timeout
+    assert run.returncode == 1 and "exitcode  : 9 " in run.stderr, run.stderr[-3000:]
+
+
+# ---- the pure parts -------------------------------------------------------------------------
+
+def test_prompts_are_assigned_whole_and_balanced_by_tokens():
+    costs = [9, 1, 5, 5, 3, 0, 7]
+    owner = assign_prompts(costs, 3)
+    assert owner == assign_prompts(costs, 3)  # every rank computes the same
+    loads = [sum(c for c, r in zip(costs, owner) if r == rank) for rank in range(3)]
+    assert sorted(loads) == [10, 10, 10]
+    assert assign_prompts(costs, 1) == [0] * len(costs)
+
+
+def test_a_rank_keeps_the_loss_of_its_own_prompts_only():
+    batch = UnitBatch([[1, 2, 3], [1, 4], [5, 6], [5, 7, 8]], [[0, 1.0, 2.0], [0, -1.0], [0, 3.0], [0, 0, 0]],
+                      [[0], [1], [2], [3]])
+    prompts = [[0, 1], [2, 3]]
+    assert prompt_costs(batch, prompts) == [5, 5]
+    mine = restrict_to_prompts(batch, prompts, {1})
+    assert [mine.is_active(u) for u in range(4)] == [False, False, True, False]
+    assert mine.coefficients[2] == [0, 3.0] and mine.sequences == batch.sequences
+
+
+def test_generation_batches_are_seeded_by_themselves_and_regathered_in_order():
+    assert batch_seed(7, 0) == 7  # one batch samples as before batches had seeds of their own
+    assert batch_seed(0, 1) == batch_seed(0, 1) != batch_seed(0, 2) != batch_seed(1, 1)
+    counts = batch_rollout_counts(5, 2, 3)
+    assert counts == [6, 6, 3]
+    pieces = split_by_batch(list(range(9)), [0, 2], counts)
+    assert pieces == [(0, [0, 1, 2, 3, 4, 5]), (2, [6, 7, 8])]
+    with pytest.raises(ValueError):
+        split_by_batch(list(range(8)), [0, 2], counts)
+
+
+def test_a_failure_reported_by_any_rank_is_raised_on_every_rank():
+    raise_shared_failure([("rollouts", None), ("rollouts", None)])
+    with pytest.raises(UserInputError, match="rank 1: bad reward"):
+        raise_shared_failure([("rollouts", None), ("failed", ("input", "bad reward"))])
+    with pytest.raises(DistributedFailure, match="rank 0: MemoryError"):
+        raise_shared_failure([("failed", ("internal", "MemoryError: x")), ("done", None)])
+    with pytest.raises(DistributedFailure, match="out of step"):
+        raise_shared_failure([("gradients pass 1", None), ("gradients pass 2", None)])
