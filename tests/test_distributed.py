@@ -116,8 +116,12 @@ def test_two_processes_sample_and_scan_as_one(tiny_llama, scans):
     against_itself = CliRunner().invoke(app, ["compare", str(scans["one"]), str(scans["one"]), "--json"])
     against_two = CliRunner().invoke(app, ["compare", str(scans["one"]), str(out), "--json"])
     assert against_two.exit_code == 0, against_two.output
-    found = differences(json.loads(against_itself.stdout), json.loads(against_two.stdout), 1e-6, 1e-12)
-    assert {d.split(":")[0] for d in found} <= {"b/path", "b/created"}, found  # B's directory and time
+    itself, two_doc = json.loads(against_itself.stdout), json.loads(against_two.stdout)
+    found = differences(itself, two_doc, 1e-6, 1e-12)
+    # B's directory and time, and the same-checkpoint warning's text, which names B's directory
+    messages = {f"warnings/{i}/message" for i in range(len(itself.get("warnings", [])))}
+    assert {d.split(":")[0] for d in found} <= {"b/path", "b/created"} | messages, found
+    assert len(itself.get("warnings", [])) == len(two_doc.get("warnings", []))
 
 
 def test_three_processes_offline_rollouts_no_intervals_and_a_proxy(tiny_llama, scans):

@@ -83,7 +83,35 @@ def workspace(tmp_path_factory, demo_scan_dir) -> Path:
     (folder / "mix.toml").write_text("".join(
         f'[tasks.{task}]\ndata = "mix.jsonl"\n' for task in TASKS))  # every task reads its rows
     write_training_log(folder)
+    write_config_folders(folder)
+    write_verl_data_folder(folder / "data")
     return folder
+
+
+def write_config_folders(folder: Path) -> None:
+    """Folders holding only a config.json, as `gradprobe plan`'s examples name them."""
+    from transformers import Qwen2Config
+
+    Qwen2Config(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True).save_pretrained(folder / "qwen2-0.5b")
+    Qwen2Config(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False).save_pretrained(
+        folder / "qwen2-7b-config")
+
+
+def write_verl_data_folder(folder: Path) -> None:
+    """verl's layout: a folder per data source with a Parquet file per split (demo prompts)."""
+    import datasets
+
+    rows = [json.loads(line) for line in Path(DEMO_MIX_PATH).read_text().splitlines()]
+    for source in ("add", "count"):
+        mine = [r for r in rows if r["task"] == source][:8]
+        for split, part in (("train", mine[:6]), ("test", mine[6:])):
+            (folder / source).mkdir(parents=True, exist_ok=True)
+            datasets.Dataset.from_list([
+                {"data_source": source, "prompt": [{"role": "user", "content": r["prompt"]}],
+                 "reward_model": {"style": "rule", "ground_truth": r["answer"]}} for r in part
+            ]).to_parquet(str(folder / source / f"{split}.parquet"))
 
 
 def run_example(command: str, folder: Path, monkeypatch) -> None:
