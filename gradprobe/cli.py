@@ -311,6 +311,69 @@ def compare(
 
 
 @app.command()
+def track(
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="The run's output directory: TRL's checkpoint-N or verl's global_step_N/actor/huggingface checkpoints (or --checkpoints-glob).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Track directory: scans/step-N per checkpoint (kept; a rerun resumes), track.json, track.md, plots/.")],
+    mix: Annotated[Optional[Path], typer.Option(help="The run's training data: fresh rollouts come from it, and verl dumps are mapped back to its tasks.")] = None,
+    rollouts_glob: Annotated[Optional[str], typer.Option(help="Glob under RUN_DIR of the trainer's rollout dumps, numbered by step: verl's trainer.rollout_data_dir {step}.jsonl or the TRL callback's JSONL (README).")] = None,
+    checkpoints_glob: Annotated[Optional[str], typer.Option(help="Glob under RUN_DIR of checkpoint directories; a match's step is the last number in its path.")] = None,
+    every: Annotated[int, typer.Option(help="Scan the first checkpoint and every K-th after it.")] = 1,
+    window: Annotated[int, typer.Option(help="Steps per window w of the learning gain.")] = 10,
+    group_size: Annotated[int, typer.Option("--group-size", "-k", help="Fresh rollouts: completions per prompt.")] = 8,
+    max_new_tokens: Annotated[int, typer.Option(help="Longest completion (fresh rollouts); also L_max of --loss dr_grpo.")] = 256,
+    prompts_per_task: Annotated[Optional[int], typer.Option(help="Fresh rollouts: seeded subset size per task.")] = None,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature; log-probs use logits / temperature.")] = 1.0,
+    reward: Annotated[Optional[list[str]], typer.Option(help="Fresh rollouts: TASK=SPEC or SPEC, as scan's --reward.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the prompt subset and sampling.")] = 0,
+    advantage: Annotated[str, typer.Option(help="Advantage estimator: grpo, dr_grpo, rloo or none.")] = "grpo",
+    loss: Annotated[str, typer.Option(help="Loss aggregation: grpo, bnpo, dapo or dr_grpo.")] = "grpo",
+    params: Annotated[Optional[list[str]], typer.Option(help="Parameters to differentiate, as scan's --params.  [default: all]")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto, float32 or bfloat16.")] = "auto",
+    plots: Annotated[bool, typer.Option("--plots/--no-plots", help="Write plots/ (share over steps, gain over steps, share against gain) when matplotlib is installed.")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print track.json (schema gradprobe/schema/track.schema.json).")] = False,
+) -> None:
+    """Scan every checkpoint of a training run and relate gradient share to learning gain over time.
+
+    Per checkpoint: the trainer's rollout dump for that step (scanned offline) or fresh rollouts
+    from MIX; per task and step: share, grad_norm, the unbiased squared norm with its interval,
+    rewards and the windowed learning gain; across tasks and steps: Spearman of share and gain.
+
+    Examples:
+
+      gradprobe track runs/grpo --mix data/train.parquet --rollouts-glob 'rollouts/*.jsonl' --out track/
+
+      gradprobe track runs/trl-grpo --mix mix.jsonl --every 2 -k 8 --out track/
+    """
+    from gradprobe.track import TrackConfig
+    from gradprobe.track import track as run_track
+    from gradprobe.views.console import RichProgress
+    from gradprobe.views.track_view import render_track
+
+    config = TrackConfig(
+        run_dir=str(run_dir), out=str(out), mix=None if mix is None else str(mix), rollouts_glob=rollouts_glob,
+        checkpoints_glob=checkpoints_glob, every=every, window=window, plots=plots,
+        scan={"group_size": group_size, "max_new_tokens": max_new_tokens, "prompts_per_task": prompts_per_task,
+              "temperature": temperature, "rewards": list(reward or []), "seed": seed, "advantage": advantage,
+              "loss": loss, "params": list(params or ["all"]), "device": device, "dtype": dtype},
+    )
+    _quiet_libraries()
+    try:
+        result = run_track(config, RichProgress(stderr))
+    except UserInputError as exc:
+        fail(str(exc))
+    if as_json:
+        print(json.dumps(result.document, indent=2))
+    else:
+        stdout.print(render_track(result.document))
+    kept = f"; kept {len(result.reused)} earlier scan(s)" if result.reused else ""
+    stderr.print(f"scanned {len(result.scanned)} checkpoint(s){kept}; wrote {result.out}/track.json", style="dim",
+                 highlight=False)
+    if isinstance(result.plots, str):
+        stderr.print(f"no plots: {result.plots}", style="dim", highlight=False)
+
+
+@app.command()
 def gains(
     log: Annotated[Path, typer.Argument(metavar="LOG", help="Training log, CSV or JSONL, one row per (step, task, reward); several rows per step are averaged.")],
     window: Annotated[int, typer.Option(help="Steps per window w.")] = 10,

@@ -1,0 +1,191 @@
+"""`gradprobe track` on a small synthetic run built here: a tiny model trained by real policy-gradient
+steps, its checkpoints saved in TRL's and verl's layouts, with verl-format and TRL-format rollout
+dumps; resume after an interruption; and the task weights for the next run in their consumers' forms."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import MIX_ROWS, policy_gradient_steps, save_tiny_model, write_jsonl
+from gradprobe import gains, schema
+from gradprobe.cli import app
+
+runner = CliRunner()
+STEPS = 5  # dumps 1..5; checkpoints after steps 2 and 4 (they generated dumps 3 and 5)
+CHECKPOINT_STEPS = (2, 4)
+GROUP = 4
+UNMATCHED_PER_DUMP = 2
+
+
+def reward_of(completion: str, answer: str) -> float:
+    """Fraction of the answer's characters that occur in the completion (varies within a group)."""
+    return sum(ch in completion for ch in answer) / len(answer)
+
+
+def sample_step(model_dir: Path, mix, step: int) -> list[dict]:
+    """GROUP real completions of every mix prompt from the checkpoint at `model_dir`, scored."""
+    from gradprobe.mix import render_prompt
+    from gradprobe.model_loading import load_model
+    from gradprobe.rollouts import sample_rollouts
+
+    loaded = load_model(str(model_dir), "cpu", "float32")
+    records = mix.records
+    rendered = [render_prompt(loaded.tokenizer, r.prompt) for r in records]
+    rollouts = sample_rollouts(loaded.model, loaded.tokenizer, records, rendered, GROUP, 5, 1.0, 1.0, seed=step)
+    return [{"task": r.task, "prompt_id": r.prompt_id, "prompt": r.prompt, "completion": r.completion,
+             "prompt_token_ids": r.prompt_token_ids, "completion_token_ids": r.completion_token_ids,
+             "answer": r.answer, "reward": reward_of(r.completion, str(r.answer)), "step": step}
+            for r in rollouts]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A 5-step training run: per step, sample from the current policy, dump, take a real
+    policy-gradient step on one task; checkpoints after steps 2 and 4 in both layouts."""
+    from gradprobe.mix import load_mix
+    from gradprobe.model_loading import load_tokenizer
+
+    root = tmp_path_factory.mktemp("run")
+    mix_path = write_jsonl(root / "mix.jsonl", MIX_ROWS)
+    mix = load_mix(mix_path)
+    current = save_tiny_model(root / "base")
+    tokenizer = load_tokenizer(str(current))
+    trl, verl = root / "trl-run", root / "verl-run"
+    (trl / "rollouts").mkdir(parents=True)
+    (verl / "rollout_data").mkdir(parents=True)
+    sampled = {}
+    for step in range(1, STEPS + 1):
+        rows = sample_step(current, mix, step)
+        sampled[step] = rows
+        write_jsonl(trl / "rollouts" / f"rollouts-{step}.jsonl",
+                    [{k: r[k] for k in ("task", "prompt", "completion", "reward", "step")} for r in rows])
+        verl_rows = [{"input": tokenizer.decode(r["prompt_token_ids"], skip_special_tokens=True),
+                      "output": r["completion"], "gts": r["answer"], "score": r["reward"], "step": step,
+                      "acc": r["reward"]} for r in rows]
+        verl_rows += [{"input": f"unknown prompt {i}", "output": "x", "gts": "1", "score": 0.0, "step": step}
+                      for i in range(UNMATCHED_PER_DUMP)]
+        write_jsonl(verl / "rollout_data" / f"{step}.jsonl", verl_rows)
+        rollouts_file = write_jsonl(root / f"train-{step}.jsonl", rows)
+        task = ["add", "echo", "chat"][step % 3]
+        current = policy_gradient_steps(current, rollouts_file, task, root / f"policy-{step}", steps=1, lr=0.5)
+        if step in CHECKPOINT_STEPS:
+            shutil.copytree(current, trl / f"checkpoint-{step}")
+            shutil.copytree(current, verl / f"global_step_{step}" / "actor" / "huggingface")
+    return {"root": root, "mix": mix_path, "trl": trl, "verl": verl, "sampled": sampled}
+
+
+def track(*args) -> object:
+    return runner.invoke(app, ["track", *map(str, args), "--window", "1", "--device", "cpu"])
+
+
+def test_verl_run_with_verl_dumps(run, tmp_path):
+    out = tmp_path / "track"
+    result = track(run["verl"], "--mix", run["mix"], "--rollouts-glob", "rollout_data/*.jsonl", "--out", out)
+    assert result.exit_code == 0, result.output
+    document = json.loads((out / "track.json").read_text())
+    schema.validate(document, "track")
+    assert [c["step"] for c in document["checkpoints"]] == list(CHECKPOINT_STEPS)
+    assert all(c["layout"] == "verl" for c in document["checkpoints"])
+    # checkpoint N's weights generated dump N + 1; every dump has 2 rows of no mix prompt
+    assert [c["rollouts"]["dump_step"] for c in document["checkpoints"]] == [3, 5]
+    assert [c["rollouts"]["n_unmatched"] for c in document["checkpoints"]] == [UNMATCHED_PER_DUMP] * 2
+    assert document["dumps"]["n_unmatched"] == UNMATCHED_PER_DUMP * STEPS
+    assert "10 of" in " ".join(document["notes"])
+    # re-tokenized prompts are the token ids the model was sampled with, grouped by prompt
+    inputs = [json.loads(l) for l in (out / "inputs" / "step-2.jsonl").read_text().splitlines()]
+    sampled = {(r["task"], r["prompt_id"]): r["prompt_token_ids"] for r in run["sampled"][3]}
+    assert len(inputs) == len(run["sampled"][3])
+    for row in inputs:
+        assert row["prompt_token_ids"] == sampled[(row["task"], row["prompt_id"])]
+    assert {sum(1 for r in inputs if r["prompt_id"] == pid) for pid in {r["prompt_id"] for r in inputs}} == {GROUP}
+    # the gain is gains.py's windowed rise of the dumps' training reward, w = 1: R(s+1) - R(s-1)
+    rows = [(float(r["step"]), r["task"], r["reward"]) for step in run["sampled"] for r in run["sampled"][step]]
+    means = gains.step_means(rows)
+    for task in ("add", "echo", "chat"):
+        points = document["series"][task]
+        assert [p["step"] for p in points] == list(CHECKPOINT_STEPS)
+        for p in points:
+            assert p["gain"] == pytest.approx(means[task][p["step"] + 1] - means[task][p["step"] - 1])
+            assert p["training_reward"] == pytest.approx(means[task][p["step"] + 1])
+            scan = json.loads((out / "scans" / f"step-{p['step']}" / "scan.json").read_text())
+            assert p["share"] == scan["tasks"][task]["share"]
+            assert p["grad_sq_norm_unbiased_ci"] == scan["tasks"][task]["grad_sq_norm_unbiased_ci"]
+    correlation = document["share_gain"]
+    assert correlation["n"] == 6 and correlation["n_steps"] == 2 and correlation["n_tasks"] == 3
+    assert correlation["rho"] is not None and correlation["lo"] <= correlation["rho"] <= correlation["hi"]
+    assert 0 < correlation["p_within_steps"] <= 1
+    assert sorted(p.name for p in (out / "plots").iterdir()) == [
+        "gain_over_steps.png", "share_over_steps.png", "share_vs_gain.png"]
+    assert "Share against gain" in (out / "track.md").read_text()
+
+
+def test_trl_run_with_trl_dumps_resumes_after_interruption(run, tmp_path):
+    out = tmp_path / "track"
+    weights = run["trl"] / "checkpoint-4" / "model.safetensors"
+    hidden = run["root"] / "hidden.safetensors"
+    shutil.move(weights, hidden)  # the second checkpoint fails: the track stops after the first
+    try:
+        failed = track(run["trl"], "--rollouts-glob", "rollouts/*.jsonl", "--out", out)
+    finally:
+        shutil.move(hidden, weights)
+    assert failed.exit_code == 2, failed.output
+    assert "checkpoint step 4" in failed.output and "Traceback" not in failed.output
+    first = out / "scans" / "step-2" / "scan.json"
+    assert first.is_file() and not (out / "scans" / "step-4").exists()
+    before = first.stat().st_mtime_ns
+    resumed = track(run["trl"], "--rollouts-glob", "rollouts/*.jsonl", "--out", out)
+    assert resumed.exit_code == 0, resumed.output
+    assert "scanned 1 checkpoint(s); kept 1 earlier scan(s)" in resumed.output
+    assert first.stat().st_mtime_ns == before
+    document = json.loads((out / "track.json").read_text())
+    schema.validate(document, "track")
+    assert [c["layout"] for c in document["checkpoints"]] == ["trl", "trl"]
+    assert document["dumps"]["formats"] == ["trl"] and document["dumps"]["n_unmatched"] == 0
+
+
+def test_bad_inputs_exit_2_with_one_line(run, tmp_path):
+    cases = [
+        (track(tmp_path / "nowhere", "--mix", run["mix"], "--out", tmp_path / "a"), "no such run directory"),
+        (track(run["root"], "--mix", run["mix"], "--out", tmp_path / "b"), "no checkpoints matching"),
+        (track(run["verl"], "--out", tmp_path / "c"), "give --mix"),
+        (track(run["verl"], "--rollouts-glob", "rollout_data/*.jsonl", "--out", tmp_path / "d"),
+         "verl dumps carry no task"),
+        (track(run["trl"], "--rollouts-glob", "nothing/*.jsonl", "--out", tmp_path / "e"), "no rollout dumps"),
+    ]
+    for result, fragment in cases:
+        assert result.exit_code == 2, result.output
+        assert fragment in result.output and "Traceback" not in result.output
+        assert len(result.output.strip().splitlines()) == 1, result.output
+
+
+def test_within_step_permutation_p_matches_enumeration():
+    """The stratified permutation p-value against all 3! x 3! shuffles of gains within each step."""
+    import itertools
+
+    import numpy as np
+    from scipy.stats import spearmanr
+
+    from gradprobe.track import share_gain_correlation
+
+    share = {"a": [0.1, 0.2], "b": [0.5, 0.6], "c": [0.4, 0.25]}
+    gain = {"a": [0.3, 0.1], "b": [0.2, 0.0], "c": [0.5, 0.4]}
+    series = {t: [{"step": s, "share": share[t][i], "gain": gain[t][i]} for i, s in enumerate((1, 2))] for t in share}
+    result = share_gain_correlation(series)
+    x = [share[t][i] for t in share for i in range(2)]
+    y = np.array([gain[t][i] for t in share for i in range(2)])
+    rho = spearmanr(x, y).statistic
+    assert result["rho"] == pytest.approx(rho)
+    hits = total = 0
+    for first in itertools.permutations([0, 2, 4]):
+        for second in itertools.permutations([1, 3, 5]):
+            order = np.arange(6)
+            order[[0, 2, 4]], order[[1, 3, 5]] = first, second
+            hits += abs(spearmanr(x, y[order]).statistic) >= abs(rho) - 1e-12
+            total += 1
+    assert result["p_within_steps"] == pytest.approx(hits / total, abs=0.02)
+    assert result["lo"] < rho < result["hi"]
