@@ -166,8 +166,11 @@ def report(
     html: Annotated[Optional[Path], typer.Option("--html", metavar="FILE", help="Write one self-contained HTML page with the tables and pictures (needs the plots extra).")] = None,
     plots: Annotated[Optional[Path], typer.Option("--plots", metavar="DIR", help="Write the pictures as PNGs into DIR (needs the plots extra).")] = None,
     fail_on: Annotated[Optional[list[str]], typer.Option("--fail-on", metavar="EXPR", help="Exit 1 when EXPR holds, e.g. max_norm_ratio>8, min_cosine<-0.2, share[code]>0.6 (repeatable; a bad EXPR exits 2 and lists the names).")] = None,
+    weights: Annotated[Optional[str], typer.Option("--weights", metavar="POLICY", help="Task weights for the next run from a scan or a track: equalise-share, gain-per-gradient (a track) or inverse-noise (README, formulas and caution).")] = None,
+    weights_out: Annotated[Optional[Path], typer.Option("--weights-out", metavar="FILE", help="Write the weights JSON (TaskWeightedSampler reads it) and FILE's .roll.yaml (ROLL's domain_interleave_probs).")] = None,
 ) -> None:
-    """Show a saved scan again: tables, --markdown, --json, an --html page, --plots; --fail-on for CI.
+    """Show a saved scan or track again: tables, --markdown, --json, an --html page, --plots; --fail-on for CI;
+    --weights for the next run's task weights.
 
     Examples:
 
@@ -181,9 +184,18 @@ def report(
     """
     from gradprobe.alerts import SCAN_METRICS, run_checks
     from gradprobe.artifacts import read_scan
+    from gradprobe.track import read_track
 
     if as_json and markdown:
         fail("--json and --markdown both print to stdout; choose one")
+    if weights_out is not None and weights is None:
+        fail("--weights-out writes the weights of --weights POLICY; give a policy")
+    tracked = read_track(scan_dir)
+    if weights is not None or tracked is not None:
+        if fail_on or html or plots:
+            fail("--fail-on, --html and --plots apply to a scan report, not to --weights or a track")
+        _report_track_or_weights(scan_dir, tracked, weights, weights_out, as_json, markdown)
+        return
     try:
         document = read_scan(scan_dir)
         checks = run_checks(list(fail_on or []), SCAN_METRICS, document, list(document["tasks"]))
@@ -191,6 +203,39 @@ def report(
     except UserInputError as exc:
         fail(str(exc))
     _deliver(document, "scan", checks, figures, as_json, markdown, html, plots)
+
+
+def _report_track_or_weights(path: Path, tracked: Optional[dict], policy: Optional[str],
+                             weights_out: Optional[Path], as_json: bool, markdown: bool) -> None:
+    """`report TRACK` (its series), or `report SCAN_OR_TRACK --weights POLICY` (weights, written
+    with --weights-out)."""
+    if policy is None:
+        from gradprobe.views.track_view import render_track, track_markdown
+
+        if as_json:
+            print(json.dumps(tracked, indent=2))
+        elif markdown:
+            print(track_markdown(tracked), end="")
+        else:
+            stdout.print(render_track(tracked))
+        return
+    from gradprobe.artifacts import read_scan
+    from gradprobe.views.weights_view import render_weights, weights_markdown
+    from gradprobe.weights import weights_document, write_weights
+
+    try:
+        document = weights_document(tracked if tracked is not None else read_scan(path), policy, str(path))
+        written = write_weights(weights_out, document) if weights_out is not None else []
+    except UserInputError as exc:
+        fail(str(exc))
+    if as_json:
+        print(json.dumps(document, indent=2))
+    elif markdown:
+        print(weights_markdown(document), end="")
+    else:
+        stdout.print(render_weights(document))
+    if written:
+        stderr.print(f"wrote {', '.join(map(str, written))}", style="dim", highlight=False)
 
 
 def _deliver(document: dict, kind: str, checks: list[dict], figures: dict[str, bytes], as_json: bool,

@@ -210,7 +210,6 @@ def task_series(scans: dict[int, dict[str, Any]], rows: list[tuple[float, str, f
     """Per task, one point per checkpoint step: the scan's gradient figures, its rewards, and the
     windowed gain of the training reward at that step (None without rewards on both sides)."""
     means = gains.step_means(rows)
-    dump_means = {task: series for task, series in means.items()}
     tasks = list(dict.fromkeys(t for doc in scans.values() for t in doc["tasks"]))
     out: dict[str, list[dict[str, Any]]] = {t: [] for t in tasks}
     for step, doc in sorted(scans.items()):
@@ -231,7 +230,7 @@ def task_series(scans: dict[int, dict[str, Any]], rows: list[tuple[float, str, f
                 "mix_weight": row["mix_weight"],
                 "n_prompts": row["n_prompts"],
                 "mean_reward": row["mean_reward"],
-                "training_reward": None if dump_step is None else dump_means.get(task, {}).get(float(dump_step)),
+                "training_reward": None if dump_step is None else means.get(task, {}).get(float(dump_step)),
                 "gain": at["gain"],
                 "gain_before_mean": at["before_mean"],
                 "gain_after_mean": at["after_mean"],
@@ -332,3 +331,18 @@ def _notes(correlation: dict[str, Any], unmatched: int, read: dict[int, dumps.Du
         total = sum(len(d.rows) for d in read.values())
         notes.append(f"{unmatched} of {total} dump rows matched no row of --mix and were left out")
     return notes
+
+
+def read_track(path: Path) -> dict[str, Any] | None:
+    """track.json of a track directory (or the file itself); None when `path` is not a track."""
+    import json
+
+    path = Path(path)
+    file = path / TRACK_FILE if path.is_dir() else path
+    if not file.is_file() or (path.is_dir() and not (path / TRACK_FILE).is_file()):
+        return None
+    try:
+        document = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return document if isinstance(document, dict) and document.get("kind") == "track" else None

@@ -83,10 +83,17 @@ def track(*args) -> object:
     return runner.invoke(app, ["track", *map(str, args), "--window", "1", "--device", "cpu"])
 
 
-def test_verl_run_with_verl_dumps(run, tmp_path):
-    out = tmp_path / "track"
+@pytest.fixture(scope="module")
+def verl_track(run, tmp_path_factory):
+    """The verl run tracked on its verl dumps (shared by the track and the weights tests)."""
+    out = tmp_path_factory.mktemp("verl-track") / "track"
     result = track(run["verl"], "--mix", run["mix"], "--rollouts-glob", "rollout_data/*.jsonl", "--out", out)
     assert result.exit_code == 0, result.output
+    return out
+
+
+def test_verl_run_with_verl_dumps(run, verl_track):
+    out = verl_track
     document = json.loads((out / "track.json").read_text())
     schema.validate(document, "track")
     assert [c["step"] for c in document["checkpoints"]] == list(CHECKPOINT_STEPS)
@@ -189,3 +196,150 @@ def test_within_step_permutation_p_matches_enumeration():
             total += 1
     assert result["p_within_steps"] == pytest.approx(hits / total, abs=0.02)
     assert result["lo"] < rho < result["hi"]
+
+
+# ---------------------------------------------------------------- task weights for the next run
+
+
+def report(*args) -> object:
+    return runner.invoke(app, ["report", *map(str, args)])
+
+
+def expected_weights(raw: dict[str, float], floor: float = 0.01) -> dict[str, float]:
+    total = sum(raw.values())
+    clipped = {t: max(v / total, floor) for t, v in raw.items()}
+    return {t: v / sum(clipped.values()) for t, v in clipped.items()}
+
+
+def mean(values) -> float:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values)
+
+
+def test_weight_policies_follow_their_formulas(verl_track, tmp_path):
+    document = json.loads((verl_track / "track.json").read_text())
+    series = document["series"]
+    scan = json.loads((verl_track / "scans" / "step-2" / "scan.json").read_text())["tasks"]
+    cases = {
+        ("gain-per-gradient", verl_track): {t: max(mean(p["gain"] for p in s), 0) / mean(p["grad_sq_norm"] for p in s)
+                                           for t, s in series.items()},
+        ("equalise-share", verl_track / "scans" / "step-2"): {t: r["mix_weight"] / max(r["share"], 0.01)
+                                                               for t, r in scan.items()},
+        ("inverse-noise", verl_track / "scans" / "step-2"): {t: 1 / r["noise_scale"] if r["noise_scale"] else 0.0
+                                                              for t, r in scan.items()},
+    }
+    for (policy, source), raw in cases.items():
+        out = tmp_path / f"{policy}.json"
+        result = report(source, "--weights", policy, "--weights-out", out)
+        assert result.exit_code == 0, result.output
+        assert "Caution" in result.output and "did not help" in result.output
+        written = json.loads(out.read_text())
+        schema.validate(written, "weights")
+        assert written["policy"] == policy and "did not help" in written["caution"]
+        assert written["weights"] == pytest.approx(expected_weights(raw))
+        assert sum(written["weights"].values()) == pytest.approx(1.0)
+        assert written["source_kind"] == ("track" if source == verl_track else "scan")
+
+
+def test_weight_errors_exit_2(verl_track):
+    scan = verl_track / "scans" / "step-2"
+    cases = [(report(scan, "--weights", "gain-per-gradient"), "needs learning gains"),
+             (report(scan, "--weights", "bogus"), "equalise-share, gain-per-gradient, inverse-noise"),
+             (report(scan, "--weights-out", "w.json"), "give a policy")]
+    for result, fragment in cases:
+        assert result.exit_code == 2 and fragment in result.output and "Traceback" not in result.output, result.output
+
+
+def test_report_shows_a_track(verl_track):
+    result = report(verl_track, "--markdown")
+    assert result.exit_code == 0, result.output
+    assert result.output == (verl_track / "track.md").read_text()
+    shown = report(verl_track)
+    assert shown.exit_code == 0 and "Per task and checkpoint" in shown.output
+
+
+WEIGHTS = {"add": 0.6, "echo": 0.3, "chat": 0.1}
+DRAWS = 12000
+
+
+def weights_file(tmp_path: Path) -> Path:
+    """A weights file as report --weights-out writes it (ROLL's file beside it)."""
+    from gradprobe.weights import write_weights
+
+    document = {"schema_version": "1.1", "kind": "weights", "gradprobe_version": "0", "source": "test",
+                "source_kind": "scan", "policy": "equalise-share", "formula": "f", "caution": "c", "floor": 0.01,
+                "weights": WEIGHTS, "tasks": {t: {"weight": w, "old_weight": 1 / 3, "inputs": {}}
+                                              for t, w in WEIGHTS.items()}}
+    schema.validate(document, "weights")
+    write_weights(tmp_path / "weights.json", document)
+    return tmp_path / "weights.json"
+
+
+def assert_binomial(drawn: list[str]) -> None:
+    """Each task's count within 4.5 binomial standard deviations of n w_t."""
+    import math
+
+    for task, w in WEIGHTS.items():
+        count = sum(t == task for t in drawn)
+        assert abs(count - len(drawn) * w) <= 4.5 * math.sqrt(len(drawn) * w * (1 - w)), (task, count)
+
+
+LABELS = ["add"] * 50 + ["echo"] * 30 + ["chat"] * 120  # row counts unlike the weights
+
+
+def test_sampler_in_a_trl_trainer_draws_tasks_at_the_weights(tmp_path):
+    import datasets
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+    from gradprobe.integrations.samplers import TaskWeightedSampler
+
+    file = weights_file(tmp_path)
+
+    class WeightedTrainer(Trainer):
+        def _get_train_sampler(self, train_dataset=None):
+            return TaskWeightedSampler(train_dataset or self.train_dataset, weights_file=str(file),
+                                       num_samples=DRAWS, task_key="task")
+
+    model = AutoModelForCausalLM.from_pretrained(save_tiny_model(tmp_path / "model"))
+    dataset = datasets.Dataset.from_dict({"task": LABELS, "row": list(range(len(LABELS)))})
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=200, report_to=[],
+                             remove_unused_columns=False, use_cpu=True, dataloader_num_workers=0)
+    trainer = WeightedTrainer(model=model, args=args, train_dataset=dataset,
+                              data_collator=lambda rows: {"row": [r["row"] for r in rows]})
+    drawn = [LABELS[i] for batch in trainer.get_train_dataloader() for i in batch["row"]]
+    assert len(drawn) == DRAWS
+    assert_binomial(drawn)
+
+
+def test_sampler_as_verl_builds_it_draws_tasks_at_the_weights(tmp_path):
+    import importlib
+
+    import datasets
+
+    file = weights_file(tmp_path)
+    config = {"sampler": {"class_path": "pkg://gradprobe.integrations.samplers",
+                          "class_name": "TaskWeightedSampler", "weights_file": str(file)}}
+
+    class RLHFDatasetLike:  # verl's RLHFDataset keeps its rows in .dataframe, the task in data_source
+        def __init__(self):
+            self.dataframe = datasets.Dataset.from_dict({"data_source": LABELS, "prompt": ["p"] * len(LABELS)})
+
+        def __len__(self):
+            return len(self.dataframe)
+
+    module = importlib.import_module(config["sampler"]["class_path"].removeprefix("pkg://"))
+    sampler_class = getattr(module, config["sampler"]["class_name"])
+    sampler = sampler_class(data_source=RLHFDatasetLike(), data_config=config)
+    assert isinstance(sampler, __import__("torch").utils.data.Sampler)
+    drawn = [LABELS[i] for _ in range(DRAWS // len(LABELS)) for i in sampler]
+    assert_binomial(drawn)
+    assert list(sampler) != list(sampler)  # a new seeded stream each epoch
+
+
+def test_roll_domain_interleave_probs(tmp_path):
+    import yaml
+
+    file = weights_file(tmp_path)
+    probs = yaml.safe_load((tmp_path / "weights.roll.yaml").read_text())["domain_interleave_probs"]
+    assert probs == pytest.approx(WEIGHTS) and sum(probs.values()) == pytest.approx(1.0)
+    assert json.loads(file.read_text())["usage"]["verl"][0] == "data.sampler.class_path=pkg://gradprobe.integrations.samplers"
