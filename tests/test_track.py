@@ -343,3 +343,42 @@ def test_roll_domain_interleave_probs(tmp_path):
     probs = yaml.safe_load((tmp_path / "weights.roll.yaml").read_text())["domain_interleave_probs"]
     assert probs == pytest.approx(WEIGHTS) and sum(probs.values()) == pytest.approx(1.0)
     assert json.loads(file.read_text())["usage"]["verl"][0] == "data.sampler.class_path=pkg://gradprobe.integrations.samplers"
+
+
+def test_checkpoint_layouts_every_and_dump_choice(tmp_path):
+    from gradprobe import run_layout
+    from gradprobe.errors import UserInputError
+
+    for step in (10, 20, 30, 40, 50):
+        (tmp_path / "run" / f"checkpoint-{step}").mkdir(parents=True)
+    (tmp_path / "run" / "global_step_60" / "actor" / "huggingface").mkdir(parents=True)
+    (tmp_path / "run" / "exports" / "ema-70").mkdir(parents=True)
+    found = run_layout.find_checkpoints(tmp_path / "run")
+    assert [(c.step, c.layout) for c in found] == [(10, "trl"), (20, "trl"), (30, "trl"), (40, "trl"),
+                                                   (50, "trl"), (60, "verl")]
+    assert [c.step for c in run_layout.find_checkpoints(tmp_path / "run", every=2)] == [10, 30, 50]
+    globbed = run_layout.find_checkpoints(tmp_path / "run", "exports/ema-*")
+    assert [(c.step, c.layout) for c in globbed] == [(70, "glob")]
+    (tmp_path / "run" / "global_step_50" / "actor" / "huggingface").mkdir(parents=True)
+    with pytest.raises(UserInputError, match="two checkpoints for step 50"):
+        run_layout.find_checkpoints(tmp_path / "run")
+    dumps = {3: Path("3.jsonl"), 4: Path("4.jsonl"), 6: Path("6.jsonl")}
+    assert [run_layout.dump_for_checkpoint(s, dumps) for s in (2, 3, 4, 6, 8)] == [3, 4, 4, 6, None]
+
+
+def test_fresh_rollouts_from_the_mix(run, tmp_path):
+    out = tmp_path / "track"
+    result = track(run["trl"], "--mix", run["mix"], "--every", "2", "-k", "2", "--max-new-tokens", "3",
+                   "--prompts-per-task", "2", "--reward", "regex:[a-m]", "--no-plots", "--out", out)
+    assert result.exit_code == 0, result.output
+    document = json.loads((out / "track.json").read_text())
+    schema.validate(document, "track")
+    assert document["rollouts"] == "mix" and document["dumps"] is None
+    assert [c["step"] for c in document["checkpoints"]] == [2]
+    assert document["checkpoints"][0]["rollouts"]["source"] == "mix"
+    scan = json.loads((out / "scans" / "step-2" / "scan.json").read_text())
+    assert scan["config"]["mix"] == str(run["mix"]) and scan["config"]["group_size"] == 2
+    point = document["series"]["add"][0]
+    assert point["mean_reward"] == scan["tasks"]["add"]["mean_reward"] and point["gain"] is None
+    assert document["share_gain"]["rho"] is None and "no share-gain correlation" in document["notes"][0]
+    assert not (out / "plots").exists()
