@@ -72,42 +72,66 @@ class TrackResult:
     """The pictures written, or why none were."""
 
 
+@dataclass
+class TrackInputs:
+    """Everything read and checked before anything is written: the checkpoints, the dumps by step,
+    the mix index verl rows are matched with, and each checkpoint's rollouts (rows when a dump)."""
+
+    checkpoints: list[run_layout.Checkpoint]
+    read: dict[int, dumps.Dump]
+    index: dumps.MixIndex | None
+    inputs: dict[int, CheckpointInput]
+    rollouts: dict[int, list[dict[str, Any]]]
+
+
 def track(config: TrackConfig, progress: Progress | None = None) -> TrackResult:
     """Scan every selected checkpoint of a run (resuming), then write the time series."""
-    from gradprobe.model_loading import load_tokenizer
-
     progress = progress or SilentProgress()
-    checkpoints = run_layout.find_checkpoints(Path(config.run_dir), config.checkpoints_glob, config.every)
-    if config.window < 1:
-        raise UserInputError("--window must be at least 1 step")
+    given = read_inputs(config)
     out = _prepare_out(Path(config.out))
-    found = run_layout.find_dumps(Path(config.run_dir), config.rollouts_glob) if config.rollouts_glob else {}
-    if not found and config.mix is None:
-        raise UserInputError("give --mix to sample fresh rollouts, or --rollouts-glob for the run's dumps")
-    mix = _load_mix(config) if config.mix else None
-    tokenizer = load_tokenizer(str(checkpoints[0].path), config.scan.get("trust_remote_code", False)) if found else None
-    read = {step: dumps.read_dump(path) for step, path in found.items()}
-    index = dumps.MixIndex(mix, tokenizer) if mix is not None and any(d.format == "verl" for d in read.values()) else None
-    inputs = {c.step: _checkpoint_input(c, read, index, tokenizer, out, mix) for c in checkpoints}
+    for step, rows in given.rollouts.items():
+        dumps.write_rollouts(out / INPUTS_DIR / f"step-{step}.jsonl", rows)
     scanned, reused = [], []
-    with progress.stage("checkpoints", len(checkpoints)) as advance:
-        for checkpoint in checkpoints:
+    with progress.stage("checkpoints", len(given.checkpoints)) as advance:
+        for checkpoint in given.checkpoints:
             scan_dir = out / SCANS_DIR / f"step-{checkpoint.step}"
-            if _finished(scan_dir, checkpoint):
+            if _finished(scan_dir, checkpoint, given.inputs[checkpoint.step]):
                 reused.append(checkpoint.step)
             else:
-                _scan_checkpoint(config, checkpoint, inputs[checkpoint.step], out, scan_dir)
+                _scan_checkpoint(config, checkpoint, given.inputs[checkpoint.step], out, scan_dir)
                 scanned.append(checkpoint.step)
             advance(1)
-    scans = {c.step: artifacts.read_scan(out / SCANS_DIR / f"step-{c.step}") for c in checkpoints}
-    rows, unmatched = _training_rewards(read, index, scans)
-    document = track_document(config, checkpoints, inputs, scans, rows, unmatched, read)
+    scans = {c.step: artifacts.read_scan(out / SCANS_DIR / f"step-{c.step}") for c in given.checkpoints}
+    rows, unmatched = _training_rewards(given.read, given.index, scans)
+    document = track_document(config, given.checkpoints, given.inputs, scans, rows, unmatched, given.read)
     artifacts.write_json(out / TRACK_FILE, document)
     from gradprobe.views.track_view import track_markdown
 
     artifacts.write_text(out / TRACK_MARKDOWN, track_markdown(document))
     pictures = _write_plots(out, document) if config.plots else []
     return TrackResult(document, out, scanned, reused, pictures)
+
+
+def read_inputs(config: TrackConfig) -> TrackInputs:
+    """Find the checkpoints and dumps, read the mix and convert each checkpoint's dump; writes nothing."""
+    from gradprobe.model_loading import load_tokenizer
+
+    if config.window < 1:
+        raise UserInputError("--window must be at least 1 step")
+    checkpoints = run_layout.find_checkpoints(Path(config.run_dir), config.checkpoints_glob, config.every)
+    found = run_layout.find_dumps(Path(config.run_dir), config.rollouts_glob) if config.rollouts_glob else {}
+    if not found and config.mix is None:
+        raise UserInputError("give --mix to sample fresh rollouts, or --rollouts-glob for the run's dumps")
+    mix = _load_mix(config) if config.mix else None
+    read = {step: dumps.read_dump(path) for step, path in found.items()}
+    tokenizer = load_tokenizer(str(checkpoints[0].path), config.scan.get("trust_remote_code", False)) if read else None
+    index = dumps.MixIndex(mix, tokenizer) if mix is not None and any(d.format == "verl" for d in read.values()) else None
+    inputs, rollouts = {}, {}
+    for checkpoint in checkpoints:
+        inputs[checkpoint.step], converted = _checkpoint_input(checkpoint, read, index, tokenizer, mix)
+        if converted is not None:
+            rollouts[checkpoint.step] = converted
+    return TrackInputs(checkpoints, read, index, inputs, rollouts)
 
 
 def _write_plots(out: Path, document: dict[str, Any]) -> list[Path] | str:
@@ -144,10 +168,10 @@ def _load_mix(config: TrackConfig) -> Any:
 
 
 def _checkpoint_input(checkpoint: run_layout.Checkpoint, read: dict[int, dumps.Dump], index: Any,
-                      tokenizer: Any, out: Path, mix: Any) -> CheckpointInput:
-    """The checkpoint's dump converted to DIR/inputs/step-N.jsonl, or MIX when there are no dumps."""
+                      tokenizer: Any, mix: Any) -> tuple[CheckpointInput, list[dict[str, Any]] | None]:
+    """The checkpoint's dump as rollout rows (for DIR/inputs/step-N.jsonl), or MIX without dumps."""
     if not read:
-        return CheckpointInput("mix")
+        return CheckpointInput("mix"), None
     dump_step = run_layout.dump_for_checkpoint(checkpoint.step, read)
     if dump_step is None:
         raise UserInputError(f"no rollout dump for checkpoint step {checkpoint.step} (looked for steps "
@@ -158,20 +182,24 @@ def _checkpoint_input(checkpoint: run_layout.Checkpoint, read: dict[int, dumps.D
     if not converted.rollouts:
         raise UserInputError(f"{dump.path}: none of its {converted.n_rows} rows matched a row of --mix "
                              f"{mix.source if mix else ''}; is it the run's training data?")
-    file = out / INPUTS_DIR / f"step-{checkpoint.step}.jsonl"
-    dumps.write_rollouts(file, converted.rollouts)
     return CheckpointInput("dump", dump_step, str(dump.path), dump.format, converted.n_rows,
-                           converted.n_unmatched, converted.n_ambiguous)
+                           converted.n_unmatched, converted.n_ambiguous), converted.rollouts
 
 
-def _finished(scan_dir: Path, checkpoint: run_layout.Checkpoint) -> bool:
-    """Whether an earlier run already scanned this checkpoint (scans are written atomically)."""
+def _finished(scan_dir: Path, checkpoint: run_layout.Checkpoint, given: CheckpointInput) -> bool:
+    """Whether an earlier run already scanned this checkpoint on the same kind of rollouts (scans
+    are written atomically, so a kept one is whole)."""
     if not (scan_dir / artifacts.SCAN_FILE).is_file():
         return False
     kept = artifacts.read_scan(scan_dir)
     if Path(kept["config"]["model"]).resolve() != checkpoint.path.resolve():
         raise UserInputError(f"{scan_dir} was scanned from {kept['config']['model']}, not {checkpoint.path}; "
                              "use another --out for another run")
+    kept_source = "mix" if kept["config"]["rollouts"] is None else "dump"
+    if kept_source != given.source:
+        raise UserInputError(f"{scan_dir} was scanned on {'fresh rollouts from the mix' if kept_source == 'mix' else 'a dump'}, "
+                             f"this track scans {'dumps' if given.source == 'dump' else 'fresh rollouts'}; "
+                             "use another --out")
     return True
 
 

@@ -382,3 +382,9 @@ def test_fresh_rollouts_from_the_mix(run, tmp_path):
     assert point["mean_reward"] == scan["tasks"]["add"]["mean_reward"] and point["gain"] is None
     assert document["share_gain"]["rho"] is None and "no share-gain correlation" in document["notes"][0]
     assert not (out / "plots").exists()
+
+
+def test_bad_input_writes_nothing(run, tmp_path):
+    out = tmp_path / "never"
+    result = track(run["verl"], "--rollouts-glob", "rollout_data/*.jsonl", "--out", out)
+    assert result.exit_code == 2 and not out.exists(), result.output
