@@ -54,7 +54,7 @@ def build_model(name: str, device: str, dtype: torch.dtype):
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     # plain and naive keep the default attention (sdpa), as a trainer would; the engine switches
-    # itself to eager attention, which vmap batches (engine-notes.md).
+    # itself to eager attention, which vmap batches (docs/engine.md).
     return model.to(device).eval()
 
 
@@ -233,24 +233,17 @@ def run_method(name, args, queue):
 
 def measure_method(name, args, queue):
     torch.set_num_threads(args.threads)
-    model, batch, layout = prepare(args)
     if args.device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    METHODS[name](model, batch, layout, args)  # warm-up (allocator, kernels)
-    model.zero_grad(set_to_none=True)
-    model, batch, layout = prepare(args)  # fresh coefficients for `plain`, which rescales them
+    warm = argparse.Namespace(**{**vars(args), "prompts": min(args.prompts, 2)})
+    METHODS[name](*prepare(warm), warm)  # warm-up on 2 prompts per task (allocator, kernels)
+    model, batch, layout = prepare(args)
     if args.device == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
     extra = METHODS[name](model, batch, layout, args) or {}
-    extra.pop("summary", None)
-    if name == "opacus":  # the peer's per-completion norms against gradprobe's, same rollouts
-        ours = gradprobe_completion_norms(build_model(args.model, args.device, getattr(torch, args.dtype)),
-                                          prepare(args)[1], args).to(extra["norms"].dtype)
-        theirs = extra.pop("norms").cpu()
-        extra["norms_max_rel_diff"] = float(((ours - theirs).abs() / theirs.clamp_min(1e-30)).max())
     if args.device == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
@@ -258,6 +251,12 @@ def measure_method(name, args, queue):
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_rss) / 1024
+    extra.pop("summary", None)
+    if name == "opacus":  # the peer's per-completion norms against gradprobe's, same rollouts (untimed)
+        ours = gradprobe_completion_norms(build_model(args.model, args.device, getattr(torch, args.dtype)),
+                                          prepare(args)[1], args).to(extra["norms"].dtype)
+        theirs = extra.pop("norms").cpu()
+        extra["norms_max_rel_diff"] = float(((ours - theirs).abs() / theirs.clamp_min(1e-30)).max())
     n_params = sum(p.numel() for p in model.parameters())
     tokens = sum(len(s) for s in batch.sequences)
     queue.put({"method": name, "seconds": seconds, "peak_mib": peak, "n_params": n_params,

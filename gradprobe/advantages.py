@@ -1,6 +1,6 @@
 """Advantage estimators, one per name, applied to the K rewards of one prompt group.
 
-Definitions: ../shared/design/metrics.md, "Rollouts and losses". Register a new estimator with
+Definitions: docs/metrics.md, "Rollouts and losses". Register a new estimator with
 ``@ADVANTAGES.register("name")`` on an `AdvantageEstimator`.
 """
 

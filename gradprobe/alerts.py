@@ -8,7 +8,7 @@ Names come from a registry per document kind: `SCAN_METRICS` for a scan (report)
 `COMPARE_METRICS` for a comparison. Every metric reads its value from the document, so a check
 gives the same answer on a saved scan as on a fresh one. A metric whose value is undefined (None:
 a single task has no cosine, say) does not fire; the check says so. Definitions of the numbers:
-../shared/design/metrics.md.
+docs/metrics.md.
 """
 
 from __future__ import annotations

@@ -41,12 +41,27 @@ def check_output_dir(out: Path, overwrite: bool) -> None:
         raise UserInputError(f"cannot write into {parent}; choose another --out")
 
 
+def _umask() -> int:
+    """The process umask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(path: Path) -> None:
+    """Give a file or folder made by tempfile (0600/0700, private) the mode a plain open() or
+    mkdir() would have given it under the user's umask."""
+    full = 0o777 if Path(path).is_dir() else 0o666
+    os.chmod(path, full & ~_umask())
+
+
 @contextmanager
 def staged_directory(out: Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a hidden staging directory; on success it replaces `out`, on failure it vanishes."""
     out = out.resolve()
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
+        follow_umask(staging)
         yield staging
         if out.exists() and overwrite:
             trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
@@ -55,6 +70,9 @@ def staged_directory(out: Path, overwrite: bool = False) -> Iterator[Path]:
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.replace(staging, out)
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise UserInputError(f"cannot write {out} ({exc.strerror or exc}); nothing was written") from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -67,13 +85,24 @@ def write_json(path: Path, document: Any) -> None:
 
 
 def write_text(path: Path, text: str) -> None:
+    """Write text atomically (see write_bytes)."""
+    write_bytes(path, text.encode("utf-8"))
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    """Write a file atomically, with the user's umask: a temporary file in the same directory,
+    then rename."""
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(data)
             stream.flush()
             os.fsync(stream.fileno())
+        follow_umask(Path(temporary))
         os.replace(temporary, path)
+    except OSError as exc:
+        Path(temporary).unlink(missing_ok=True)
+        raise UserInputError(f"cannot write {path} ({exc.strerror or exc}); nothing was written") from None
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
@@ -91,6 +120,11 @@ def read_scan(path: Path) -> dict[str, Any]:
         raise UserInputError(f"{file}: corrupt scan file ({exc})") from None
     if not isinstance(document, dict) or "schema_version" not in document:
         raise UserInputError(f"{file}: not a gradprobe scan (no schema_version)")
+    from gradprobe.schema import load as load_schema
+
+    missing = [key for key in load_schema("scan")["required"] if key not in document]
+    if missing:
+        raise UserInputError(f"{file}: incomplete scan file (no {', '.join(missing)}); run the scan again")
     major = str(document["schema_version"]).split(".")[0]
     if major != SCHEMA_VERSION.split(".")[0]:
         raise UserInputError(

@@ -14,16 +14,54 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
+from typer.core import TyperCommand, TyperGroup
 
 from gradprobe.errors import UserInputError
 
+
+class _LiteralHelp:
+    """Help as written: typer renders help texts as rich markup, which swallowed `[default: 8]`
+    and `share[code]`; and a flag's value is no `<bool>` the user could type."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[call-arg]
+        self.help = escape(self.help) if self.help else self.help
+        for param in self.params:
+            if getattr(param, "help", None):
+                param.help = escape(param.help)
+            _hide_flag_type(param)
+
+    def get_help_option(self, ctx: typer.Context):  # type: ignore[no-untyped-def]
+        option = super().get_help_option(ctx)  # type: ignore[misc]
+        if option is not None:
+            _hide_flag_type(option)
+        return option
+
+
+def _hide_flag_type(param: object) -> None:
+    if getattr(param, "is_flag", False) and not getattr(param, "metavar", None):
+        param.metavar = ""  # type: ignore[attr-defined]
+
+
+class Command(_LiteralHelp, TyperCommand):
+    """A gradprobe subcommand (help as written)."""
+
+
+class Group(_LiteralHelp, TyperGroup):
+    """gradprobe and its `mix` group (help as written)."""
+
+
 app = typer.Typer(
+    cls=Group,
     help="Measure per-task gradient imbalance in multi-task RL post-training of LLMs.\n\n"
     "Start with `gradprobe scan --demo`, then `gradprobe scan MODEL MIX --out DIR`.",
     no_args_is_help=True,
@@ -45,6 +83,28 @@ def fail(message: str) -> None:
     raise typer.Exit(2)
 
 
+@contextmanager
+def _stated_warnings() -> Iterator[None]:
+    """Print gradprobe's `InputWarning`s as ``warning:`` lines on stderr (others as usual)."""
+    import warnings
+
+    from rich.markup import escape
+
+    from gradprobe.errors import InputWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", InputWarning)
+        try:
+            yield
+        finally:
+            for item in caught:
+                if issubclass(item.category, InputWarning):
+                    stderr.print(f"[yellow]warning:[/yellow] {escape(str(item.message))}",
+                                 highlight=False, soft_wrap=True)
+                else:
+                    warnings.showwarning(item.message, item.category, item.filename, item.lineno)
+
+
 def _quiet_libraries() -> None:
     import warnings
 
@@ -55,7 +115,7 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*batching rule.*")
 
 
-@app.command()
+@app.command(cls=Command)
 def scan(
     model: Annotated[Optional[str], typer.Argument(help="Checkpoint directory, or a hub id in the local cache.", show_default=False)] = None,
     mix: Annotated[Optional[Path], typer.Argument(help="Task-labelled prompts: .jsonl, .json, .parquet, .csv, a folder of such files (verl's data/gsm8k/train.parquet, ...) or one saved by datasets (gradprobe, verl or TRL columns, detected), or a .toml mix spec.", show_default=False)] = None,
@@ -68,16 +128,19 @@ def scan(
     answer_field: Annotated[str, typer.Option(help="Mix column holding the reference answer.")] = "answer",
     split: Annotated[Optional[str], typer.Option(help="Split of a MIX folder to read: a DatasetDict saved with save_to_disk, or a folder of data files split by their names like verl's data/gsm8k/{train,test}.parquet.  [default: train]", show_default=False)] = None,
     prompts_per_task: Annotated[Optional[int], typer.Option(help="Seeded subset size, equal for every task [default: the smallest task's size].")] = None,
-    group_size: Annotated[Optional[int], typer.Option("--group-size", "-k", help="Completions sampled per prompt (K).  [default: 8]")] = None,
-    max_new_tokens: Annotated[Optional[int], typer.Option(help="Longest completion; also L_max of --loss dr_grpo.  [default: 256]")] = None,
-    temperature: Annotated[Optional[float], typer.Option(help="Sampling temperature; log-probs use logits / temperature.  [default: 1.0]")] = None,
+    group_size: Annotated[Optional[int], typer.Option("--group-size", "-k", help="Completions sampled per prompt (K) [default: 8]")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option(help="Longest completion; also L_max of --loss dr_grpo [default: 256]")] = None,
+    temperature: Annotated[Optional[float], typer.Option(help="Sampling temperature; log-probs use logits / temperature [default: 1.0]")] = None,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling threshold.")] = 1.0,
     seed: Annotated[int, typer.Option(help="Seed for the prompt subset and sampling; same seed, same scan.")] = 0,
     reward: Annotated[Optional[list[str]], typer.Option(help="TASK=SPEC per task, or SPEC as the default. Built in: exact, numeric, regex:PATTERN, math, countdown, python_tests, format[:STYLE]; or package.module:function (written for gradprobe, verl's compute_score or TRL, told apart by its parameters). Several with weights: TASK=math+0.2*format (a term with :VALUE goes last).")] = None,
     reward_workers: Annotated[int, typer.Option(help="Worker processes for the rewards (slow verifiers); 1 scores in this process. Same results either way.")] = 1,
+    truncate_prompts: Annotated[bool, typer.Option("--truncate-prompts", help="Keep the last tokens of a prompt too long for the model's positions (with --max-new-tokens) instead of stopping with an error.")] = False,
+    reward_timeout: Annotated[float, typer.Option(help="Seconds one completion's reward may take (0: no limit); a reward that runs longer stops the scan naming the task and prompt.")] = 60.0,
+    allow_weak_sandbox: Annotated[bool, typer.Option("--allow-weak-sandbox", help="Where bubblewrap cannot run, let python_tests run model-written code under an in-process guard only (determined code can escape it). scan.json records the isolation used.")] = False,
     advantage: Annotated[str, typer.Option(help="Advantage estimator: grpo, dr_grpo, rloo or none.")] = "grpo",
     loss: Annotated[str, typer.Option(help="Loss aggregation: grpo, bnpo, dapo or dr_grpo.")] = "grpo",
-    params: Annotated[Optional[list[str]], typer.Option(help="Parameters to differentiate: all, last-block, attention, mlp, lora, or globs on names (repeatable).  [default: all; lora with --adapter]")] = None,
+    params: Annotated[Optional[list[str]], typer.Option(help="Parameters to differentiate: all, last-block, attention, mlp, lora, or globs on names (repeatable) [default: all; lora with --adapter]")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     dtype: Annotated[str, typer.Option(help="Model weights: auto (bf16 on GPU, else float32), float32 or bfloat16. Gradient sums are float32.")] = "auto",
     max_memory: Annotated[Optional[float], typer.Option(help="GiB the gradient stage may use [default: what the device has free]; sets the micro-batch (hooks) or chunk (vmap) size.")] = None,
@@ -144,11 +207,14 @@ def scan(
         stats=stats, proxy_check=proxy_check,
         allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
         adapter=None if adapter is None else str(adapter), reward_workers=reward_workers,
+        allow_weak_sandbox=allow_weak_sandbox, reward_timeout_s=reward_timeout,
+        truncate_prompts=truncate_prompts,
         task_grads_limit_mb=task_grads_limit, task_grads_seed=task_grads_seed, **settings,
     )
     _quiet_libraries()
     try:
-        result = run_scan(config, RichProgress(stderr))
+        with _stated_warnings():
+            result = run_scan(config, RichProgress(stderr))
     except UserInputError as exc:
         fail(str(exc))
     if as_json:
@@ -158,14 +224,14 @@ def scan(
         stdout.print(f"wrote {result.out}/", style="dim")
 
 
-@app.command()
+@app.command(cls=Command)
 def report(
     scan_dir: Annotated[Path, typer.Argument(metavar="SCAN", help="A scan directory (or its scan.json).")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the versioned JSON report (scan.json plus checks and alerts; schema gradprobe/schema/report.schema.json).")] = False,
     markdown: Annotated[bool, typer.Option("--markdown", help="Print GitHub markdown, e.g. for a pull-request comment.")] = False,
     html: Annotated[Optional[Path], typer.Option("--html", metavar="FILE", help="Write one self-contained HTML page with the tables and pictures (needs the plots extra).")] = None,
     plots: Annotated[Optional[Path], typer.Option("--plots", metavar="DIR", help="Write the pictures as PNGs into DIR (needs the plots extra).")] = None,
-    fail_on: Annotated[Optional[list[str]], typer.Option("--fail-on", metavar="EXPR", help="Exit 1 when EXPR holds, e.g. max_norm_ratio>8, min_cosine<-0.2, share[code]>0.6 (repeatable; a bad EXPR exits 2 and lists the names).")] = None,
+    fail_on: Annotated[Optional[list[str]], typer.Option("--fail-on", metavar="EXPR", help="Exit 1 when EXPR holds, e.g. max_norm_ratio>8, min_cosine<-0.2, share[*]>0.6 (repeatable; a bad EXPR exits 2 and lists the names).")] = None,
     weights: Annotated[Optional[str], typer.Option("--weights", metavar="POLICY", help="Task weights for the next run from a scan or a track: equalise-share, gain-per-gradient (a track) or inverse-noise (README, formulas and caution).")] = None,
     weights_out: Annotated[Optional[Path], typer.Option("--weights-out", metavar="FILE", help="Write the weights JSON (TaskWeightedSampler reads it) and FILE's .roll.yaml (ROLL's domain_interleave_probs).")] = None,
 ) -> None:
@@ -174,13 +240,13 @@ def report(
 
     Examples:
 
-      gradprobe report scans/step0
+      gradprobe report gradprobe-scan-demo
 
-      gradprobe report scans/step0 --json --fail-on 'max_norm_ratio>8' --fail-on 'min_cosine<-0.2'
+      gradprobe report gradprobe-scan-demo --json --fail-on 'max_norm_ratio>8' --fail-on 'share[count]>0.6'
 
-      gradprobe report scans/step0 --markdown > comment.md
+      gradprobe report gradprobe-scan-demo --markdown > comment.md
 
-      gradprobe report scans/step0 --html report.html --plots pictures/
+      gradprobe report gradprobe-scan-demo --html report.html --plots pictures/
     """
     from gradprobe.alerts import SCAN_METRICS, run_checks
     from gradprobe.artifacts import read_scan
@@ -242,7 +308,7 @@ def _deliver(document: dict, kind: str, checks: list[dict], figures: dict[str, b
              markdown: bool, html: Optional[Path], plots_dir: Optional[Path]) -> None:
     """Print a scan or comparison as JSON, markdown or tables, write its pictures, exit for alerts."""
     from gradprobe.views import markdown as markdown_view
-    from gradprobe.views.tables import render_checks
+    from gradprobe.views.console import render_checks, render_compare, render_scan
 
     fired = [c for c in checks if c["fired"]]
     if as_json:
@@ -251,14 +317,7 @@ def _deliver(document: dict, kind: str, checks: list[dict], figures: dict[str, b
         to_markdown = markdown_view.scan_markdown if kind == "scan" else markdown_view.compare_markdown
         print(to_markdown(document, checks), end="")
     else:
-        if kind == "scan":
-            from gradprobe.views.console import render_scan
-
-            stdout.print(render_scan(document))
-        else:
-            from gradprobe.views.tables import render_compare
-
-            stdout.print(render_compare(document))
+        stdout.print(render_scan(document) if kind == "scan" else render_compare(document))
         if checks:
             stdout.print(render_checks(checks))
     _write_pictures(document, kind, figures, checks, html, plots_dir)
@@ -310,18 +369,18 @@ def _exit_for_alerts(fired: list[dict], quiet: bool) -> None:
     raise typer.Exit(1)
 
 
-@app.command()
+@app.command(cls=Command)
 def compare(
     scan_a: Annotated[Path, typer.Argument(metavar="A", help="Scan of the earlier checkpoint.")],
     scan_b: Annotated[Optional[Path], typer.Argument(metavar="[B]", help="Scan of the later checkpoint, same tasks and prompts.", show_default=False)] = None,
     log: Annotated[Optional[Path], typer.Option("--log", metavar="FILE", help="Training log (CSV/JSONL: step, task, reward) or a `gradprobe gains --out` JSON: windowed gains beside A's gradients.")] = None,
-    window: Annotated[Optional[int], typer.Option(help="Steps per window of the log gain.  [default: 10]")] = None,
+    window: Annotated[Optional[int], typer.Option(help="Steps per window of the log gain [default: 10]")] = None,
     step: Annotated[Optional[float], typer.Option(help="Log step at which the gain is taken [default: the earliest with full windows].")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the versioned JSON (schema gradprobe/schema/compare.schema.json).")] = False,
     markdown: Annotated[bool, typer.Option("--markdown", help="Print GitHub markdown.")] = False,
     html: Annotated[Optional[Path], typer.Option("--html", metavar="FILE", help="Write one self-contained HTML page (needs the plots extra).")] = None,
     plots: Annotated[Optional[Path], typer.Option("--plots", metavar="DIR", help="Write the gain-against-gradient picture into DIR (needs the plots extra).")] = None,
-    fail_on: Annotated[Optional[list[str]], typer.Option("--fail-on", metavar="EXPR", help="Exit 1 when EXPR holds, e.g. min_drift_cosine<0.5, gain[math]<0 (repeatable).")] = None,
+    fail_on: Annotated[Optional[list[str]], typer.Option("--fail-on", metavar="EXPR", help="Exit 1 when EXPR holds, e.g. min_drift_cosine<0.5, gain[*]<0 (repeatable).")] = None,
 ) -> None:
     """Learning gains and gradient drift between two scans (A before, B after training), or A and a log.
 
@@ -355,7 +414,7 @@ def compare(
     _deliver(document, "compare", checks, figures, as_json, markdown, html, plots)
 
 
-@app.command()
+@app.command(cls=Command)
 def track(
     run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="The run's output directory: TRL's checkpoint-N or verl's global_step_N/actor/huggingface checkpoints (or --checkpoints-glob).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Track directory: scans/step-N per checkpoint (kept; a rerun resumes), track.json, track.md, plots/.")],
@@ -386,9 +445,9 @@ def track(
 
     Examples:
 
-      gradprobe track runs/grpo --mix data/train.parquet --rollouts-glob 'rollouts/*.jsonl' --out track/
+      gradprobe track ./checkpoints/grpo --mix data/train.parquet --rollouts-glob 'rollouts/*.jsonl' --out ./checkpoints/grpo/gradprobe-track
 
-      gradprobe track runs/trl-grpo --mix mix.jsonl --every 2 -k 8 --out track/
+      gradprobe track ./checkpoints/trl-grpo --mix mix.jsonl --every 2 -k 8 --out ./checkpoints/trl-grpo/gradprobe-track
     """
     from gradprobe.track import TrackConfig
     from gradprobe.track import track as run_track
@@ -418,7 +477,7 @@ def track(
         stderr.print(f"no plots: {result.plots}", style="dim", highlight=False)
 
 
-@app.command()
+@app.command(cls=Command)
 def gains(
     log: Annotated[Path, typer.Argument(metavar="LOG", help="Training log, CSV or JSONL, one row per (step, task, reward); several rows per step are averaged.")],
     window: Annotated[int, typer.Option(help="Steps per window w.")] = 10,
@@ -439,7 +498,7 @@ def gains(
     """
     from gradprobe.artifacts import write_json
     from gradprobe.gains import log_gains, read_log
-    from gradprobe.views.tables import render_gains
+    from gradprobe.views.console import render_gains
 
     try:
         document = log_gains(read_log(log, step_field, task_field, reward_field), window, step, str(log))
@@ -537,11 +596,11 @@ def _model_config(spec: str):
         raise UserInputError(f"{spec}: cannot read its config.json ({str(exc).splitlines()[0]})") from None
 
 
-mix_app = typer.Typer(help="Look at a mix before spending GPU time on it.", no_args_is_help=True)
+mix_app = typer.Typer(cls=Group, help="Look at a mix before spending GPU time on it.", no_args_is_help=True)
 app.add_typer(mix_app, name="mix")
 
 
-@mix_app.command("inspect")
+@mix_app.command("inspect", cls=Command)
 def mix_inspect(
     mix: Annotated[Path, typer.Argument(metavar="MIX", help="A mix file, a folder of data files or one saved by datasets, or a .toml mix spec.")],
     model: Annotated[Optional[str], typer.Option(help="Checkpoint whose tokenizer and chat template render the sample prompts.")] = None,
@@ -549,6 +608,7 @@ def mix_inspect(
     prompt_field: Annotated[str, typer.Option(help="Mix column holding the prompt.")] = "prompt",
     answer_field: Annotated[str, typer.Option(help="Mix column holding the reference answer.")] = "answer",
     split: Annotated[Optional[str], typer.Option(help="Split of a MIX folder to read (a saved DatasetDict, or data files split by name).  [default: train]", show_default=False)] = None,
+    reward: Annotated[Optional[list[str]], typer.Option(help="As scan's --reward (TASK=SPEC, or SPEC as the default): preview each task's effective reward and where it comes from.")] = None,
     trust_remote_code: Annotated[bool, typer.Option(help="Allow the tokenizer's own Python code to run.")] = False,
 ) -> None:
     """Print a mix's tasks, counts, detected format and field mapping, and one prompt per task.
@@ -556,16 +616,26 @@ def mix_inspect(
     With --model the prompts are shown exactly as the scan feeds them to the model (chat
     template applied, special tokens included); without it, raw.
 
-    Example:
+    Examples:
+
+      gradprobe mix inspect mix.jsonl --reward count=numeric --reward exact
 
       gradprobe mix inspect mix.toml --model ./my-checkpoint
     """
     from gradprobe.mix import load_mix
+    from gradprobe.mix.spec import task_rewards
     from gradprobe.model_loading import load_tokenizer
+    from gradprobe.pipeline import ScanConfig
+    from gradprobe.rewards import effective_rewards, parse_reward_options
     from gradprobe.views.mix_view import render_mix, sample_prompts
 
     try:
-        loaded = load_mix(mix, task_field, prompt_field, answer_field, split)
+        with _stated_warnings():
+            loaded = load_mix(mix, task_field, prompt_field, answer_field, split)
+        configured, options = task_rewards(loaded), list(reward or [])
+        default = {f.name: f.default for f in fields(ScanConfig)}["default_reward"]
+        chosen = parse_reward_options(options, loaded.tasks, default, configured)
+        rewards = effective_rewards(options, chosen, configured) if options else None
         tokenizer = None
         if model is not None:
             _quiet_libraries()
@@ -573,16 +643,31 @@ def mix_inspect(
         samples = sample_prompts(loaded, tokenizer)
     except UserInputError as exc:
         fail(str(exc))
-    stdout.print(render_mix(loaded, samples))
+    stdout.print(render_mix(loaded, samples, rewards))
 
 
 def main() -> None:
-    """Entry point for the `gradprobe` script."""
+    """Entry point for the `gradprobe` script.
+
+    Ctrl-C and SIGTERM raise `Stopped` (which click, unlike KeyboardInterrupt, does not turn
+    into "Aborted!"), so every ``finally`` runs: workers and sandboxes are stopped, staging
+    directories removed. One line, then exit 130 or 143.
+    """
+    import signal
+
+    from gradprobe.errors import Stopped
+
+    def stop(signum: int, frame: object) -> None:
+        raise Stopped(signum)
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
     try:
         app()
-    except KeyboardInterrupt:
-        stderr.print("interrupted")
-        sys.exit(130)
+    except (Stopped, KeyboardInterrupt) as exc:
+        signum = exc.signum if isinstance(exc, Stopped) else signal.SIGINT
+        stderr.print("interrupted" if signum == signal.SIGINT else "terminated", highlight=False)
+        sys.exit(128 + signum)
 
 
 if __name__ == "__main__":

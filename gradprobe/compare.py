@@ -3,7 +3,7 @@
 Per task: the learning gain, the change of grad_norm, norm_ratio and share, the gain per unit
 squared gradient gain_t / ||g_t||^2 (A's gradient), the drift cos(g_t under A, g_t under B), and
 across tasks the Spearman correlation of A's grad_sq_norm (and share) with the gain
-(metrics.md, "Learning gains"). With few tasks the rank test has little power, and the document
+(docs/metrics.md, "Learning gains"). With few tasks the rank test has little power, and the document
 says so in numbers: the smallest p-value any ranking of n tasks can reach.
 """
 
@@ -20,6 +20,7 @@ import gradprobe
 from gradprobe import artifacts, gains, task_grads
 from gradprobe.errors import UserInputError
 
+SHORT_WINDOW = 5  # log windows of fewer steps make each mean reward, and so the gain, noisy
 FEW_TASKS = 5  # below this many tasks no ranking reaches p < 0.05 (2/n! > 0.05 for n <= 4)
 EXACT_PERMUTATION_MAX = 8
 
@@ -124,6 +125,7 @@ def compare_documents(a: dict[str, Any], b: dict[str, Any] | None, drift: dict[s
                      if a["tasks"][t][against] is not None]
             result = spearman([p[0] for p in pairs], [p[1] for p in pairs])
             relation.append({"gain": source, "against": against, **result})
+    warnings = setting_warnings(a, b, a_name, b_name) + window_warnings(log)
     if relation and relation[0]["note"]:
         notes.append(relation[0]["note"])
     if drift is None and drift_reason:
@@ -141,8 +143,77 @@ def compare_documents(a: dict[str, Any], b: dict[str, Any] | None, drift: dict[s
         "tasks": tasks,
         "relation": relation,
         "drift": drift if drift is not None else {"kind": None, "reason": drift_reason},
+        "warnings": warnings,
         "notes": notes,
     }
+
+
+# Settings whose difference between A and B changes what the gain or the gradients mean.
+SAMPLING_SETTINGS = ("group_size", "temperature", "top_p", "max_new_tokens")
+
+
+def setting_warnings(a: dict[str, Any], b: dict[str, Any] | None, a_name: str = "A",
+                     b_name: str = "B") -> list[dict[str, str]]:
+    """What makes A and B's figures not comparable as "before and after training": the same
+    checkpoint, or different rewards, advantages, loss or sampling settings."""
+    if b is None:
+        return []
+    warnings = []
+    fingerprint = a["model"].get("fingerprint")
+    same_adapter = a.get("config", {}).get("adapter") == b.get("config", {}).get("adapter")
+    if fingerprint and fingerprint == b["model"].get("fingerprint") and same_adapter:
+        warnings.append({"code": "same_checkpoint", "message": (
+            f"{a_name} and {b_name} scanned the same checkpoint (identical weights): the gains are "
+            "sampling noise, not learning")})
+    changed = [t for t in a["tasks"] if _reward(a, t) != _reward(b, t)]
+    if changed:
+        listed = "; ".join(f"{t}: {_reward(a, t)} -> {_reward(b, t)}" for t in changed)
+        warnings.append({"code": "different_rewards", "message": (
+            f"{a_name} and {b_name} scored with different rewards ({listed}): those gains mix "
+            "learning with the change of reward")})
+    for key, what in (("advantage", "advantages"), ("loss", "loss aggregations")):
+        if a[key]["name"] != b[key]["name"]:
+            warnings.append({"code": f"different_{key}", "message": (
+                f"{a_name} and {b_name} used different {what} ({a[key]['name']} -> "
+                f"{b[key]['name']}): the gradient figures are not comparable")})
+    config_a, config_b = a.get("config", {}), b.get("config", {})
+    sampling = [f"{k} {config_a.get(k)} -> {config_b.get(k)}" for k in SAMPLING_SETTINGS
+                if config_a.get(k) != config_b.get(k)]
+    if sampling:
+        warnings.append({"code": "different_sampling", "message": (
+            f"{a_name} and {b_name} sampled differently ({', '.join(sampling)}): mean rewards, and "
+            "so the gains, depend on these settings as well as on training")})
+    return warnings
+
+
+def _reward(document: dict[str, Any], task: str) -> str | None:
+    """A task's reward spec: scan.json `rewards` (1.1), else the --reward options of `config`."""
+    recorded = (document.get("rewards") or {}).get(task)
+    if recorded is not None:
+        return recorded["spec"]
+    options = document.get("config", {}).get("rewards", [])
+    named = [spec for item in options for t, sep, spec in [item.partition("=")] if sep and t == task]
+    defaults = [item for item in options if "=" not in item]
+    return (named or defaults or [document.get("config", {}).get("default_reward")])[-1]
+
+
+def window_warnings(log: dict[str, Any] | None) -> list[dict[str, str]]:
+    """A log gain over a short window, or over windows the log does not fill."""
+    if log is None:
+        return []
+    window, step = log["window"], log["step"]
+    warnings = []
+    if window < SHORT_WINDOW:
+        warnings.append({"code": "short_window", "message": (
+            f"the log gains average {window} step(s) before and after step {step}: a short window "
+            f"makes each gain noisy; use --window {SHORT_WINDOW} or more where the log allows")})
+    partial = [t for t, row in log["tasks"].items()
+               if min(row.get("n_before_steps", window), row.get("n_after_steps", window)) < window]
+    if partial:
+        warnings.append({"code": "partial_window", "message": (
+            f"the log does not fill both {window}-step windows around step {step} for "
+            f"{', '.join(partial)}: those gains average fewer steps")})
+    return warnings
 
 
 def _identity(document: dict[str, Any], name: str) -> dict[str, Any]:

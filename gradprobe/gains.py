@@ -1,4 +1,4 @@
-"""Learning gains: between two scans, and windowed from a training log (metrics.md, "Learning gains").
+"""Learning gains: between two scans, and windowed from a training log (docs/metrics.md, "Learning gains").
 
 - Between scans A (before) and B (after): gain_t = mean reward of task t under B minus under A,
   on the same prompts (the prompts both scans have; a task with none in common falls back to its

@@ -161,6 +161,7 @@ def load_model(
 
     With `adapter`, a PEFT (LoRA) adapter directory goes on top and the fingerprint covers it.
     """
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(spec)
@@ -184,6 +185,11 @@ def load_model(
         raise UserInputError(f"{spec}: cannot load ({str(exc).splitlines()[0]})") from None
     except OSError as exc:
         raise UserInputError(f"{spec}: cannot load ({str(exc).splitlines()[0]})") from None
+    except SafetensorError as exc:
+        raise UserInputError(
+            f"{spec}: corrupt or truncated safetensors weights ({str(exc).splitlines()[0]}); "
+            "copy or save the checkpoint again"
+        ) from None
     identity = fingerprint(path)
     if adapter_path is not None:
         model = attach_adapter(model, adapter_path)

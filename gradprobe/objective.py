@@ -1,6 +1,6 @@
 """The policy-gradient objective: token log-probabilities and loss aggregations.
 
-Definitions: ../shared/design/metrics.md, "Rollouts and losses". Every aggregation is linear in
+Definitions: docs/metrics.md, "Rollouts and losses". Every aggregation is linear in
 the per-token losses l_ij = -A_i log pi(y_ij | ...), so a set S of completions has the loss
 
     L_S = sum_i c_i sum_j l_ij

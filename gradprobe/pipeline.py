@@ -11,6 +11,7 @@ import os
 import platform
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -23,10 +24,11 @@ import numpy as np
 import gradprobe
 from gradprobe import artifacts, task_grads
 from gradprobe.advantages import ADVANTAGES
-from gradprobe.errors import UserInputError
+from gradprobe.errors import InputWarning, UserInputError
 from gradprobe.gradients import INTERVALS
 from gradprobe.objective import LOSSES
-from gradprobe.rewards import parse_reward_options
+from gradprobe.caveats import scan_caveats
+from gradprobe.rewards import effective_rewards, parse_reward_options
 from gradprobe.rollouts import Rollout, rollout_to_json
 
 
@@ -75,6 +77,9 @@ class ScanConfig:
     trust_remote_code: bool = False
     adapter: str | None = None
     reward_workers: int = 1
+    reward_timeout_s: float = 60.0
+    truncate_prompts: bool = False
+    allow_weak_sandbox: bool = False
 
 
 class Progress(Protocol):
@@ -101,6 +106,11 @@ def validate(config: ScanConfig) -> None:
     """Reject bad settings before any expensive work."""
     estimator = ADVANTAGES.get(config.advantage)
     LOSSES.get(config.loss)
+    if config.rollouts is not None and config.rewards:
+        raise UserInputError(
+            "--reward does not apply with --rollouts: the rollouts file's reward column is "
+            f"used as it is (got --reward {config.rewards[0]})"
+        )
     if config.rollouts is None:
         if config.group_size < 1:
             raise UserInputError("--group-size must be at least 1")
@@ -117,6 +127,8 @@ def validate(config: ScanConfig) -> None:
         raise UserInputError("--max-new-tokens must be at least 1")
     if config.reward_workers < 1:
         raise UserInputError("--reward-workers must be at least 1")
+    if not config.reward_timeout_s >= 0:
+        raise UserInputError("--reward-timeout must be 0 (no limit) or more seconds")
     if config.engine not in ("auto", "hooks", "vmap"):
         raise UserInputError(f"--engine must be auto, hooks or vmap, not {config.engine!r}")
     if config.intervals not in INTERVALS:
@@ -149,7 +161,7 @@ def scan(config: ScanConfig, progress: Progress | None = None) -> ScanResult:
     from gradprobe.mix import load_mix, render_prompt, select_prompts
     from gradprobe.mix.spec import task_rewards
     from gradprobe.model_loading import load_model
-    from gradprobe.rollouts import read_rollouts, sample_rollouts
+    from gradprobe.rollouts import encode_prompts, read_rollouts, sample_rollouts
     from gradprobe.scoring import assign_advantages, score_rollouts
 
     progress = progress or SilentProgress()
@@ -159,6 +171,7 @@ def scan(config: ScanConfig, progress: Progress | None = None) -> ScanResult:
     timings: dict[str, float] = {}
     total_start = time.perf_counter()
     mix = None
+    sandbox_used = None
     if config.rollouts is None:
         if config.mix is None:
             raise UserInputError("give a MIX file (or --rollouts FILE, or --demo)")
@@ -166,8 +179,11 @@ def scan(config: ScanConfig, progress: Progress | None = None) -> ScanResult:
             mix = load_mix(Path(config.mix), config.task_field, config.prompt_field, config.answer_field,
                            config.split)
             prompts = select_prompts(mix, config.prompts_per_task, config.seed)
+            configured = task_rewards(mix)
             reward_specs = parse_reward_options(config.rewards, mix.tasks, config.default_reward,
-                                                task_rewards(mix))
+                                                configured)
+            rewards = effective_rewards(config.rewards, reward_specs, configured)
+            reward_specs, sandbox_used = isolate_code_rewards(reward_specs, config.allow_weak_sandbox)
     with _timed(timings, "load_model_s"):
         loaded = load_model(config.model, config.device, config.dtype, config.allow_pickle,
                             config.trust_remote_code, config.adapter)
@@ -177,20 +193,30 @@ def scan(config: ScanConfig, progress: Progress | None = None) -> ScanResult:
     settings = StageSettings(config.engine, config.temperature, tokenizer.pad_token_id or 0,
                              config.checkpoint_activations, config.chunk_size, intervals=config.intervals,
                              sums=config.sums)
+    notes: list[str] = []
     if config.rollouts is None:
+        if any(isinstance(p.prompt, list) for p in prompts) and not getattr(tokenizer, "chat_template", None):
+            _warn(notes, "the tokenizer has no chat template: chat prompts are rendered as plain "
+                         "'role: content' lines, which the model was probably not trained on")
         rendered = [render_prompt(tokenizer, p.prompt) for p in prompts]
-        _check_plan_before_sampling(model, param_names, prompts, rendered, tokenizer, config, settings, budget)
+        encoded = encode_prompts(tokenizer, prompts, rendered, model, config.max_new_tokens,
+                                 config.truncate_prompts)
+        _check_plan_before_sampling(model, param_names, prompts, encoded, config, settings, budget)
         with _timed(timings, "generate_s"), progress.stage("sampling", len(prompts)) as advance:
             rollouts = sample_rollouts(
                 model, tokenizer, prompts, rendered, config.group_size, config.max_new_tokens,
                 config.temperature, config.top_p, config.seed, config.generate_batch_size, advance,
+                encoded,
             )
         with _timed(timings, "rewards_s"), progress.stage("rewards", len(rollouts)) as advance:
-            rollouts = score_rollouts(rollouts, reward_specs, advance, config.reward_workers)
+            rollouts = score_rollouts(rollouts, reward_specs, advance, config.reward_workers,
+                                      config.reward_timeout_s)
     else:
         with _timed(timings, "rollouts_s"):
             rollouts = read_rollouts(Path(config.rollouts), tokenizer, model)
         _check_rollout_tasks(rollouts)
+        rewards = {task: {"spec": None, "source": "rollouts file"}
+                   for task in dict.fromkeys(r.task for r in rollouts)}
     rollouts = assign_advantages(rollouts, ADVANTAGES.get(config.advantage))
 
     batch, layout = build_units(rollouts, LOSSES.get(config.loss), config.max_new_tokens,
@@ -204,6 +230,9 @@ def scan(config: ScanConfig, progress: Progress | None = None) -> ScanResult:
         result, fallback = _gradients(model, param_names, batch, layout, settings, budget, advance)
     summary = summarise_gradients(result, layout)
     document = _scan_document(config, loaded, mix, rollouts, layout, summary, result, timings)
+    document["sandbox"] = sandbox_used
+    document["warnings"] = notes
+    document["rewards"] = rewards
     if fallback:
         document["engine"]["fallback"] = fallback
     if len(param_names) < len(all_names) and config.proxy_check and (
@@ -222,6 +251,7 @@ def scan(config: ScanConfig, progress: Progress | None = None) -> ScanResult:
         with _timed(timings, "stats_s"):
             document["stats"] = run_statistics(document["prompts"], summary.task_moments)
         document["verdict"] = dominance_verdict(document["tasks"], document["stats"]["dominance"])
+    document["caveats"] = scan_caveats(document["tasks"], document["prompts"], document.get("stats"))
     with _timed(timings, "task_grads_s"):
         saved_grads = task_grads.from_sums(result.paired_sums(), layout.tasks, config.task_grads_limit_mb,
                                            config.task_grads_seed,
@@ -233,6 +263,43 @@ def scan(config: ScanConfig, progress: Progress | None = None) -> ScanResult:
         task_grads.write(staging / artifacts.TASK_GRADS_FILE, saved_grads)
         _write_rollouts(staging / artifacts.ROLLOUTS_FILE, rollouts, layout, summary)
     return ScanResult(document, out)
+
+
+def _warn(notes: list[str], message: str) -> None:
+    """A stated warning: printed by the CLI and kept in scan.json's `warnings`."""
+    notes.append(message)
+    warnings.warn(message, InputWarning, stacklevel=2)
+
+
+def isolate_code_rewards(
+    rewards: dict[str, Any], allow_weak: bool
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The rewards with the isolation set on each one that runs model-written code, and what
+    scan.json records about it (None when no reward runs code).
+
+    bwrap unless it cannot run here; then `UserInputError` with the reason, or the weak guard
+    when `allow_weak`. Checked before any model work.
+    """
+    from dataclasses import replace
+
+    from gradprobe.rewards.composite import as_composite
+    from gradprobe.rewards.registry import REWARDS, RUNS_CODE
+    from gradprobe.rewards.sandbox import bwrap_problem, check_isolation
+
+    code_runners = {REWARDS.get(name) for name in RUNS_CODE}
+    composites = {task: as_composite(reward) for task, reward in rewards.items()}
+    users = sorted(task for task, c in composites.items() if any(s.fn in code_runners for _, _, s in c.terms))
+    if not users:
+        return rewards, None
+    problem = bwrap_problem()
+    isolation = check_isolation("weak" if allow_weak and problem is not None else "bwrap")
+    isolated = {}
+    for task, composite in composites.items():
+        terms = tuple((name, weight, replace(spec, options={**spec.options, "isolation": isolation})
+                       if spec.fn in code_runners else spec) for name, weight, spec in composite.terms)
+        isolated[task] = replace(composite, terms=terms)
+    return isolated, {"isolation": isolation, "tasks": users,
+                      "why_weak": problem if isolation == "weak" else None}
 
 
 def _gradients(model: Any, names: list[str], batch: Any, layout: Any, settings: Any, budget: int,
@@ -297,22 +364,20 @@ def run_statistics(rows: list[dict[str, Any]], task_moments: dict[str, Any]) -> 
     return compute_stats(table, task_moments)
 
 
-def _check_plan_before_sampling(model: Any, param_names: list[str], prompts: list[Any], rendered: list[str],
-                                tokenizer: Any, config: ScanConfig, settings: Any, budget: int) -> None:
+def _check_plan_before_sampling(model: Any, param_names: list[str], prompts: list[Any], encoded: list[list[int]],
+                                config: ScanConfig, settings: Any, budget: int) -> None:
     """Plan the gradient stage for the longest completions `--max-new-tokens` allows before any
     sampling: a scan that cannot fit exits 2 now, not after the rollouts."""
     from gradprobe.gradients.plan import RolloutShape
     from gradprobe.gradients.stage import plan_stage
-    from gradprobe.rollouts import encode_prompt
 
     if config.engine == "vmap" or config.checkpoint_activations or not prompts:
         return
     counts: dict[str, int] = {}
     for p in prompts:
         counts[p.task] = counts.get(p.task, 0) + 1
-    longest = max(len(encode_prompt(tokenizer, p, r)) for p, r in zip(prompts, rendered))
-    shape = RolloutShape(len(counts), max(counts.values()), config.group_size, max(1, longest),
-                         max(1, config.max_new_tokens))
+    shape = RolloutShape(len(counts), max(counts.values()), config.group_size,
+                         max(1, max(len(ids) for ids in encoded)), max(1, config.max_new_tokens))
     plan_stage(model, param_names, shape, settings, budget)
 
 

@@ -1,13 +1,14 @@
 """Rollouts: sampling completions with `generate`, or reading the ones a trainer produced.
 
 A rollout is one completion of one prompt. The completion tokens are those generated up to and
-including the first end-of-sequence token; padding never counts (metrics.md, "Rollouts and
+including the first end-of-sequence token; padding never counts (docs/metrics.md, "Rollouts and
 losses").
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,10 +84,12 @@ def sample_rollouts(
     seed: int,
     batch_size: int = 16,
     on_batch: Callable[[int], None] | None = None,
+    encoded_prompts: list[list[int]] | None = None,
 ) -> list[Rollout]:
     """K completions of each prompt with batched, left-padded `generate`, seeded.
 
-    `rendered` holds each prompt as the model sees it (chat template applied). `on_batch(n)` is
+    `rendered` holds each prompt as the model sees it (chat template applied), and
+    `encoded_prompts` its token ids where already checked (`encode_prompts`). `on_batch(n)` is
     called with the number of prompts done after each batch.
     """
     eos = eos_token_ids(model, tokenizer)
@@ -98,7 +101,8 @@ def sample_rollouts(
     for start in range(0, len(prompts), batch_size):
         records = prompts[start : start + batch_size]
         texts = rendered[start : start + batch_size]
-        encoded = [encode_prompt(tokenizer, r, t) for t, r in zip(texts, records)]
+        encoded = encoded_prompts[start : start + batch_size] if encoded_prompts is not None else \
+            [encode_prompt(tokenizer, r, t) for t, r in zip(texts, records)]
         width = max(len(e) for e in encoded)
         ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(encoded), width), dtype=torch.long)
@@ -146,6 +150,46 @@ def encode_prompt(tokenizer: Any, record: PromptRecord, rendered: str) -> list[i
     return tokenizer(rendered, add_special_tokens=adds_special).input_ids
 
 
+def max_positions(model: Any) -> int | None:
+    """How many positions the model has (n_positions, max_position_embeddings, ...), if known."""
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def encode_prompts(
+    tokenizer: Any, records: list[PromptRecord], rendered: list[str], model: Any,
+    max_new_tokens: int, truncate: bool = False,
+) -> list[list[int]]:
+    """Every prompt's token ids, checked to leave `max_new_tokens` within the model's positions.
+
+    A longer prompt is a `UserInputError` (GPT-2 would fail mid-scan, RoPE models would quietly
+    extrapolate), unless `truncate`, which keeps each such prompt's last tokens.
+    """
+    limit = max_positions(model)
+    encoded = [encode_prompt(tokenizer, r, t) for r, t in zip(records, rendered)]
+    if limit is None:
+        return encoded
+    room = limit - max_new_tokens
+    if room < 1:
+        raise UserInputError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the "
+                             f"model's {limit} positions; lower it")
+    for i, (record, ids) in enumerate(zip(records, encoded)):
+        if len(ids) > room and truncate:
+            encoded[i] = ids[-room:]
+        elif len(ids) > room:
+            raise UserInputError(
+                f"prompt {record.prompt_id!r} of task {record.task!r} has {len(ids)} tokens; with "
+                f"--max-new-tokens {max_new_tokens} it needs more than the model's {limit} "
+                "positions: shorten it, lower --max-new-tokens, or pass --truncate-prompts "
+                "(keeps its last tokens)"
+            )
+    return encoded
+
+
 ROLLOUT_REQUIRED = ("task", "prompt_id", "prompt", "completion", "reward")
 
 
@@ -186,20 +230,21 @@ def read_rollouts(path: Path, tokenizer: Any, model: Any) -> list[Rollout]:
             f"{', '.join(ROLLOUT_REQUIRED)} (token id columns are optional)"
         )
     eos = min(eos_token_ids(model, tokenizer))
+    vocabulary = model.get_input_embeddings().num_embeddings
+    limit = max_positions(model)
     samples: dict[tuple[str, str], int] = {}
     rollouts = []
     for i, row in enumerate(table):
         key = (str(row["task"]), str(row["prompt_id"]))
         sample = row.get("sample")
         samples[key] = samples.get(key, -1) + 1
-        reward = row["reward"]
-        if reward is None:
-            raise UserInputError(f"{path}: row {i + 1} has no reward")
+        reward = _check_reward(path, i + 1, row["reward"])
         prompt_ids = row.get("prompt_token_ids") or tokenizer(str(row["prompt"])).input_ids
         completion_ids = row.get("completion_token_ids")
         if not completion_ids:
             completion_ids = tokenizer(str(row["completion"]), add_special_tokens=False).input_ids
             completion_ids = [*completion_ids, eos]
+        _check_token_ids(path, i + 1, [*prompt_ids, *completion_ids], vocabulary, limit)
         rollouts.append(
             Rollout(
                 task=key[0],
@@ -210,9 +255,31 @@ def read_rollouts(path: Path, tokenizer: Any, model: Any) -> list[Rollout]:
                 prompt_token_ids=list(prompt_ids),
                 completion_token_ids=list(completion_ids),
                 answer=None if row.get("answer") is None else str(row["answer"]),
-                reward=float(reward),
+                reward=reward,
             )
         )
     if not rollouts:
         raise UserInputError(f"{path}: the rollouts file has no rows")
     return rollouts
+
+
+def _check_reward(path: Path, row: int, reward: Any) -> float:
+    """A row's reward as a float; anything but a finite number is a `UserInputError`."""
+    if reward is None:
+        raise UserInputError(f"{path}: row {row} has no reward")
+    if isinstance(reward, bool) or not isinstance(reward, (int, float)) or not math.isfinite(reward):
+        raise UserInputError(f"{path}: row {row} has reward {reward!r}; rewards must be finite numbers")
+    return float(reward)
+
+
+def _check_token_ids(path: Path, row: int, ids: list[Any], vocabulary: int, limit: int | None) -> None:
+    """Token ids must be integers the model's embedding has, and fit its positions."""
+    for token in ids:
+        if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < vocabulary:
+            raise UserInputError(
+                f"{path}: row {row} has token id {token!r}, outside the model's vocabulary "
+                f"(0..{vocabulary - 1}); were these rollouts made with another tokenizer?"
+            )
+    if limit is not None and len(ids) > limit:
+        raise UserInputError(f"{path}: row {row} has {len(ids)} prompt and completion tokens, more "
+                             f"than the model's {limit} positions")

@@ -20,18 +20,21 @@ def score_rollouts(
     rewards: Mapping[str, RewardSpec | CompositeReward],
     on_item: Callable[[int], None] | None = None,
     workers: int = 1,
+    timeout_s: float = 0.0,
 ) -> list[Rollout]:
     """Each rollout with `reward` (the task reward's weighted total) and `reward_components`.
 
     Reward functions get ``prompt``, ``task`` and the row's extra columns as keyword arguments,
     each as its convention takes them (`gradprobe.rewards.signatures`). With `workers` > 1 they
-    run in that many worker processes; the results are the same.
+    run in that many worker processes; the results are the same. `timeout_s` (0: none) limits
+    each reward call; a reward that fails, returns a non-number or runs out of time is a
+    `UserInputError` naming the task and prompt.
     """
     composites = {task: as_composite(reward) for task, reward in rewards.items()}
-    jobs = [(r.task, r.completion, r.answer, {**_context_columns(r.extra), "prompt": r.prompt,
-                                              "task": r.task, "chat_prompt": r.chat_prompt})
+    jobs = [(r.task, r.prompt_id, r.completion, r.answer,
+             {**_context_columns(r.extra), "prompt": r.prompt, "task": r.task, "chat_prompt": r.chat_prompt})
             for r in rollouts]
-    scores = score_jobs(composites, jobs, workers, on_item)
+    scores = score_jobs(composites, jobs, workers, on_item, timeout_s)
     return [replace(r, reward=total, reward_components=components)
             for r, (total, components) in zip(rollouts, scores)]
 

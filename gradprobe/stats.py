@@ -1,6 +1,6 @@
 """Statistics of per-prompt gradient norms against reward, advantage, length and task.
 
-Definitions: ../shared/design/metrics.md, "Statistics against reward and advantage" (and "Task
+Definitions: docs/metrics.md, "Statistics against reward and advantage" (and "Task
 gradients" for u_p, g_t and `norm_ratio`). Pure functions on numpy arrays: no I/O, no printing.
 `compute_stats` returns a JSON-ready dict (undefined statistics are None, each with a reason) and
 plain verdict sentences, every one built only from numbers in that dict.

@@ -1,7 +1,7 @@
 """task_grads.safetensors: each task's gradient g_t, saved exactly or as a seeded projection.
 
 A scan saves its task gradients so that `gradprobe compare` can measure their drift between two
-checkpoints, cos(g_t under A, g_t under B) (metrics.md, "Learning gains"). When the exact
+checkpoints, cos(g_t under A, g_t under B) (docs/metrics.md, "Learning gains"). When the exact
 gradients (T tasks x selected parameters, float32) fit in the size limit and on the disk they are
 saved as they are, one tensor [T, *shape] per parameter name; otherwise as one tensor
 ``projection`` [T, dim], the seeded count sketch of `gradprobe.gradients.projection` (O(parameters)
@@ -190,7 +190,7 @@ def check_comparable(a: TaskGradients, b: TaskGradients) -> None:
 
 def drift(a: TaskGradients, b: TaskGradients) -> dict[str, Any]:
     """Per task cos(g_t under A, g_t under B) (exact, or estimated through the projection with
-    its Fisher 95% interval), and how it was computed (metrics.md, "Learning gains")."""
+    its Fisher 95% interval), and how it was computed (docs/metrics.md, "Learning gains")."""
     check_comparable(a, b)
     tasks: dict[str, Any] = {}
     for task in a.tasks:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -90,3 +91,38 @@ def policy_gradient_steps(model_dir: Path, rollouts: Path, task: str, out: Path,
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)
     return out
+
+
+
+DEMO_COMMAND = "gradprobe scan --demo"
+
+
+@dataclass(frozen=True)
+class DemoScan:
+    """What `gradprobe scan --demo` wrote and printed (stdout, as piped)."""
+
+    out: Path
+    output: str
+
+
+@pytest.fixture(scope="session")
+def demo_scan(tmp_path_factory) -> DemoScan:
+    """`gradprobe scan --demo` exactly as the README runs it, once per test session."""
+    from typer.testing import CliRunner
+
+    from gradprobe.cli import app
+
+    folder = tmp_path_factory.mktemp("demo-scan")
+    previous = Path.cwd()
+    os.chdir(folder)
+    try:
+        result = CliRunner().invoke(app, DEMO_COMMAND.split()[1:])
+    finally:
+        os.chdir(previous)
+    assert result.exit_code == 0, result.output
+    return DemoScan(folder / "gradprobe-scan-demo", result.stdout)
+
+
+@pytest.fixture(scope="session")
+def demo_scan_dir(demo_scan) -> Path:
+    return demo_scan.out

@@ -36,7 +36,7 @@ def lora_adapter(tiny_llama, tmp_path_factory) -> Path:
 
 
 def reference_task_gradients(model_dir: Path, adapter: Path, rows: list[dict]) -> dict[str, torch.Tensor]:
-    """g_t over the LoRA parameters by plain float64 autograd, `grpo` loss (metrics.md)."""
+    """g_t over the LoRA parameters by plain float64 autograd, `grpo` loss (docs/metrics.md)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 

@@ -1,4 +1,4 @@
-"""The estimators of metrics.md on synthetic per-prompt vectors, and the engine's invariants."""
+"""The estimators of docs/metrics.md on synthetic per-prompt vectors, and the engine's invariants."""
 
 from __future__ import annotations
 

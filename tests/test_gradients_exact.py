@@ -1,6 +1,6 @@
 """Per-task and per-prompt gradients against plain float64 autograd, one backward per task.
 
-The reference below recomputes everything from metrics.md's definitions without any gradprobe
+The reference below recomputes everything from docs/metrics.md's definitions without any gradprobe
 code path: advantages by hand, the aggregation's formula, one unpadded forward per completion.
 """
 
@@ -72,7 +72,7 @@ def completion_logprob_sum(model, rollout: Rollout) -> torch.Tensor:
 
 
 def reference_loss(model, rollouts: list[Rollout], advantages: dict, loss: str) -> torch.Tensor:
-    """The aggregation's formula, term by term (metrics.md)."""
+    """The aggregation's formula, term by term (docs/metrics.md)."""
     n = [r.n_tokens for r in rollouts]
     total = 0.0
     for r in rollouts:
@@ -127,12 +127,13 @@ def reference_loss_part(model, task_rollouts, members, advantages, loss):
 
 
 def gradprobe_run(model, rollouts, advantage, loss, chunk_size=4, checkpoint=False, engine="vmap",
-                  max_tokens=1 << 14, row_dots=True, sums_device=None, names=None):
+                  max_tokens=1 << 14, row_dots=True, sums_device=None, names=None, linear_norms="auto"):
     scored = assign_advantages(rollouts, ADVANTAGES.get(advantage))
     batch, layout = build_units(scored, LOSSES.get(loss), MAX_NEW)
     names = names or [n for n, _ in model.named_parameters()]
     if engine == "hooks":
-        hooked = HookedEngine(model, names, TEMPERATURE, accumulate_dtype=torch.float64, sums_device=sums_device)
+        hooked = HookedEngine(model, names, TEMPERATURE, accumulate_dtype=torch.float64, sums_device=sums_device,
+                              linear_norms=linear_norms)
         result = hooked.run(batch, layout.reductions(), max_tokens=max_tokens, row_dots=row_dots)
     else:
         vmapped = GradientEngine(model, names, TEMPERATURE, accumulate_dtype=torch.float64,
@@ -348,3 +349,30 @@ def test_sketched_row_sums_are_the_count_sketch_of_the_reference_vectors(engine)
         sketch = projection.count_sketch(named, 64, 0)
         expected = sketch @ sketch.sum(0)
         assert rel(summary.task_moments[task].row_sums, expected) < 1e-6
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_ghost_and_direct_linear_norms_match_float64_autograd(arch):
+    """Linear layers' per-unit norms by the ghost norm (token Grams, no per-unit gradient) and by
+    building each unit's gradient: both against the reference; Qwen2's biases included, and the
+    tied Llama head keeps the direct rule (its cross terms need the per-unit gradients)."""
+    model = make_model(arch)
+    rollouts = make_rollouts(seed=13)
+    ref_grads, ref_prompt = reference(model, rollouts, "dr_grpo", "bnpo")
+    from unittest import mock
+
+    from gradprobe.gradients import hooked
+
+    results = {}
+    for choice in ("ghost", "direct"):
+        with mock.patch.object(hooked, "linear_ghost_grams", wraps=hooked.linear_ghost_grams) as ghost:
+            layout, result, summary = gradprobe_run(model, rollouts, "dr_grpo", "bnpo", engine="hooks",
+                                                    max_tokens=50, linear_norms=choice)
+        assert ghost.called == (choice == "ghost")
+        assert rel(task_sums(result, model, len(layout.tasks)), torch.stack([ref_grads[t] for t in layout.tasks])) < 1e-6
+        assert rel(summary.prompt_grad_norm, [float(ref_prompt[k].norm()) for k in layout.prompt_keys]) < 1e-6
+        results[choice] = result
+    assert_same_result(results["ghost"], results["direct"])
+    from gradprobe.gradients.unit_rules import ghost_is_cheaper
+
+    assert ghost_is_cheaper(8, 64, 64) and not ghost_is_cheaper(4096, 896, 896)

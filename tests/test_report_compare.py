@@ -121,7 +121,7 @@ def test_report_json_markdown_html_plots(scans, tmp_path):
     assert document["alerts"] == [] and document["checks"] == []
     markdown = run("report", scans["a"], "--markdown")
     assert markdown.exit_code == 0
-    assert "| task | grad_norm |" in markdown.stdout and "## Statistics" in markdown.stdout
+    assert "| task | norm | sq norm |" in markdown.stdout and "### Imbalance across tasks" in markdown.stdout
     assert "**" + load(scans["a"])["verdict"] + "**" in markdown.stdout
     page, pictures = tmp_path / "report.html", tmp_path / "pictures"
     result = run("report", scans["a"], "--html", page, "--plots", pictures)

@@ -48,7 +48,7 @@ def test_composite_options_and_errors():
         parse_composite("exact++format")
     nan = build_composite(["exact"], options={})
     nan = type(nan)((("bad", 1.0, RewardSpec("bad", lambda c, a, **k: float("nan"))),))
-    with pytest.raises(UserInputError, match="'bad' returned nan for task 'x'"):
+    with pytest.raises(UserInputError, match="'bad' returned nan; rewards must be finite"):
         nan.score("c", "a", task="x")
 
 

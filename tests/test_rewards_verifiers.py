@@ -272,7 +272,9 @@ def test_sandbox_is_safe_from_threads() -> None:
 
 def test_run_python_tests_reports_why() -> None:
     result = run_python_tests("x = 1", "assert x == 2", timeout=2)
-    assert not result.passed and result.returncode == 1 and "AssertionError" in result.stderr
+    assert not result.passed and result.reason == "assert x == 2 does not hold"
+    result = run_python_tests("x = 1 / 0", "assert x == 2", timeout=2)
+    assert not result.passed and "ZeroDivisionError" in result.reason
 
 
 def test_extract_code_prefers_the_last_python_block() -> None:

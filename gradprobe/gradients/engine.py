@@ -168,7 +168,7 @@ def use_eager_attention(model: torch.nn.Module) -> None:
     """Switch a Hugging Face model to eager attention for the vmapped gradient pass.
 
     vmap has no batching rule for the backward of scaled_dot_product_attention and falls back to
-    a slow per-sample loop (engine-notes.md); eager attention is plain batched matmuls.
+    a slow per-sample loop (docs/engine.md); eager attention is plain batched matmuls.
     """
     setter = getattr(model, "set_attn_implementation", None)
     config = getattr(model, "config", None)
@@ -309,29 +309,41 @@ class StreamingReductions:
         `other` (another use of a tied parameter, same units) the cross terms
         <a_i, b_j> + <b_i, a_j> instead."""
         if other is None:
-            products = prompt_products(part, part, self.k).to(torch.float64)
+            products = prompt_products(part, part, self.k)
         else:
-            cross = prompt_products(part, other, self.k).to(torch.float64)
+            cross = prompt_products(part, other, self.k)
             products = cross + cross.transpose(1, 2)
+        self.add_prompt_products(name, prompt_ids, products)
+
+    def add_prompt_products(self, name: str, prompt_ids: list[int], products: torch.Tensor) -> None:
+        """prompt_gram[group of name, prompt_ids] += products ([len(prompt_ids), k, k])."""
         ids = torch.tensor(prompt_ids, device=self.selected.device)
-        self.prompt_gram[self.selected.group_of[name]].index_add_(0, ids, products)
+        self.prompt_gram[self.selected.group_of[name]].index_add_(0, ids, products.to(torch.float64))
+
+    def touched_sums(self, prompt_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sums these prompts' units contribute to, and their weights [sums, units]."""
+        weights = self.weights[:, self.prompt_units(prompt_ids)]
+        rows = (weights != 0).any(1).nonzero().flatten()
+        return rows, weights[rows]
 
     def add_sums(self, name: str, prompt_ids: list[int], part: PerUnit) -> None:
         """sums[name] += W[:, units] @ part, only over the sums these units touch."""
-        units = self.prompt_units(prompt_ids)
-        weights = self.weights[:, units]
-        rows = (weights != 0).any(1).nonzero().flatten()
+        rows, weights = self.touched_sums(prompt_ids)
         total = self.sums[name]
-        if not self.hosted:
+        if not self.hosted:  # in place, a row at a time: a temporary would be page-faulted in on CPU
             if len(rows) == total.shape[0]:
                 add_weighted(total, weights, part)
             else:
-                for r in rows.tolist():
-                    add_weighted(total[r:r + 1], weights[r:r + 1], part)
+                for i, r in enumerate(rows.tolist()):
+                    add_weighted(total[r:r + 1], weights[i:i + 1], part)
             return
         contribution = torch.zeros((len(rows), *total.shape[1:]), dtype=total.dtype, device=self.selected.device)
-        add_weighted(contribution, weights[rows], part)
-        total[rows.to(self.sums_device)] += contribution.to(self.sums_device)
+        add_weighted(contribution, weights, part)
+        self.add_sum_contributions(name, rows, contribution)
+
+    def add_sum_contributions(self, name: str, rows: torch.Tensor, values: torch.Tensor) -> None:
+        """sums[name][rows] += values, formed on the device and moved where the sums live."""
+        self.sums[name].index_add_(0, rows.to(self.sums_device), values.to(self.sums_device, self.sums[name].dtype))
 
     def target_of(self, name: str, index: int) -> torch.Tensor:
         """Target vector `index` restricted to one parameter, on the compute device."""

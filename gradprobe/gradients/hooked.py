@@ -38,7 +38,17 @@ from gradprobe.gradients.engine import (
     halving_on_out_of_memory,
     pad_rows,
 )
-from gradprobe.gradients.unit_rules import MicroBatchUnits, PerUnit, Rule, embedding_rule, restricted, rule_for
+from gradprobe.gradients.unit_rules import (
+    MicroBatchUnits,
+    PerUnit,
+    Rule,
+    embedding_rule,
+    ghost_is_cheaper,
+    linear_ghost_grams,
+    linear_segment_sums,
+    restricted,
+    rule_for,
+)
 from gradprobe.objective import token_logprobs
 
 CPU_MAX_TOKENS = 4096
@@ -74,6 +84,7 @@ class HookedEngine:
         sums_device: torch.device | str | None = None,
         work_bytes: int = DEFAULT_WORK_BYTES,
         sketch_dim: int | None = None,
+        linear_norms: str = "auto",
     ) -> None:
         self.model = model.eval().requires_grad_(False)
         self.selected = SelectedParameters.of(model, param_names, accumulate_dtype)
@@ -83,6 +94,8 @@ class HookedEngine:
         self.sums_device = sums_device
         self.work_bytes = work_bytes
         self.sketch_dim = sketch_dim
+        self.linear_norms = linear_norms
+        """Linear layers' per-unit norms: "ghost", "direct", or "auto" (the cheaper, per layer)."""
         self.owners, self.n_uses = self._find_owners(dict(model.named_parameters()))
         self.sparse_names = {n for o in self.owners if o.rule is embedding_rule for n in o.global_names}
 
@@ -246,6 +259,9 @@ class _PassState:
             self.row_unit += [local] * len(batch.units[u])
             row += len(batch.units[u])
         sequences = [batch.sequences[s] for u in self.units for s in batch.units[u]]
+        length = max(len(s) for s in sequences)
+        self.prompt_tokens = length * max(sum(len(batch.units[u]) for u in self.totals.reductions.prompts[p])
+                                          for p in prompt_ids)
         self.token_rows = torch.unique(torch.tensor([t for s in sequences for t in s], device=self.engine.device))
         self.inputs: dict[int, torch.Tensor] = {}
         self.kept: dict[str, list[tuple[int, PerUnit]]] = {}
@@ -284,15 +300,48 @@ class _PassState:
         n = len(self.prompt_ids)
         return [(i, min(n, i + step)) for i in range(0, n, step)]
 
+    def _uses_ghost(self, owner: _Owner) -> bool:
+        """Ghost norms for a linear layer in the first pass, where they are the cheaper (or asked
+        for); never for a tied parameter (its uses' cross terms need the per-unit gradients) or
+        with sketches (which need them too)."""
+        module, choice = owner.module, self.engine.linear_norms
+        if (self.mode != "sums" or choice == "direct" or not isinstance(module, torch.nn.Linear)
+                or self.totals.sketch_dim is not None or any(self.engine.n_uses[n] > 1 for n in owner.global_names)):
+            return False
+        return choice == "ghost" or ghost_is_cheaper(self.prompt_tokens, module.in_features, module.out_features)
+
+    def _chunk_units(self, first: int, last: int, device: torch.device) -> tuple[int, int, MicroBatchUnits]:
+        """Rows [start, end) of local prompts [first, last) and their units, renumbered from 0."""
+        row_start, row_end = self.unit_rows[first * self.k][0], self.unit_rows[last * self.k - 1][1]
+        local_units = range(first * self.k, last * self.k)
+        units = MicroBatchUnits(
+            torch.tensor(self.row_unit[row_start:row_end], device=device) - first * self.k,
+            [(self.unit_rows[u][0] - row_start, self.unit_rows[u][1] - row_start) for u in local_units],
+            self.buffers.allocate)
+        return row_start, row_end, units
+
+    def _reduce_ghost(self, owner: _Owner, x: torch.Tensor, grad: torch.Tensor) -> None:
+        """Prompt Grams by the ghost norm and sums by one segment matmul per touched sum."""
+        for first, last in self._chunks(owner):
+            row_start, row_end, units = self._chunk_units(first, last, x.device)
+            prompt_ids = self.prompt_ids[first:last]
+            x_part, g_part = x[row_start:row_end], grad[row_start:row_end]
+            grams = linear_ghost_grams(x_part, g_part, units, self.k, self.engine.dtype)
+            rows, weights = self.totals.touched_sums(prompt_ids)
+            sums = linear_segment_sums(x_part, g_part, units, weights, self.engine.dtype)
+            for local, name in zip(owner.local_names, owner.global_names):
+                self.totals.add_prompt_products(name, prompt_ids, grams[local])
+                self.totals.add_sum_contributions(name, rows, sums[local])
+
     def on_output_grad(self, owner: _Owner, grad: torch.Tensor) -> None:
         x = self.inputs.pop(id(owner.module))
+        if self._uses_ghost(owner):
+            self._reduce_ghost(owner, x, grad)
+            for name in owner.global_names:
+                self.received[name] += 1
+            return
         for first, last in self._chunks(owner):
-            row_start, row_end = self.unit_rows[first * self.k][0], self.unit_rows[last * self.k - 1][1]
-            local_units = range(first * self.k, last * self.k)
-            units = MicroBatchUnits(
-                torch.tensor(self.row_unit[row_start:row_end], device=x.device) - first * self.k,
-                [(self.unit_rows[u][0] - row_start, self.unit_rows[u][1] - row_start) for u in local_units],
-                self.buffers.allocate)
+            row_start, row_end, units = self._chunk_units(first, last, x.device)
             self.in_rule = True
             try:
                 parts = owner.rule(owner.module, owner.local_names, x[row_start:row_end], grad[row_start:row_end],

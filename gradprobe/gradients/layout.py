@@ -2,7 +2,7 @@
 
 Each prompt p of task t gives two units, its completions with positive and with negative
 advantage (zero-advantage completions have zero gradient). The token coefficients are chosen so
-that the two units' gradients add up to the per-prompt contribution u_p of metrics.md:
+that the two units' gradients add up to the per-prompt contribution u_p of docs/metrics.md:
 
     g_t = grad L_t = (1/m) sum_p u_p,  u_p = m * grad(prompt p's part of L_t),
 

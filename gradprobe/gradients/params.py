@@ -1,7 +1,7 @@
 """Which parameters a scan differentiates (`--params`), and the module group of each.
 
 Selection is by presets or glob patterns on parameter names. Groups are what the per-module
-breakdown reports: embeddings, each block's attention and MLP, norms, head (metrics.md, "Task
+breakdown reports: embeddings, each block's attention and MLP, norms, head (docs/metrics.md, "Task
 gradients"). Tied weights appear once, under their first name (usually the embedding).
 """
 

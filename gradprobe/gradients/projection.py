@@ -1,6 +1,6 @@
 """Seeded random projections of task gradients, and the error of cosines through them.
 
-Used for the drift of a task's gradient between two checkpoints (metrics.md, "Learning gains";
+Used for the drift of a task's gradient between two checkpoints (docs/metrics.md, "Learning gains";
 the drift is cos(g_t under A, g_t under B)) when the exact gradients are too large to save.
 
 Two projections S, each with E <S x, S y> = <x, y>:

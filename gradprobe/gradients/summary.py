@@ -145,7 +145,7 @@ def summarise_gradients(result: UnitGradients, layout: UnitLayout) -> GradientSu
 
 
 def proxy_fidelity(proxy_norms: list[float | None], full_norms: list[float | None]) -> dict[str, Any]:
-    """How well a parameter subset ranks tasks like the full model (metrics.md, per-module).
+    """How well a parameter subset ranks tasks like the full model (docs/metrics.md, per-module).
 
     `spearman`: rank correlation across tasks of the two grad_norm vectors (None below 3 tasks
     or when either is constant); `max_ratio_error`: max_t |r_t(proxy) - r_t(full)| / r_t(full),

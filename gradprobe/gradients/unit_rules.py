@@ -9,7 +9,7 @@ leaf module (RMSNorm and LayerNorm variants, for instance).
 
 Sequences of a micro-batch are rows of x; the rows of one unit are contiguous, so a unit's
 tokens are one slice of the flattened [rows x positions] axis. For a linear layer the weight
-gradient of a set S of tokens is sum_{t in S} g_t x_t^T (engine-notes.md): a unit's gradient is
+gradient of a set S of tokens is sum_{t in S} g_t x_t^T (docs/engine.md): a unit's gradient is
 the layer's weight-gradient matmul restricted to the unit's tokens, so all units together cost
 the FLOPs of the one weight gradient a training step computes.
 """
@@ -206,3 +206,53 @@ def generic_rule(module: torch.nn.Module, names: list[str], x: torch.Tensor, g: 
 
     per_row = vmap(row_gradient)(x, g)
     return {n: PerUnit(units.sum_rows(v.to(dtype))) for n, v in per_row.items()}
+
+
+def ghost_is_cheaper(tokens_per_prompt: int, d_in: int, d_out: int) -> bool:
+    """The ghost norm costs O(T^2 (d_in + d_out)) per prompt of T tokens, building each unit's
+    weight gradient O(T d_in d_out): ghost when T (d_in + d_out) < d_in d_out (the rule of
+    Opacus' ghost clipping and fastDP's mixed book-keeping)."""
+    return tokens_per_prompt * (d_in + d_out) < d_in * d_out
+
+
+def linear_ghost_grams(x: torch.Tensor, g: torch.Tensor, units: MicroBatchUnits, k: int,
+                       dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Each prompt's Gram of its k units' gradients of a linear layer without building them:
+
+        <W_a, W_b> = sum_{i in a, j in b} (x_i . x_j)(g_i . g_j),   <bias_a, bias_b> = sum (g_i . g_j),
+
+    over the tokens i, j of units a, b (docs/engine.md, "ghost norm"). [prompts, k, k] each."""
+    rows = x.shape[0]
+    x = x.reshape(rows, -1, x.shape[-1]).to(dtype)
+    g = g.reshape(rows, -1, g.shape[-1]).to(dtype)
+    length = x.shape[1]
+    weight, bias = [], []
+    for first in range(0, units.n_units, k):
+        start, end = units.unit_rows[first][0], units.unit_rows[first + k - 1][1]
+        a, b = x[start:end].reshape(-1, x.shape[-1]), g[start:end].reshape(-1, g.shape[-1])
+        token_unit = (units.row_unit[start:end] - first).repeat_interleave(length)
+        one_hot = torch.nn.functional.one_hot(token_unit, k).to(dtype)
+        outputs = b @ b.T
+        weight.append(one_hot.T @ ((a @ a.T) * outputs) @ one_hot)
+        bias.append(one_hot.T @ outputs @ one_hot)
+    return {"weight": torch.stack(weight), "bias": torch.stack(bias)}
+
+
+def linear_segment_sums(x: torch.Tensor, g: torch.Tensor, units: MicroBatchUnits, weights: torch.Tensor,
+                        dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """sum_a W[r, a] (weight_a, bias_a) for each row r of `weights` [n, units]: one weight-gradient
+    matmul over the tokens of the units each row touches (their gradients never built)."""
+    rows = x.shape[0]
+    x = x.reshape(rows, -1, x.shape[-1]).to(dtype)
+    g = g.reshape(rows, -1, g.shape[-1]).to(dtype)
+    row_weights = weights.to(dtype)[:, units.row_unit]  # [n, rows]
+    weight = g.new_zeros((weights.shape[0], g.shape[-1], x.shape[-1]))
+    bias = g.new_zeros((weights.shape[0], g.shape[-1]))
+    for r in range(weights.shape[0]):
+        touched = row_weights[r].nonzero().flatten()
+        if len(touched) == 0:
+            continue
+        scaled = g[touched] * row_weights[r, touched, None, None]
+        weight[r] = scaled.reshape(-1, g.shape[-1]).T @ x[touched].reshape(-1, x.shape[-1])
+        bias[r] = scaled.sum((0, 1))
+    return {"weight": weight, "bias": bias}

@@ -12,12 +12,13 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import warnings
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gradprobe.errors import UserInputError
+from gradprobe.errors import InputWarning, UserInputError
 from gradprobe.jsonl import json_objects
 from gradprobe.mix.conventions import CONVENTIONS, detect_convention, field_value, resolve_fields
 from gradprobe.mix.records import Mix, PromptRecord, TaskSource
@@ -105,7 +106,12 @@ def load_table(path: Path) -> Any:
     file_format = detect_format(path)
     if file_format == "data-folder":
         raise UserInputError(f"{path}: a folder that datasets did not save; give one file")
-    return FORMATS.get(file_format)(path)
+    try:
+        return FORMATS.get(file_format)(path)
+    except UnicodeDecodeError as exc:
+        raise UserInputError(
+            f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason}); save it as UTF-8"
+        ) from None
 
 
 def content_sha256(path: Path, files: list[Path] | None = None) -> str:
@@ -182,6 +188,10 @@ def _parts_records(
         records += part_records
         if source.fields["task"] is None:
             notes += task_column_hints(part.table, part.label, part.task)
+            if len(parts) == 1:  # a folder's layout names its tasks on purpose; one file does not
+                warnings.warn(f"{part.label}: no {overrides.get('task') or 'task'!r} column, so every row "
+                              f"is one task named {part.task!r}; add a task column to scan several tasks",
+                              InputWarning)
         for task in dict.fromkeys(r.task for r in part_records):
             files.setdefault(task, []).append(part.label)
             count = sum(r.task == task for r in part_records)
@@ -264,6 +274,13 @@ def select_prompts(mix: Mix, per_task: int | None, seed: int) -> list[PromptReco
     import random
 
     grouped = mix.by_task()
+    for task, records in grouped.items():
+        seen: set[str] = set()
+        for record in records:
+            if record.prompt_id in seen:
+                raise UserInputError(f"task {task!r} has prompt_id {record.prompt_id!r} twice; "
+                                     "prompt ids must be unique within a task")
+            seen.add(record.prompt_id)
     smallest = min(len(v) for v in grouped.values())
     for task, records in grouped.items():
         if len(records) < 2:

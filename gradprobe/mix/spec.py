@@ -17,7 +17,7 @@ dataset, a folder saved by ``DatasetDict.save_to_disk`` or a folder of data file
 ``data/gsm8k/{train,test}.parquet``; default train) and ``subset`` (hub datasets only). Every row of a task's data belongs to that task. Errors name the
 task and the key at fault.
 
-`mix_weight` scales task t's weight w_t in the mixed loss L = sum_t w_t L_t (metrics.md,
+`mix_weight` scales task t's weight w_t in the mixed loss L = sum_t w_t L_t (docs/metrics.md,
 "Task gradients"): w_t is proportional to mix_weight_t times the task's completions (or tokens,
 for token-mean losses), as if the task were sampled mix_weight times as often. It changes the
 mixed gradient and the update shares, not the per-task gradients.

@@ -38,15 +38,25 @@ class CompositeReward:
     def score(self, completion: str, answer: Any, **context: Any) -> tuple[float, dict[str, float]]:
         """The weighted total and each component's value, for one completion (`answer` as the
         data stores it)."""
-        components = {name: spec(completion, answer, **context) for name, _, spec in self.terms}
+        components = {name: _call(name, spec, completion, answer, context)
+                      for name, _, spec in self.terms}
         for name, value in components.items():
             if not math.isfinite(value):
-                raise UserInputError(
-                    f"reward {name!r} returned {value} for task {context.get('task')!r}; "
-                    "rewards must be finite"
-                )
+                raise UserInputError(f"reward {name!r} returned {value}; rewards must be finite")
         total = sum(weight * components[name] for name, weight, _ in self.terms)
         return float(total), components
+
+
+def _call(name: str, spec: RewardSpec, completion: str, answer: str | None,
+          context: dict[str, Any]) -> float:
+    """One component's value; a reward that raises is reported in one line, not a traceback."""
+    try:
+        return spec(completion, answer, **context)
+    except UserInputError:
+        raise
+    except Exception as exc:  # noqa: BLE001  (the user's function may raise anything)
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise UserInputError(f"reward {name!r} raised {type(exc).__name__}: {first}") from None
 
 
 def split_terms(text: str) -> list[tuple[float, str]]:

@@ -1,29 +1,22 @@
-"""The ``python_tests`` reward: run the completion's code against the task's asserts, in a sandbox.
+"""The ``python_tests`` reward: the completion's code against the task's asserts, in a jail.
 
 The code is the completion's last ```python fenced block (else its last untagged block, else the
 whole completion); the tests are Python statements, normally asserts, from the ``tests`` mix
 column (a string, a list of strings or a JSON list of strings) or else from ``answer``. Score: 1.0
-when every test statement ran without an exception, else 0.0; a crash, hang, fork bomb, memory
-bomb or flood of output scores 0.0 and never raises or hangs gradprobe.
+when the code ran and every assert holds, else 0.0; a crash, hang, fork bomb, memory bomb or
+flood of output scores 0.0 and never raises or hangs gradprobe.
 
-The sandbox, in layers (see `run_python_tests`):
+Who decides (`gradprobe.rewards.assertions`): gradprobe splits the asserts into the expressions
+that need the candidate (``add(2, 3)``), which the jailed program evaluates and sends back as
+plain JSON values, and everything else (``== 5``, ``not``, ``len``, ...), which gradprobe
+evaluates itself. Expected values never enter the jail and nothing the code does inside it
+(replacing builtins, reading frames, ``os._exit``, printing) can make a check pass.
 
-* a separate process, ``python -I`` (no PYTHON* variables, no user site, no script dir on the
-  path), in a fresh temporary directory, with an environment holding nothing of gradprobe's;
-* a process group of its own (``start_new_session``), killed whole on the wall-clock timeout;
-* resource limits set by the child on itself before any of the code runs (CPU seconds, address
-  space, file size, open files, processes, no core dumps); stdout and stderr go to unlinked temp
-  files that RLIMIT_FSIZE caps, of which gradprobe reads only a few KiB;
-* a new network namespace with no interfaces (``unshare --net``) where the platform allows it;
-* an audit hook, installed before the code runs, refusing sockets, process creation and
-  signalling, ctypes/cffi, writes outside the temporary directory, reads outside it and the
-  Python installation, and the introspection that would let code remove the hook;
-* success needs a per-run nonce printed after the last test, so ``sys.exit(0)`` or
-  ``os._exit(0)`` before the tests cannot pass.
-
-CPython audit hooks are not a security boundary against code written to defeat them; they stop
-accidents and the usual reward hacks. The kernel-enforced layers (limits, process group, network
-namespace) are the ones to rely on, and untrusted code at scale belongs in a container or VM.
+Where it runs (`gradprobe.rewards.sandbox`): bubblewrap (namespaces, uid nobody, a read-only
+minimal root, no network) with rlimits and a wall-clock timeout; inside, an audit hook refuses
+sockets, process creation, ctypes and writes outside the working directory as a second layer.
+Only with ``isolation="weak"`` (``--allow-weak-sandbox``) does the code run without the jail,
+and then the audit hook, which determined code can escape, is all that guards the machine.
 """
 
 from __future__ import annotations
@@ -31,71 +24,55 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import secrets
-import shutil
-import signal
-import subprocess
-import sys
-import tempfile
 from dataclasses import dataclass
-from functools import lru_cache
-from typing import IO, Any
+from typing import Any
 
 from gradprobe.errors import UserInputError
+from gradprobe.rewards.assertions import TestPlan, decode_value, evaluate, plan_tests
 from gradprobe.rewards.registry import register_reward
+from gradprobe.rewards.sandbox import Limits, check_isolation, python_executable, run_untrusted
 
 log = logging.getLogger(__name__)
 
-# Seconds on top of `timeout` for the interpreter to start before the wall clock kills it.
-STARTUP_GRACE_S = 1.0
-# The largest file, stdout and stderr included, the code may write (RLIMIT_FSIZE).
-MAX_FILE_BYTES = 8 << 20
-# How much of stdout and stderr gradprobe reads back.
-READ_BYTES = 16 << 10
-MAX_OPEN_FILES = 64
-# RLIMIT_NPROC counts every process and thread of the user, not just the sandbox's, so it is a
-# generous backstop; the audit hook is what refuses fork and exec (and root ignores this limit).
-MAX_USER_TASKS = 512
+# How much of the program's answers (stdout) and diagnostics (stderr) gradprobe reads back.
+ANSWER_BYTES = 1 << 20
+STDERR_BYTES = 16 << 10
 _PYTHON_TAGS = {"python", "py", "python3"}
 
 
 @dataclass(frozen=True)
 class SandboxResult:
-    """What one sandboxed run did: `passed` is the verdict, the rest is for diagnosis."""
+    """What one jailed run did: `passed` is the verdict, `reason` says why it failed."""
 
     passed: bool
+    reason: str
     returncode: int | None
     timed_out: bool
-    stdout: str
     stderr: str
 
 
-@register_reward("python_tests")
+@register_reward("python_tests", runs_code=True)
 def python_tests(
     completion: str,
     answer: Any,
     tests: Any = None,
     timeout: float = 5.0,
     memory_mb: int = 512,
-    network_namespace: bool = True,
+    isolation: str = "bwrap",
     **_: Any,
 ) -> float:
     """1.0 when the completion's code passes all the task's tests in the sandbox, else 0.0.
 
     `tests` (the mix column) wins over `answer`; `timeout` is wall-clock seconds for the code
-    and tests, `memory_mb` the address-space limit. Raises `UserInputError` only when the task
-    has no tests.
+    and tests, `memory_mb` the address-space limit, `isolation` ``bwrap`` or ``weak``. Raises
+    `UserInputError` when the task has no usable tests or the isolation cannot run here.
     """
     test_code = tests_source(tests if tests is not None else answer)
     code = extract_code(completion if isinstance(completion, str) else "")
-    result = run_python_tests(
-        code, test_code, timeout=float(timeout), memory_mb=int(memory_mb),
-        network_namespace=bool(network_namespace),
-    )
+    result = run_python_tests(code, test_code, timeout=float(timeout), memory_mb=int(memory_mb),
+                              isolation=isolation)
     if not result.passed:
-        log.debug("python_tests failed (rc=%s, timed out=%s): %s", result.returncode,
-                  result.timed_out, result.stderr[-500:])
+        log.debug("python_tests failed (%s); stderr: %s", result.reason, result.stderr[-500:])
     return float(result.passed)
 
 
@@ -143,128 +120,72 @@ def extract_code(completion: str) -> str:
 
 
 def run_python_tests(
-    code: str,
-    tests: str,
-    timeout: float = 5.0,
-    memory_mb: int = 512,
-    network_namespace: bool = True,
+    code: str, tests: str, timeout: float = 5.0, memory_mb: int = 512, isolation: str = "bwrap",
 ) -> SandboxResult:
-    """Run `code` then `tests` in a fresh sandboxed interpreter; never raises, never hangs."""
-    nonce = secrets.token_hex(16)
-    try:
-        with tempfile.TemporaryDirectory(
-            prefix="gradprobe-sandbox-", ignore_cleanup_errors=True
-        ) as workdir:
-            return _run_in(os.path.realpath(workdir), code, tests, nonce, timeout, memory_mb,
-                           network_namespace)
-    except Exception as exc:  # noqa: BLE001  (a sandbox failure is a failed test, not a crash)
-        log.warning("python_tests sandbox could not run: %s", exc)
-        return SandboxResult(False, None, False, "", f"sandbox error: {exc}")
+    """Run `code` and the probes of `tests` jailed, then decide the asserts outside.
 
-
-def _run_in(
-    workdir: str, code: str, tests: str, nonce: str, timeout: float, memory_mb: int,
-    network_namespace: bool,
-) -> SandboxResult:
-    for name, text in (("solution.py", code), ("tests.py", tests)):
-        with open(os.path.join(workdir, name), "w", encoding="utf-8", errors="replace") as f:
-            f.write(text)
-    # Unlinked files: the child cannot reach them by name, RLIMIT_FSIZE caps them, and the
-    # parent reads back only a bounded slice, so a flood of output costs neither side memory.
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        command = _command(workdir, timeout, memory_mb, network_namespace)
-        proc = subprocess.Popen(
-            command, stdin=subprocess.PIPE, stdout=out, stderr=err, cwd=workdir,
-            env=_child_env(workdir), start_new_session=True, close_fds=True,
-        )
-        timed_out = _feed_and_wait(proc, nonce, timeout + STARTUP_GRACE_S)
-        stdout, stderr = _read_tail(out), _read_tail(err)
-    passed = not timed_out and proc.returncode == 0 and _ends_with_nonce(stdout, nonce)
-    return SandboxResult(passed, proc.returncode, timed_out, stdout, stderr)
-
-
-def _command(workdir: str, timeout: float, memory_mb: int, network_namespace: bool) -> list[str]:
-    if not sys.executable:
-        raise RuntimeError("no Python interpreter path (sys.executable is empty)")
-    cpu_seconds = math.ceil(timeout) + 1  # +1: interpreter start-up counts too
-    limits = [cpu_seconds, int(memory_mb) << 20, MAX_FILE_BYTES, MAX_OPEN_FILES, MAX_USER_TASKS]
-    prefix = list(_netns_prefix()) if network_namespace else []
-    return [*prefix, sys.executable, "-I", "-c", _RUNNER, workdir, *map(str, limits)]
-
-
-def _child_env(workdir: str) -> dict[str, str]:
-    """Nothing inherited: no PATH, no tokens; HOME and TMPDIR point into the sandbox."""
-    env = {"HOME": workdir, "TMPDIR": workdir}
-    # One BLAS/OpenMP thread: each extra thread reserves address space against RLIMIT_AS.
-    env.update(dict.fromkeys(("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"), "1"))
-    return env
-
-
-def _feed_and_wait(proc: subprocess.Popen[bytes], nonce: str, wall_s: float) -> bool:
-    """Hand the child its nonce, wait up to `wall_s`; kill its whole group. True if timed out."""
-    try:
-        assert proc.stdin is not None
-        proc.stdin.write(nonce.encode() + b"\n")
-        proc.stdin.close()
-    except OSError:
-        pass  # the child died before reading: its exit status tells
-    try:
-        proc.wait(timeout=wall_s)
-        return False
-    except subprocess.TimeoutExpired:
-        return True
-    finally:
-        _kill_group(proc)  # also on KeyboardInterrupt: never leave the child running
-
-
-def _kill_group(proc: subprocess.Popen[bytes]) -> None:
-    """SIGKILL the child's process group (anything it left behind too), then reap the child."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError, AttributeError):
-        pass  # group already gone, or no process groups on this platform
-    try:
-        proc.kill()
-        proc.wait(timeout=5)
-    except (OSError, subprocess.TimeoutExpired):
-        pass
-
-
-def _read_tail(file: IO[bytes]) -> str:
-    """The last READ_BYTES of a capture file, decoded leniently."""
-    size = file.seek(0, os.SEEK_END)
-    file.seek(max(0, size - READ_BYTES))
-    return file.read(READ_BYTES).decode("utf-8", errors="replace")
-
-
-def _ends_with_nonce(stdout: str, nonce: str) -> bool:
-    lines = stdout.rstrip("\n").rsplit("\n", 1)
-    return lines[-1] == nonce
-
-
-@lru_cache(maxsize=1)
-def _netns_prefix() -> tuple[str, ...]:
-    """``unshare`` arguments that give the child an empty network namespace, if that works here.
-
-    Root can make one directly, others only where unprivileged user namespaces are enabled;
-    tried once per process, falling back to no namespace (the audit hook still refuses sockets).
+    Raises `UserInputError` only for unusable tests or an isolation that cannot run here; any
+    failure of the code itself is a failed result.
     """
-    unshare = shutil.which("unshare") if sys.platform.startswith("linux") else None
-    if unshare is None or not sys.executable:
-        return ()
-    for flags in (["--net"], ["--user", "--map-root-user", "--net"]):
-        prefix = (unshare, *flags, "--")
+    plan = plan_tests(tests)
+    check_isolation(isolation)
+    limits = Limits(cpu_s=math.ceil(timeout) + 1, memory_bytes=int(memory_mb) << 20)
+    request = {"code": code, "steps": [[s.kind, s.source] for s in plan.steps],
+               "limits": [int(v) for v in limits.as_args()], "weak": isolation == "weak"}
+    program = [python_executable(), "-I", "-S", "-c", _RUNNER]
+    finished = run_untrusted(program, json.dumps(request).encode("utf-8", "surrogatepass") + b"\n",
+                             isolation, timeout, ANSWER_BYTES)
+    stderr = finished.stderr[-STDERR_BYTES:].decode("utf-8", "replace")
+    if finished.timed_out:
+        return SandboxResult(False, f"timed out after {timeout:g}s", None, True, stderr)
+    passed, reason = verdict(plan, finished.stdout)
+    return SandboxResult(passed, reason, finished.returncode, False, stderr)
+
+
+def verdict(plan: TestPlan, answers: bytes) -> tuple[bool, str]:
+    """Whether every check of `plan` holds, given the jailed program's answer lines.
+
+    Each line is ``{"code": "ok"}``, ``{"code": ERROR}``, ``{"i": STEP, "value": V}`` or
+    ``{"i": STEP, "error": E}``; the first answer per step counts. Anything malformed or
+    missing fails.
+    """
+    lines = answers.decode("utf-8", "replace").splitlines()
+    records = [_record(line) for line in lines]
+    if not records or records[0].get("code") != "ok":
+        error = records[0].get("code") if records else None
+        return False, f"the code did not run: {error or 'no answer'}"
+    results: dict[int, dict[str, Any]] = {}
+    for record in records[1:]:
+        step = record.get("i")
+        if type(step) is int and 0 <= step < len(plan.steps) and step not in results:
+            results[step] = record
+    probes: dict[int, Any] = {}
+    for index, step in enumerate(plan.steps):
+        result = results.get(index, {"error": "no answer"})
+        if "error" in result or "value" not in result:
+            if step.kind == "exec":
+                return False, f"test statement {step.source!r} failed: {result.get('error')}"
+            continue  # a probe that raised fails the checks that need it
         try:
-            probe = subprocess.run(
-                [*prefix, sys.executable, "-I", "-c", "pass"], env={}, timeout=10,
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            )
-        except (OSError, subprocess.SubprocessError):
-            continue
-        if probe.returncode == 0:
-            return prefix
-    log.info("no network namespace available for python_tests; relying on the audit hook")
-    return ()
+            probes[index] = decode_value(result["value"]) if step.kind == "eval" else None
+        except (ValueError, TypeError, RecursionError) as exc:
+            return False, f"{step.source!r} sent back a bad value ({exc})"
+    for check in plan.checks:
+        try:
+            holds = bool(evaluate(check.expression, probes))
+        except Exception as exc:  # noqa: BLE001  (any failure of the check is a failed test)
+            return False, f"assert {check.source} raised {type(exc).__name__}"
+        if not holds:
+            return False, f"assert {check.source} does not hold"
+    return True, "passed"
+
+
+def _record(line: str) -> dict[str, Any]:
+    try:
+        record = json.loads(line)
+    except (ValueError, RecursionError):
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 # The policy the child installs as an audit hook. It is exec'd into a private namespace with a
@@ -294,7 +215,8 @@ _REFUSED_PREFIXES = (
     "webbrowser.", "pty.", "signal.pthread_kill",
 )
 _REFUSED_MODULES = {"ctypes", "_ctypes", "cffi", "_cffi_backend", "posix", "_posixsubprocess",
-                    "_posixshmem", "_gdbm", "_dbm"}
+                    "_posixshmem", "_gdbm", "_dbm", "_xxsubinterpreters", "_interpreters",
+                    "_xxinterpchannels", "_interpchannels", "_testcapi", "_testinternalcapi"}
 _WRITE_PATH_EVENTS = {"os.remove", "os.rmdir", "os.mkdir", "os.chmod", "os.chown", "os.utime",
                       "os.truncate", "os.setxattr", "os.removexattr", "shutil.rmtree",
                       "os.rename", "sqlite3.connect"}
@@ -426,16 +348,13 @@ def _hook(event, args):
             _check_frame(args[0])
 '''
 
-# The child's main program. Set-up (limits, defusing, hook) runs before a line of the untrusted
-# code; the nonce arrives on stdin and is printed only after the last test statement.
-_RUNNER = r'''
+# The jailed program. Set-up (limits, defusing, hook) runs before a line of the untrusted code;
+# its answers go to the original stdout, the code's own prints to stderr.
+_RUNNER = r"""
 import os, sys
 
 def _limit(cpu, memory, file_size, open_files, tasks):
-    try:
-        import resource
-    except ImportError:
-        return  # no rlimits on this platform: the parent's wall clock still applies
+    import resource
     for name, value in (("RLIMIT_CPU", cpu), ("RLIMIT_AS", memory), ("RLIMIT_FSIZE", file_size),
                         ("RLIMIT_NOFILE", open_files), ("RLIMIT_NPROC", tasks),
                         ("RLIMIT_CORE", 0)):
@@ -446,11 +365,21 @@ def _limit(cpu, memory, file_size, open_files, tasks):
             except (ValueError, OSError):
                 pass
 
+def _die_with_parent():
+    # Outside bwrap nothing else kills this process when gradprobe is killed.
+    import ctypes
+    parent = os.getppid()
+    ctypes.CDLL(None).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
+    if os.getppid() != parent:
+        os._exit(1)
+    for name in ("ctypes", "_ctypes", "ctypes._endian"):
+        sys.modules.pop(name, None)  # importing it again meets the audit hook
+
 def _refuse(*args, **kwargs):
     raise PermissionError("gradprobe sandbox refuses this")
 
 def _defuse():
-    """Replace process creation and special files that no audit event covers."""
+    # Process creation and special files that no audit event covers.
     try:
         import _posixsubprocess
         _posixsubprocess.fork_exec = _refuse
@@ -474,35 +403,85 @@ def _install(root):
     exec(compile(POLICY, "gradprobe_policy", "exec"), private)
     private["install"](root, _read_roots())
 
+def _encode(value, depth=0):
+    # Exact built-in types only: a subclass could carry a forged __eq__ out.
+    kind = type(value)
+    if depth > 100:
+        raise ValueError("value nested too deeply")
+    if value is None or kind in (bool, int, str):
+        return value
+    if kind is float:
+        return value if value - value == 0 else {"float": repr(value)}
+    if kind is bytes:
+        return {"bytes": value.hex()}
+    if kind in (list, tuple, set, frozenset):
+        return {kind.__name__: [_encode(item, depth + 1) for item in value]}
+    if kind is dict:
+        return {"dict": [[_encode(k, depth + 1), _encode(v, depth + 1)] for k, v in value.items()]}
+    raise TypeError("a %s cannot be compared outside the sandbox" % kind.__name__)
+
+def _exit_with_gradprobe():
+    # gradprobe keeps stdin open while it waits: end-of-file means it is gone (even SIGKILLed).
+    import _thread
+    def watch():
+        try:
+            while os.read(0, 4096):
+                pass
+        finally:
+            os._exit(3)
+    _thread.start_new_thread(watch, ())
+
 def _main():
-    root = sys.argv[1]
-    limits = [int(value) for value in sys.argv[2:7]]
-    nonce = sys.stdin.buffer.readline().strip()
-    with open("solution.py", encoding="utf-8") as f:
-        code = f.read()
-    with open("tests.py", encoding="utf-8") as f:
-        tests = f.read()
-    write, exit_ = os.write, os._exit
+    import json
+    request = json.loads(sys.stdin.buffer.readline().decode("utf-8", "surrogatepass"))
+    _exit_with_gradprobe()
+    answers = os.fdopen(os.dup(1), "w", encoding="utf-8", errors="replace")
+    os.dup2(2, 1)
+    exit_ = os._exit
     sys.dont_write_bytecode = True
-    _limit(*limits)
+    if request["weak"]:
+        _die_with_parent()
+    _limit(*request["limits"])
     _defuse()
-    _install(root)
+    _install(os.getcwd())
+
+    def answer(record):
+        try:
+            line = json.dumps(record)
+        except (ValueError, TypeError) as exc:
+            line = json.dumps({"i": record.get("i"), "error": "%s: %s" % (type(exc).__name__, exc)})
+        answers.write(line + "\n")
+        answers.flush()
+
+    def failure(exc):
+        return ("%s: %s" % (type(exc).__name__, exc))[:500]
+
     namespace = {"__name__": "solution", "__builtins__": __builtins__}
     try:
-        exec(compile(code, "solution.py", "exec"), namespace)
-        exec(compile(tests, "tests.py", "exec"), namespace)
-        sys.stdout.flush()
-        sys.stderr.flush()
+        exec(compile(request["code"], "solution.py", "exec"), namespace)
     except BaseException as exc:
+        answer({"code": failure(exc)})
+        exit_(1)
+    answer({"code": "ok"})
+    for index, (kind, source) in enumerate(request["steps"]):
         try:
-            sys.stderr.write(("%s: %s\n" % (type(exc).__name__, exc))[:4000])
-            sys.stderr.flush()
+            if kind == "exec":
+                exec(compile(source, "tests.py", "exec"), namespace)
+                answer({"i": index, "value": None})
+            else:
+                value = eval(compile(source, "tests.py", "eval"), namespace)
+                answer({"i": index, "value": _encode(value)})
+        except BaseException as exc:
+            answer({"i": index, "error": failure(exc)})
+            if kind == "exec":
+                break
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
         except BaseException:
             pass
-        exit_(1)
-    write(1, b"\n" + nonce + b"\n")
     exit_(0)
 
 _main()
-'''
+"""
 _RUNNER = f"POLICY = {_POLICY!r}\n" + _RUNNER

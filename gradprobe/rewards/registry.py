@@ -13,6 +13,7 @@ A task's reward may combine several of them with weights (`gradprobe.rewards.com
 from __future__ import annotations
 
 import importlib
+import numbers
 import os
 import sys
 from collections.abc import Callable, Mapping
@@ -34,6 +35,8 @@ REWARDS: Registry[RewardFn] = Registry("reward")
 SPEC_ARGUMENT: dict[str, str] = {}
 # Rewards whose "NAME:VALUE" value may be left out (the function's default applies).
 OPTIONAL_ARGUMENT: set[str] = set()
+# Rewards that run model-written code: they take an ``isolation`` option (--allow-weak-sandbox).
+RUNS_CODE: set[str] = set()
 
 
 @dataclass(frozen=True)
@@ -48,14 +51,30 @@ class RewardSpec:
 
     def __call__(self, completion: str, answer: Any, **context: Any) -> float:
         """The reward of one completion; `answer` as the data stores it (text or a structure)."""
-        return call_reward(self.convention, self.fn, completion, answer, self.options, context)
+        value = call_reward(self.convention, self.fn, completion, answer, self.options, context)
+        if isinstance(value, (str, bytes)) or not isinstance(value, numbers.Real) and not hasattr(
+            type(value), "__float__"
+        ):
+            raise UserInputError(
+                f"reward {self.name!r} returned {_short_repr(value)} ({type(value).__name__}); "
+                "a reward must return a number"
+            )
+        return float(value)
+
+
+def _short_repr(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def register_reward(
-    name: str, argument: str | None = None, required: bool = True
+    name: str, argument: str | None = None, required: bool = True, runs_code: bool = False
 ) -> Callable[[RewardFn], RewardFn]:
     """Decorator: register a reward; `argument` names the option that ``NAME:VALUE`` sets
-    (which may be left out when not `required`)."""
+    (which may be left out when not `required`); `runs_code` marks one that executes
+    completions (it must accept ``isolation="bwrap"|"weak"``)."""
+    if runs_code:
+        RUNS_CODE.add(name)
     if argument is not None:
         SPEC_ARGUMENT[name] = argument
         if not required:
@@ -128,3 +147,24 @@ def parse_reward_options(
         chosen[task] = spec
     return {task: configured[task] if task in configured and task not in chosen
             else parse_composite(chosen.get(task, default)) for task in tasks}
+
+
+def effective_rewards(
+    specs: list[str],
+    rewards: Mapping[str, CompositeReward],
+    configured: Mapping[str, CompositeReward] | None = None,
+) -> dict[str, dict[str, str]]:
+    """Per task, the reward `parse_reward_options` chose (`spec`, a composite's name) and where
+    the choice came from (`source`): scan.json `rewards` and `mix inspect --reward`."""
+    configured = configured or {}
+    chosen = {task for task, sep, _ in (item.partition("=") for item in specs) if sep}
+    default_given = any("=" not in item for item in specs)
+
+    def source(task: str) -> str:
+        if task in chosen:
+            return f"--reward {task}=..."
+        if task in configured:
+            return "mix spec"
+        return "--reward default" if default_given else "built-in default"
+
+    return {task: {"spec": reward.name, "source": source(task)} for task, reward in rewards.items()}

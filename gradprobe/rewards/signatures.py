@@ -46,8 +46,9 @@ def calling_convention(fn: Callable[..., Any]) -> str:
 def call_reward(
     convention: str, fn: Callable[..., Any], completion: str, answer: Any,
     options: Mapping[str, Any], context: Mapping[str, Any],
-) -> float:
-    """`fn`'s reward for one completion, called as its convention expects.
+) -> Any:
+    """`fn`'s reward for one completion, called as its convention expects (the value as it
+    returned it: the caller checks that it is a number).
 
     `context` holds ``prompt`` (the text the model saw), ``task``, ``chat_prompt`` (the chat
     messages, or None) and the row's other columns.
@@ -56,13 +57,13 @@ def call_reward(
 
 
 def _gradprobe(fn: Callable[..., Any], completion: str, answer: Any, options: Mapping[str, Any],
-               context: Mapping[str, Any]) -> float:
+               context: Mapping[str, Any]) -> Any:
     columns = {k: v for k, v in context.items() if k != "chat_prompt"}
-    return float(fn(completion, answer_text(answer), **options, **columns))
+    return fn(completion, answer_text(answer), **options, **columns)
 
 
 def _verl(fn: Callable[..., Any], completion: str, answer: Any, options: Mapping[str, Any],
-          context: Mapping[str, Any]) -> float:
+          context: Mapping[str, Any]) -> Any:
     offered = {"data_source": context.get("data_source", context.get("task")),
                "solution_str": completion, "ground_truth": answer,
                "extra_info": context.get("extra_info"), **options}
@@ -71,11 +72,11 @@ def _verl(fn: Callable[..., Any], completion: str, answer: Any, options: Mapping
         if "score" not in result:
             raise UserInputError(f"reward {_name(fn)} returned a dict without 'score' ({sorted(result)})")
         result = result["score"]
-    return float(result)
+    return result
 
 
 def _trl(fn: Callable[..., Any], completion: str, answer: Any, options: Mapping[str, Any],
-         context: Mapping[str, Any]) -> float:
+         context: Mapping[str, Any]) -> Any:
     chat = context.get("chat_prompt")
     prompt = chat if chat is not None else context.get("prompt")
     written = [{"role": "assistant", "content": completion}] if chat is not None else completion
@@ -88,7 +89,7 @@ def _trl(fn: Callable[..., Any], completion: str, answer: Any, options: Mapping[
     if result[0] is None:
         raise UserInputError(f"reward {_name(fn)} returned None for task {context.get('task')!r}: "
                              "each task needs a reward that applies to it")
-    return float(result[0])
+    return result[0]
 
 
 def _accepted(fn: Callable[..., Any], offered: dict[str, Any]) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""One self-contained HTML page: the tables of a scan or comparison and its PNGs, base64-embedded."""
+"""The report model as one self-contained HTML page, its PNGs base64-embedded."""
 
 from __future__ import annotations
 
@@ -6,8 +6,7 @@ import base64
 from html import escape
 from typing import Any
 
-from gradprobe.views.stats_view import Grid
-from gradprobe.views.tables import checks_grid, compare_grids, scan_grids, scan_header
+from gradprobe.views.model import Report, Section, checks_section, compare_report, scan_report
 
 STYLE = """
 body { font-family: system-ui, -apple-system, Segoe UI, sans-serif; margin: 2em auto; max-width: 72em;
@@ -20,16 +19,19 @@ th { background: #f6f8fa; }
 .verdict { font-weight: bold; font-size: 1.1em; }
 .alert { color: #b31d28; font-weight: bold; }
 .note { color: #7a5b00; }
+.legend { color: #57606a; font-size: 0.85em; margin: -1em 0 0.3em; }
 figure { margin: 1em 0; } img { max-width: 100%; border: 1px solid #eee; }
 """
 
 
-def grid_html(grid: Grid) -> str:
-    """One grid as a heading and an HTML table (every cell escaped)."""
-    title, header, rows = grid
-    head = "".join(f"<th>{escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<h3>{escape(title)}</h3>\n<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>\n"
+def section_html(section: Section) -> str:
+    """One section as a heading, an HTML table and its legend (every cell escaped)."""
+    head = "".join(f"<th>{escape(h)}</th>" for h in section.header)
+    body = "".join("<tr>" + "".join(f"<td>{escape(str(c))}</td>" for c in row) + "</tr>"
+                   for row in section.rows)
+    legend = "".join(f'<p class="legend">{escape(line)}</p>' for line in section.legend)
+    return (f"<h3>{escape(section.title)}</h3>\n<table><thead><tr>{head}</tr></thead>"
+            f"<tbody>{body}</tbody></table>\n{legend}")
 
 
 def _images(figures: dict[str, bytes]) -> str:
@@ -46,45 +48,35 @@ def _checks(checks: list[dict[str, Any]]) -> str:
         return ""
     fired = [c for c in checks if c["fired"]]
     lines = "".join(f'<p class="alert">ALERT {escape(c["message"])}</p>' for c in fired)
-    return "<h2>Checks</h2>\n" + lines + grid_html(checks_grid(checks))
+    return "<h2>Checks</h2>\n" + lines + section_html(checks_section(checks))
 
 
-def page(title: str, intro: list[str], grids: list[Grid], figures: dict[str, bytes],
-         checks: list[dict[str, Any]] | None = None, verdict: str | None = None,
-         notes: list[str] | None = None) -> str:
+def page(report: Report, figures: dict[str, bytes], checks: list[dict[str, Any]] | None = None) -> str:
     """The whole page: no external resources, so it can be mailed or attached to a CI run."""
-    body = [f"<h1>{escape(title)}</h1>"]
-    if verdict:
-        body.append(f'<p class="verdict">{escape(verdict)}</p>')
-    body += [f"<p>{escape(line)}</p>" for line in intro]
-    body += [f'<p class="note">{escape(n)}</p>' for n in notes or []]
+    body = [f"<h1>{escape(report.title)}</h1>"]
+    if report.headline:
+        body.append(f'<p class="verdict">{escape(report.headline)}</p>')
+    if report.findings:
+        body.append("<ul>" + "".join(f"<li>{escape(line)}</li>" for line in report.findings) + "</ul>")
+    body += [f'<p class="note">Caveat: {escape(line)}</p>' for line in report.caveats]
+    body += [f"<p>{escape(line)}</p>" for line in report.context]
     body.append(_checks(checks or []))
     if figures:
         body.append("<h2>Pictures</h2>\n" + _images(figures))
     body.append("<h2>Tables</h2>")
-    body += [grid_html(g) for g in grids]
+    body += [section_html(section) for section in report.sections]
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<title>{escape(title)}</title><style>{STYLE}</style></head>\n<body>\n"
+            f"<title>{escape(report.title)}</title><style>{STYLE}</style></head>\n<body>\n"
             + "\n".join(body) + "\n</body></html>\n")
 
 
 def scan_html(document: dict[str, Any], figures: dict[str, bytes],
               checks: list[dict[str, Any]] | None = None) -> str:
-    """A scan's page: verdict, checks, pictures, every table including the statistics."""
-    notes = list((document.get("stats") or {}).get("verdicts", []))
-    return page("gradprobe scan", scan_header(document), scan_grids(document), figures, checks,
-                document["verdict"], notes)
+    """A scan's page: verdict, findings, caveats, checks, pictures, every table."""
+    return page(scan_report(document), figures, checks)
 
 
 def compare_html(document: dict[str, Any], figures: dict[str, bytes],
                  checks: list[dict[str, Any]] | None = None) -> str:
-    """A comparison's page: gains, drift, relation, and the gain picture."""
-    intro = [f"A: {document['a']['path']}"]
-    if document["b"] is not None:
-        intro.append(f"B: {document['b']['path']}")
-    if document["gain_formula"]:
-        intro.append(f"gain: {document['gain_formula']}")
-    if document["drift"].get("error_note"):
-        intro.append(f"drift: {document['drift']['error_note']}")
-    return page("gradprobe compare", intro, compare_grids(document), figures, checks,
-                notes=document["notes"])
+    """A comparison's page: caveats, gains, drift, relation, and the gain picture."""
+    return page(compare_report(document), figures, checks)

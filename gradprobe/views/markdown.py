@@ -1,23 +1,25 @@
-"""GitHub markdown of a scan or a comparison, for a pull-request comment."""
+"""The report model as GitHub markdown, for a pull-request comment: the verdict and what the
+statistics say first, then the caveats, then the tables."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from gradprobe.views.stats_view import Grid
-from gradprobe.views.tables import checks_grid, compare_grids, gains_grid, scan_grids, scan_header
+from gradprobe.views.model import Report, Section, checks_section, compare_report, gains_report, scan_report
 
 
 def _cell(text: str) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
-def grid_markdown(grid: Grid, level: int = 3) -> str:
-    """One grid as a heading and a markdown table."""
-    title, header, rows = grid
-    lines = [f"{'#' * level} {_cell(title)}", "", "| " + " | ".join(map(_cell, header)) + " |",
-             "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
-    lines += ["| " + " | ".join(map(_cell, row)) + " |" for row in rows]
+def section_markdown(section: Section, level: int = 3) -> str:
+    """One section as a heading, a markdown table and its legend."""
+    lines = [f"{'#' * level} {_cell(section.title)}", "",
+             "| " + " | ".join(map(_cell, section.header)) + " |",
+             "|" + "|".join(["---"] + ["---:"] * (len(section.header) - 1)) + "|"]
+    lines += ["| " + " | ".join(map(_cell, row)) + " |" for row in section.rows]
+    if section.legend:
+        lines += [""] + [f"<sub>{_cell(line)}</sub>  " for line in section.legend]
     return "\n".join(lines) + "\n"
 
 
@@ -29,42 +31,36 @@ def _checks_markdown(checks: list[dict[str, Any]]) -> list[str]:
     out += [f"- :x: **{_cell(c['message'])}**" for c in fired]
     out += [f"- {len(fired)} of {len(checks)} `--fail-on` checks fired" if fired
             else f"- all {len(checks)} `--fail-on` checks passed", ""]
-    out.append(grid_markdown(checks_grid(checks)))
+    out.append(section_markdown(checks_section(checks)))
     return out
 
 
-def scan_markdown(document: dict[str, Any], checks: list[dict[str, Any]] | None = None) -> str:
-    """A scan's verdict, tables and statistics (and --fail-on checks) as markdown."""
-    out = ["## gradprobe scan", "", f"**{_cell(document['verdict'])}**", ""]
-    out += [f"- {_cell(line)}" for line in scan_header(document)] + [""]
+def report_markdown(report: Report, checks: list[dict[str, Any]] | None = None) -> str:
+    """A whole report: verdict, findings, caveats, context, checks, then every section."""
+    out = [f"## {report.title}", ""]
+    if report.headline:
+        out += [f"**{_cell(report.headline)}**", ""]
+    if report.findings:
+        out += [f"- {_cell(line)}" for line in report.findings] + [""]
+    if report.caveats:
+        out += [f"> **Caveat:** {_cell(line)}" + ("  " if i < len(report.caveats) - 1 else "")
+                for i, line in enumerate(report.caveats)] + [""]
+    out += [f"- {_cell(line)}" for line in report.context] + [""]
     out += _checks_markdown(checks or [])
-    for grid in scan_grids(document, with_stats=False):
-        out.append(grid_markdown(grid))
-    if document.get("stats"):
-        from gradprobe.views.stats_view import stats_markdown
-
-        out.append(stats_markdown(document["stats"]))
+    out += [section_markdown(section) for section in report.sections]
     return "\n".join(out).rstrip() + "\n"
+
+
+def scan_markdown(document: dict[str, Any], checks: list[dict[str, Any]] | None = None) -> str:
+    """A scan as markdown."""
+    return report_markdown(scan_report(document), checks)
 
 
 def compare_markdown(document: dict[str, Any], checks: list[dict[str, Any]] | None = None) -> str:
-    """A comparison's tables, drift note and caveats as markdown."""
-    out = ["## gradprobe compare", "", f"- A: `{_cell(document['a']['path'])}`"]
-    if document["b"] is not None:
-        out.append(f"- B: `{_cell(document['b']['path'])}`")
-    if document["log"] is not None:
-        log = document["log"]
-        out.append(f"- log: `{_cell(log['source'])}` (window {log['window']}, step {log['step']})")
-    if document["gain_formula"]:
-        out.append(f"- gain: {_cell(document['gain_formula'])}")
-    if document["drift"].get("error_note"):
-        out.append(f"- drift: {_cell(document['drift']['error_note'])}")
-    out += [f"- note: {_cell(n)}" for n in document["notes"]] + [""]
-    out += _checks_markdown(checks or [])
-    out += [grid_markdown(g) for g in compare_grids(document)]
-    return "\n".join(out).rstrip() + "\n"
+    """A comparison as markdown."""
+    return report_markdown(compare_report(document), checks)
 
 
 def gains_markdown(document: dict[str, Any]) -> str:
-    """The windowed gains table as markdown."""
-    return grid_markdown(gains_grid(document), level=2) + f"\n{document['formula']}\n"
+    """The windowed gains as markdown."""
+    return report_markdown(gains_report(document))

@@ -51,14 +51,16 @@ def sample_prompts(mix: Mix, tokenizer: Any | None) -> dict[str, SamplePrompt]:
     return samples
 
 
-def _reward_cell(mix: Mix, task: str) -> str:
+def _reward_cell(mix: Mix, task: str, rewards: dict[str, dict[str, str]] | None = None) -> str:
+    if rewards is not None:  # what a scan with the same --reward options would use
+        return f"{rewards[task]['spec']} ({rewards[task]['source']})"
     source = mix.sources.get(task)
     if source is None or not source.reward:
         return "from --reward"
     return " + ".join(r if w == 1.0 else f"{w:g}*{r}" for r, w in zip(source.reward, source.reward_weights))
 
 
-def task_overview(mix: Mix) -> Table:
+def task_overview(mix: Mix, rewards: dict[str, dict[str, str]] | None = None) -> Table:
     """One row per task: prompt count, file format and column convention, reward, mix weight."""
     split = f", split {mix.split}" if mix.split else ""
     table = Table(title=f"Mix {mix.source} ({mix.format}{split})", title_justify="left")
@@ -68,7 +70,7 @@ def task_overview(mix: Mix) -> Table:
     for task in mix.tasks:
         source = mix.sources[task]
         table.add_row(Text(task), str(counts[task]), f"{source.format}/{source.convention}",
-                      Text(_reward_cell(mix, task)), f"{source.weight:g}")
+                      Text(_reward_cell(mix, task, rewards)), f"{source.weight:g}")
     return table
 
 
@@ -111,9 +113,10 @@ def field_table(mix: Mix) -> Table:
     return table
 
 
-def render_mix(mix: Mix, samples: dict[str, SamplePrompt]) -> RenderableType:
+def render_mix(mix: Mix, samples: dict[str, SamplePrompt],
+               rewards: dict[str, dict[str, str]] | None = None) -> RenderableType:
     """The whole `mix inspect` output as one rich renderable."""
-    parts: list[RenderableType] = [task_overview(mix), field_table(mix)]
+    parts: list[RenderableType] = [task_overview(mix, rewards), field_table(mix)]
     parts += [Text(note, style="yellow") for note in mix.notes]
     for task, sample in samples.items():
         how = f"{sample.n_tokens} tokens, as the model sees it" if sample.templated else "raw"

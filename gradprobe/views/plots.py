@@ -1,9 +1,10 @@
 """Pictures of a scan and a comparison, as PNG bytes (matplotlib, Agg backend; extra `plots`).
 
-- task norms: each task's unbiased squared norm with its 95% interval (bar and whiskers) beside
-  the plain squared norm ||g_t||^2 (dot);
+- task norms: each task's grad_norm ||g_t|| (what the verdict and the ratios use), and its
+  unbiased squared norm with its 95% interval (bar and whiskers) beside the plain ||g_t||^2 (dot);
 - the task-gradient cosine matrix (heatmap, -1 to 1);
-- per-prompt gradient norm ||u_p|| against mean reward and against mean |A|, coloured by task;
+- per-prompt gradient norm ||u_p|| against mean reward and against mean |A|, coloured by task,
+  the prompts the statistics exclude (zero gradient) in grey;
 - for a comparison, the learning gain against A's squared gradient norm, one labelled dot per task.
 """
 
@@ -24,6 +25,7 @@ def require_matplotlib() -> Any:
         import matplotlib
 
         matplotlib.use("Agg", force=True)
+        matplotlib.rcParams["text.parse_math"] = False  # task names like "$x^$" are plain text
         import matplotlib.pyplot as plt
     except ImportError:
         raise UserInputError(MISSING) from None
@@ -54,33 +56,52 @@ def _tick_labels(ax: Any, labels: list[str], axis: str = "x") -> None:
         ax.set_yticklabels(labels)
 
 
-def task_norms_png(document: dict[str, Any]) -> bytes:
-    """Bar: unbiased squared norm per task with its 95% CI; dots: plain ||g_t||^2."""
+def task_norms_figure(document: dict[str, Any]) -> Any:
+    """Left: ||g_t||, the norm the verdict and the ratios use, labelled with each ratio. Right:
+    the unbiased squared norm with its 95% CI (bars) beside the plain ||g_t||^2 (dots)."""
     plt = require_matplotlib()
+    from matplotlib.patches import Patch
+
     tasks = list(document["tasks"])
     rows = [document["tasks"][t] for t in tasks]
+    colours = [_task_colours(plt, tasks)[t] for t in tasks]
+    width = max(5.0, 1.1 * len(tasks) + 2)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(2 * width + 2.6, 4.2), layout="constrained")
+    x = list(range(len(tasks)))
+    norms = [r.get("grad_norm") or 0.0 for r in rows]
+    left.bar(x, norms, color=colours, alpha=0.8, label="grad_norm ||g_t||")
+    for i, row in enumerate(rows):
+        if row.get("norm_ratio") is not None:
+            left.annotate(f"{row['norm_ratio']:.2f}x", (i, norms[i]), textcoords="offset points",
+                          xytext=(0, 3), ha="center", fontsize="small")
+    _tick_labels(left, tasks)
+    left.set_xlabel("task")
+    left.set_ylabel("task-gradient norm ||g_t||")
+    left.set_title("grad_norm (the verdict's; labels: norm_ratio)")
+
     unbiased = [r.get("grad_sq_norm_unbiased") or 0.0 for r in rows]
     ci = [r.get("grad_sq_norm_unbiased_ci") or [None, None] for r in rows]
     lower = [u - lo if lo is not None else 0.0 for u, (lo, _) in zip(unbiased, ci)]
     upper = [hi - u if hi is not None else 0.0 for u, (_, hi) in zip(unbiased, ci)]
-    colours = _task_colours(plt, tasks)
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(tasks) + 2) + 2.6, 4.2), layout="constrained")
-    x = list(range(len(tasks)))
-    from matplotlib.patches import Patch
-
-    ax.bar(x, unbiased, color=[colours[t] for t in tasks], alpha=0.8)
+    right.bar(x, unbiased, color=colours, alpha=0.8)
     bars = Patch(facecolor="lightgrey", edgecolor="grey", label="unbiased ||E u||^2 (U-statistic)")
-    whiskers = ax.errorbar(x, unbiased, yerr=[lower, upper], fmt="none", ecolor="black", capsize=5,
-                           label="its 95% CI (jackknife)")
-    dots = ax.scatter(x, [r.get("grad_sq_norm") or 0.0 for r in rows], color="black", marker="D",
-                      zorder=3, label="plain ||g_t||^2")
-    ax.axhline(0, color="grey", linewidth=0.8)
-    _tick_labels(ax, tasks)
-    ax.set_xlabel("task")
-    ax.set_ylabel("squared task-gradient norm")
-    ax.set_title("Per-task squared gradient norm, with 95% CI")
-    ax.legend(handles=[bars, whiskers, dots], fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))
-    return _png(fig)
+    whiskers = right.errorbar(x, unbiased, yerr=[lower, upper], fmt="none", ecolor="black", capsize=5,
+                              label="its 95% CI (jackknife)")
+    dots = right.scatter(x, [r.get("grad_sq_norm") or 0.0 for r in rows], color="black", marker="D",
+                         zorder=3, label="plain ||g_t||^2 (grad_sq_norm)")
+    right.axhline(0, color="grey", linewidth=0.8)
+    _tick_labels(right, tasks)
+    right.set_xlabel("task")
+    right.set_ylabel("squared task-gradient norm")
+    right.set_title("Squared norm: unbiased with 95% CI, and plain")
+    right.legend(handles=[bars, whiskers, dots], fontsize="small", loc="upper left",
+                 bbox_to_anchor=(1.01, 1))
+    return fig
+
+
+def task_norms_png(document: dict[str, Any]) -> bytes:
+    """The task-norms picture as PNG bytes."""
+    return _png(task_norms_figure(document))
 
 
 def cosine_png(document: dict[str, Any], key: str = "cosine") -> bytes | None:
@@ -110,24 +131,40 @@ def cosine_png(document: dict[str, Any], key: str = "cosine") -> bytes | None:
     return _png(fig)
 
 
-def prompts_png(document: dict[str, Any]) -> bytes:
-    """Two scatters of ||u_p||: against the prompt's mean reward and its mean |A|, by task."""
+def prompts_figure(document: dict[str, Any]) -> Any:
+    """Two scatters of ||u_p||: against the prompt's mean reward and its mean |A|, by task. The
+    prompts the statistics exclude (all rewards equal, or a zero norm) are grey crosses."""
     plt = require_matplotlib()
     tasks = list(document["tasks"])
     colours = _task_colours(plt, tasks)
+    excluded = [r for r in document["prompts"] if _excluded(r)]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), sharey=True, layout="constrained")
     for ax, key, label in ((axes[0], "mean_reward", "mean reward of the prompt's group"),
                            (axes[1], "mean_abs_advantage", "mean |advantage| of the prompt's group")):
         for task in tasks:
-            rows = [r for r in document["prompts"] if r["task"] == task]
+            rows = [r for r in document["prompts"] if r["task"] == task and not _excluded(r)]
             ax.scatter([r[key] for r in rows], [r["prompt_grad_norm"] for r in rows], s=22, alpha=0.75,
                        color=colours[task], label=task)
+        if excluded:
+            ax.scatter([r[key] for r in excluded], [r["prompt_grad_norm"] for r in excluded], s=18,
+                       marker="x", color="grey", alpha=0.6,
+                       label=f"excluded ({len(excluded)}): all rewards equal, zero gradient")
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("per-prompt gradient norm ||u_p||")
     axes[1].legend(title="task", fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1))
-    fig.suptitle("Per-prompt gradient norms")
-    return _png(fig)
+    fig.suptitle("Per-prompt gradient norms (grey: excluded from the statistics)")
+    return fig
+
+
+def _excluded(row: dict[str, Any]) -> bool:
+    """Left out of the statistics, as gradprobe.stats does: zero advantage or a zero norm."""
+    return bool(row.get("zero_advantage")) or not row["prompt_grad_norm"] > 0
+
+
+def prompts_png(document: dict[str, Any]) -> bytes:
+    """The per-prompt picture as PNG bytes."""
+    return _png(prompts_figure(document))
 
 
 def gain_png(document: dict[str, Any]) -> bytes:
@@ -174,8 +211,7 @@ def compare_figures(document: dict[str, Any]) -> dict[str, bytes]:
 
 def write_figures(directory: Path, figures: dict[str, bytes]) -> list[Path]:
     """Write each PNG atomically into `directory` (created if needed)."""
-    import os
-    import tempfile
+    from gradprobe.artifacts import write_bytes
 
     directory = Path(directory)
     try:
@@ -184,9 +220,6 @@ def write_figures(directory: Path, figures: dict[str, bytes]) -> list[Path]:
         raise UserInputError(f"cannot create {directory}: {exc.strerror}") from None
     paths = []
     for name, data in figures.items():
-        handle, temporary = tempfile.mkstemp(prefix=f".{name}.", dir=directory)
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
-        os.replace(temporary, directory / name)
+        write_bytes(directory / name, data)
         paths.append(directory / name)
     return paths

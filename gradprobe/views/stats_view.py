@@ -1,7 +1,8 @@
-"""Views of the `stats` dict that gradprobe.stats.compute_stats makes: rich tables and markdown.
+"""The sections of the report model that show the `stats` dict of gradprobe.stats.compute_stats.
 
-Both views show the same tables, built once as (title, header, rows) of strings; the numbers are
-defined in ../shared/design/metrics.md, "Statistics against reward and advantage".
+The numbers are defined in docs/metrics.md, "Statistics against reward and advantage". The norm
+ratios and their intervals are not here: the per-task gradients section shows each ratio once,
+with its interval.
 """
 
 from __future__ import annotations
@@ -9,67 +10,47 @@ from __future__ import annotations
 from typing import Any
 
 from rich.console import RenderableType
-from rich.table import Table
-from rich.text import Text
 
 from gradprobe.stats import format_p
-from gradprobe.views.console import fmt
-
-Grid = tuple[str, list[str], list[list[str]]]
+from gradprobe.views.model import Section, fmt, interval
 
 
 def _p(p: float | None) -> str:
     return "-" if p is None else format_p(p)[1:].lstrip("=")
 
 
-def _ci(lo: float | None, hi: float | None, spec: str) -> str:
-    return "-" if lo is None or hi is None else f"{lo:{spec}} to {hi:{spec}}"
-
-
-def _kruskal(stats: dict) -> Grid:
+def _kruskal(stats: dict) -> Section:
     kw = stats["kruskal"]
     row = [fmt(kw["H"], ".2f"), fmt(kw["df"]), _p(kw["p"]), fmt(kw["epsilon_squared"], ".3f"),
            fmt(kw["n"]), kw["reason"] or ""]
-    return ("Imbalance across tasks: Kruskal-Wallis on per-prompt norms",
-            ["H", "df", "p", "epsilon^2", "n", "note"], [row])
+    return Section("Imbalance across tasks: Kruskal-Wallis on per-prompt norms",
+                   ["H", "df", "p", "epsilon^2", "n", "note"], [row])
 
 
-def _pairwise(stats: dict) -> Grid:
+def _pairwise(stats: dict) -> Section:
     rows = [[r["a"], r["b"], fmt(r["U"], ".1f"), _p(r["p"]), _p(r["p_holm"]),
              fmt(r["effect"], "+.3f"), r["reason"] or ""] for r in stats["pairwise"]]
-    return ("Pairwise Mann-Whitney (Holm-adjusted; effect = rank-biserial, + means a > b)",
-            ["a", "b", "U", "p", "p_holm", "effect", "note"], rows)
+    return Section("Pairwise Mann-Whitney on per-prompt norms",
+                   ["a", "b", "U", "p", "p_holm", "effect", "note"], rows,
+                   ["p_holm: Holm-adjusted over all pairs; effect: rank-biserial correlation, "
+                    "+ means a's norms tend to be larger"])
 
 
-def _dominance(stats: dict) -> Grid:
-    dom = stats["dominance"]
-    level = f"{100 * dom['level']:g}% CI"
-    unbounded = float("inf")
-    rows = [[r["a"], r["b"], fmt(r["ratio"], ".2f"),
-             _ci(r["lo"], unbounded if r["hi"] is None else r["hi"], ".2f"),
-             fmt(r["plain_ratio"], ".2f"), _p(r["p"]), _p(r["p_holm"]), r["reason"] or ""]
-            for r in dom["pairs"]]
-    title = (f"Norm ratios sqrt(U_a/U_b) (Fieller interval, jackknife, Holm); leading: "
-             f"{', '.join(dom['leading']) or '-'}; dominant: {dom['dominant'] or 'none'}")
-    return title, ["a", "b", "ratio", level, "plain ratio", "p", "p_holm", "note"], rows
-
-
-def _spearman(stats: dict) -> Grid:
+def _spearman(stats: dict) -> Section:
     sp, labels = stats["spearman"], stats["covariate_labels"]
-    scopes = [("pooled", sp["pooled"])] + list(sp["within"].items())
+    rows = []
+    for scope, results in [("pooled", sp["pooled"])] + list(sp["within"].items()):
+        n = next(iter(results.values()))["n"] if results else None
+        for i, (key, label) in enumerate(labels.items()):
+            r = results[key]
+            rho = fmt(r["rho"], "+.2f") if r["rho"] is not None else f"- ({r['reason']})"
+            rows.append([f"{scope} (n={n})" if i == 0 else "", label, rho,
+                         interval(r["lo"], r["hi"], "+.2f"), _p(r["p"])])
+    return Section("Spearman rho of the per-prompt norm ||u_p|| with each covariate",
+                   ["prompts", "covariate", "rho", "95% CI", "p"], rows, [f"CI: {sp['method']}"])
 
-    def cell(r: dict) -> str:
-        if r["rho"] is None:
-            return f"- ({r['reason']})"
-        return f"{r['rho']:+.2f} [{r['lo']:+.2f}, {r['hi']:+.2f}] {_p(r['p'])}"
 
-    rows = [[scope, fmt(next(iter(res.values()))["n"])] + [cell(res[c]) for c in labels]
-            for scope, res in scopes]
-    return (f"Spearman rho of ||u_p|| [CI] p; CI: {sp['method']}",
-            ["scope", "n", *labels.values()], rows)
-
-
-def _ols(stats: dict) -> Grid:
+def _ols(stats: dict) -> Section:
     o = stats["ols"]
     rows = [["R^2 covariates", fmt(o["r2_covariates"], ".3f")],
             ["R^2 task only", fmt(o["r2_task_only"], ".3f")],
@@ -84,62 +65,73 @@ def _ols(stats: dict) -> Grid:
             rows.append([key.replace("_", " "), ", ".join(o[key]) if isinstance(o[key], list)
                          else o[key]])
     for c, r in o["coefficients"].items():
-        rows.append([f"beta {c}", f"{r['beta']:+.3g} (t={fmt(r['t'], '.2f')}, {_p(r['p'])})"])
-    return "Explained or inherent: OLS of log ||u_p||", ["quantity", "value"], rows
+        rows.append([f"beta {c}", f"{r['beta']:+.3g} (t={fmt(r['t'], '.2f')}, p={_p(r['p'])})"])
+    return Section("Explained or inherent: OLS of log ||u_p||", ["quantity", "value"], rows)
 
 
-def _bins(stats: dict) -> Grid:
-    rb = stats["reward_bins"]
-    by_task = rb["by_task"]
+def _bins(stats: dict) -> Section:
+    by_task = stats["reward_bins"]["by_task"]
     first = next(iter(by_task.values()), [])
-    header = ["task"] + [f"[{b['lo']:.2f}, {b['hi']:.2f}]" for b in first]
-    rows = [[t] + [f"{fmt(b['mean_norm'], '.3g')} (n={b['n']}, deg={b['n_degenerate']})"
-                   for b in bins] for t, bins in by_task.items()]
-    return "Mean ||u_p|| by mean-reward bin", header, rows
+    header = ["task"] + [f"{b['lo']:.1f}-{b['hi']:.1f}" for b in first]
+    rows = [[t] + [f"{fmt(b['mean_norm'], '.3g')} ({b['n']}/{b['n_degenerate']})" for b in bins]
+            for t, bins in by_task.items()]
+    return Section("Mean ||u_p|| by mean-reward bin", header, rows,
+                   ["cell: mean ||u_p|| (usable prompts / degenerate prompts, excluded)"])
 
 
-GRIDS = (_kruskal, _pairwise, _dominance, _spearman, _ols, _bins)
+def _dominance(stats: dict) -> list[Section]:
+    """The dominance test, when the statistics hold one: its pairwise ratios with their
+    intervals, or else its plain (scalar or list) entries."""
+    dominance = stats.get("dominance")
+    if not isinstance(dominance, dict):
+        return []
+    pairs = dominance.get("pairs")
+    if isinstance(pairs, list) and all(isinstance(r, dict) and {"a", "b", "ratio"} <= set(r) for r in pairs):
+        return [_dominance_pairs(dominance)] if pairs else []
+    rows = [[key.replace("_", " "), ", ".join(map(fmt, value)) if isinstance(value, list) else fmt(value)]
+            for key, value in dominance.items() if not isinstance(value, dict)
+            and not (isinstance(value, list) and any(isinstance(v, (dict, list)) for v in value))]
+    return [Section("Dominance", ["quantity", "value"], rows)] if rows else []
 
 
-def _grids(stats: dict) -> list[Grid]:
-    return [g(stats) for g in GRIDS]
+def _dominance_pairs(dominance: dict) -> Section:
+    rows = [[r["a"], r["b"], fmt(r["ratio"], ".2f"), interval(r.get("lo"), r.get("hi"), ".2f"),
+             _p(r.get("p_holm")), r.get("reason") or ""] for r in dominance["pairs"]]
+    level = dominance.get("level")
+    legend = [f"ratio: a's norm over b's{', ' + dominance['method'] if dominance.get('method') else ''}"
+              + (f"; interval at {100 * level:g}%" if level else "") + "; p_holm: Holm-adjusted"]
+    if dominance.get("leading"):
+        legend.append(f"leading: {', '.join(dominance['leading'])}; dominant: "
+                      f"{dominance.get('dominant') or 'none'}")
+    return Section("Which task's gradient is largest: pairwise ratios", ["a", "b", "ratio", "interval",
+                                                                          "p_holm", "note"], rows, legend)
 
 
-def stats_grids(stats: dict[str, Any]) -> list[Grid]:
-    """The stats tables as (title, header, rows) grids, for the markdown and HTML views."""
-    return _grids(stats)
+SECTIONS = (_kruskal, _pairwise, _spearman, _ols, _bins)
+
+
+def stats_sections(stats: dict[str, Any]) -> list[Section]:
+    """The statistics' tables (those with rows), in reading order."""
+    sections = _dominance(stats) + [build(stats) for build in SECTIONS]
+    return [s for s in sections if s.rows]
+
+
+def stats_findings(stats: dict[str, Any]) -> list[str]:
+    """The statistics' verdict sentences (each built only from numbers in `stats`)."""
+    return list(stats.get("verdicts", []))
 
 
 def render_stats(stats: dict[str, Any]) -> list[RenderableType]:
-    """The stats tables (Kruskal-Wallis, pairwise, norm ratios, Spearman, OLS, reward bins) and
-    the verdict sentences, as rich renderables (metrics.md)."""
-    parts: list[RenderableType] = []
-    for title, header, rows in _grids(stats):
-        if not rows:
-            continue
-        table = Table(title=title, title_justify="left")
-        for i, h in enumerate(header):
-            table.add_column(Text(h), justify="left" if i == 0 else "right")
-        for row in rows:
-            table.add_row(*(Text(str(cell)) for cell in row))  # task names are not markup
-        parts.append(table)
-    parts.append(Text("\n".join(f"- {v}" for v in stats["verdicts"]), style="bold"))
-    return parts
+    """The statistics' sections and findings as rich renderables."""
+    from gradprobe.views.console import findings_text, section_table
 
-
-def _md_cell(s: str) -> str:
-    return s.replace("|", "\\|")
+    return [section_table(s) for s in stats_sections(stats)] + [findings_text(stats_findings(stats))]
 
 
 def stats_markdown(stats: dict[str, Any]) -> str:
-    """The same tables and verdicts as `render_stats`, as GitHub markdown (metrics.md)."""
-    out = ["## Statistics", ""]
-    out += [f"- {v}" for v in stats["verdicts"]] + [""]
-    for title, header, rows in _grids(stats):
-        if not rows:
-            continue
-        out += [f"### {_md_cell(title)}", "", "| " + " | ".join(map(_md_cell, header)) + " |",
-                "|" + "---|" * len(header)]
-        out += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows]
-        out.append("")
+    """The statistics' findings and sections as GitHub markdown."""
+    from gradprobe.views.markdown import section_markdown
+
+    out = ["## Statistics", ""] + [f"- {v}" for v in stats_findings(stats)] + [""]
+    out += [section_markdown(s) for s in stats_sections(stats)]
     return "\n".join(out)
