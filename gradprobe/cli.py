@@ -254,8 +254,11 @@ def report(
     html: Annotated[Optional[Path], typer.Option("--html", metavar="FILE", help="Write one self-contained HTML page with the tables and pictures (needs the plots extra).")] = None,
     plots: Annotated[Optional[Path], typer.Option("--plots", metavar="DIR", help="Write the pictures as PNGs into DIR (needs the plots extra).")] = None,
     fail_on: Annotated[Optional[list[str]], typer.Option("--fail-on", metavar="EXPR", help="Exit 1 when EXPR holds, e.g. max_norm_ratio>8, min_cosine<-0.2, share[*]>0.6 (repeatable; a bad EXPR exits 2 and lists the names).")] = None,
+    weights: Annotated[Optional[str], typer.Option("--weights", metavar="POLICY", help="Task weights for the next run from a scan or a track: equalise-share, gain-per-gradient (a track) or inverse-noise (README, formulas and caution).")] = None,
+    weights_out: Annotated[Optional[Path], typer.Option("--weights-out", metavar="FILE", help="Write the weights JSON (TaskWeightedSampler reads it) and FILE's .roll.yaml (ROLL's domain_interleave_probs).")] = None,
 ) -> None:
-    """Show a saved scan again: tables, --markdown, --json, an --html page, --plots; --fail-on for CI.
+    """Show a saved scan or track again: tables, --markdown, --json, an --html page, --plots; --fail-on for CI;
+    --weights for the next run's task weights.
 
     Examples:
 
@@ -269,9 +272,18 @@ def report(
     """
     from gradprobe.alerts import SCAN_METRICS, run_checks
     from gradprobe.artifacts import read_scan
+    from gradprobe.track import read_track
 
     if as_json and markdown:
         fail("--json and --markdown both print to stdout; choose one")
+    if weights_out is not None and weights is None:
+        fail("--weights-out writes the weights of --weights POLICY; give a policy")
+    tracked = read_track(scan_dir)
+    if weights is not None or tracked is not None:
+        if fail_on or html or plots:
+            fail("--fail-on, --html and --plots apply to a scan report, not to --weights or a track")
+        _report_track_or_weights(scan_dir, tracked, weights, weights_out, as_json, markdown)
+        return
     try:
         document = read_scan(scan_dir)
         checks = run_checks(list(fail_on or []), SCAN_METRICS, document, list(document["tasks"]))
@@ -279,6 +291,39 @@ def report(
     except UserInputError as exc:
         fail(str(exc))
     _deliver(document, "scan", checks, figures, as_json, markdown, html, plots)
+
+
+def _report_track_or_weights(path: Path, tracked: Optional[dict], policy: Optional[str],
+                             weights_out: Optional[Path], as_json: bool, markdown: bool) -> None:
+    """`report TRACK` (its series), or `report SCAN_OR_TRACK --weights POLICY` (weights, written
+    with --weights-out)."""
+    if policy is None:
+        from gradprobe.views.track_view import render_track, track_markdown
+
+        if as_json:
+            print(json.dumps(tracked, indent=2))
+        elif markdown:
+            print(track_markdown(tracked), end="")
+        else:
+            stdout.print(render_track(tracked))
+        return
+    from gradprobe.artifacts import read_scan
+    from gradprobe.views.weights_view import render_weights, weights_markdown
+    from gradprobe.weights import weights_document, write_weights
+
+    try:
+        document = weights_document(tracked if tracked is not None else read_scan(path), policy, str(path))
+        written = write_weights(weights_out, document) if weights_out is not None else []
+    except UserInputError as exc:
+        fail(str(exc))
+    if as_json:
+        print(json.dumps(document, indent=2))
+    elif markdown:
+        print(weights_markdown(document), end="")
+    else:
+        stdout.print(render_weights(document))
+    if written:
+        stderr.print(f"wrote {', '.join(map(str, written))}", style="dim", highlight=False)
 
 
 def _deliver(document: dict, kind: str, checks: list[dict], figures: dict[str, bytes], as_json: bool,
@@ -389,6 +434,69 @@ def compare(
     except UserInputError as exc:
         fail(str(exc))
     _deliver(document, "compare", checks, figures, as_json, markdown, html, plots)
+
+
+@app.command(cls=Command)
+def track(
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="The run's output directory: TRL's checkpoint-N or verl's global_step_N/actor/huggingface checkpoints (or --checkpoints-glob).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Track directory: scans/step-N per checkpoint (kept; a rerun resumes), track.json, track.md, plots/.")],
+    mix: Annotated[Optional[Path], typer.Option(help="The run's training data: fresh rollouts come from it, and verl dumps are mapped back to its tasks.")] = None,
+    rollouts_glob: Annotated[Optional[str], typer.Option(help="Glob under RUN_DIR of the trainer's rollout dumps, numbered by step: verl's trainer.rollout_data_dir {step}.jsonl or the TRL callback's JSONL (README).")] = None,
+    checkpoints_glob: Annotated[Optional[str], typer.Option(help="Glob under RUN_DIR of checkpoint directories; a match's step is the last number in its path.")] = None,
+    every: Annotated[int, typer.Option(help="Scan the first checkpoint and every K-th after it.")] = 1,
+    window: Annotated[int, typer.Option(help="Steps per window w of the learning gain.")] = 10,
+    group_size: Annotated[int, typer.Option("--group-size", "-k", help="Fresh rollouts: completions per prompt.")] = 8,
+    max_new_tokens: Annotated[int, typer.Option(help="Longest completion (fresh rollouts); also L_max of --loss dr_grpo.")] = 256,
+    prompts_per_task: Annotated[Optional[int], typer.Option(help="Fresh rollouts: seeded subset size per task.")] = None,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature; log-probs use logits / temperature.")] = 1.0,
+    reward: Annotated[Optional[list[str]], typer.Option(help="Fresh rollouts: TASK=SPEC or SPEC, as scan's --reward.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the prompt subset and sampling.")] = 0,
+    advantage: Annotated[str, typer.Option(help="Advantage estimator: grpo, dr_grpo, rloo or none.")] = "grpo",
+    loss: Annotated[str, typer.Option(help="Loss aggregation: grpo, bnpo, dapo or dr_grpo.")] = "grpo",
+    params: Annotated[Optional[list[str]], typer.Option(help="Parameters to differentiate, as scan's --params.  [default: all]")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto, float32 or bfloat16.")] = "auto",
+    plots: Annotated[bool, typer.Option("--plots/--no-plots", help="Write plots/ (share over steps, gain over steps, share against gain) when matplotlib is installed.")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print track.json (schema gradprobe/schema/track.schema.json).")] = False,
+) -> None:
+    """Scan every checkpoint of a training run and relate gradient share to learning gain over time.
+
+    Per checkpoint: the trainer's rollout dump for that step (scanned offline) or fresh rollouts
+    from MIX; per task and step: share, grad_norm, the unbiased squared norm with its interval,
+    rewards and the windowed learning gain; across tasks and steps: Spearman of share and gain.
+
+    Examples:
+
+      gradprobe track ./checkpoints/grpo --mix data/train.parquet --rollouts-glob 'rollouts/*.jsonl' --out ./checkpoints/grpo/gradprobe-track
+
+      gradprobe track ./checkpoints/trl-grpo --mix mix.jsonl --every 2 -k 8 --out ./checkpoints/trl-grpo/gradprobe-track
+    """
+    from gradprobe.track import TrackConfig
+    from gradprobe.track import track as run_track
+    from gradprobe.views.console import RichProgress
+    from gradprobe.views.track_view import render_track
+
+    config = TrackConfig(
+        run_dir=str(run_dir), out=str(out), mix=None if mix is None else str(mix), rollouts_glob=rollouts_glob,
+        checkpoints_glob=checkpoints_glob, every=every, window=window, plots=plots,
+        scan={"group_size": group_size, "max_new_tokens": max_new_tokens, "prompts_per_task": prompts_per_task,
+              "temperature": temperature, "rewards": list(reward or []), "seed": seed, "advantage": advantage,
+              "loss": loss, "params": list(params or ["all"]), "device": device, "dtype": dtype},
+    )
+    _quiet_libraries()
+    try:
+        result = run_track(config, RichProgress(stderr))
+    except UserInputError as exc:
+        fail(str(exc))
+    if as_json:
+        print(json.dumps(result.document, indent=2))
+    else:
+        stdout.print(render_track(result.document))
+    kept = f"; kept {len(result.reused)} earlier scan(s)" if result.reused else ""
+    stderr.print(f"scanned {len(result.scanned)} checkpoint(s){kept}; wrote {result.out}/track.json", style="dim",
+                 highlight=False)
+    if isinstance(result.plots, str):
+        stderr.print(f"no plots: {result.plots}", style="dim", highlight=False)
 
 
 @app.command(cls=Command)

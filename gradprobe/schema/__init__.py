@@ -1,7 +1,8 @@
 """JSON Schemas of every JSON document gradprobe writes, shipped as package data.
 
 `scan` (scan.json), `report` (report --json), `compare` (compare --json), `gains`
-(gains --out/--json) and `plan` (plan --json). Versioning rule, also in each schema's description and in README:
+(gains --out/--json), `plan` (plan --json), `track` (track.json) and `weights`
+(report --weights-out). Versioning rule, also in each schema's description and in README:
 schema_version is MAJOR.MINOR; adding a field is a minor change, renaming or removing one (or
 changing its meaning or type) is a major change.
 """
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 SCHEMA_DIR = Path(__file__).resolve().parent
-KINDS = ("scan", "report", "compare", "gains", "plan")
+KINDS = ("scan", "report", "compare", "gains", "plan", "track", "weights")
 
 
 def schema_path(kind: str) -> Path:

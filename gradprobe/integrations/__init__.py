@@ -1,0 +1,1 @@
+"""Pieces that trainers import: gradprobe's outputs in the forms TRL, verl and ROLL take."""
