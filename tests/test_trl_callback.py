@@ -31,14 +31,15 @@ def digit_share(completions: list[str], **kwargs) -> list[float]:
     return [sum(map(test, text)) / max(1, len(text)) for test, text in zip(wanted, completions)]
 
 
-def make_trainer(model_dir: Path, out: Path, rows: list[dict] = ROWS) -> trl.GRPOTrainer:
-    config = trl.GRPOConfig(
+def make_trainer(model_dir: Path, out: Path, rows: list[dict] = ROWS, kind: str = "GRPO",
+                 max_steps: int = 3) -> trl.GRPOTrainer:
+    config = getattr(trl, f"{kind}Config")(
         output_dir=str(out), per_device_train_batch_size=8, num_generations=2,
-        max_completion_length=MAX_COMPLETION, max_steps=3, learning_rate=5e-3, logging_steps=1,
+        max_completion_length=MAX_COMPLETION, max_steps=max_steps, learning_rate=5e-3, logging_steps=1,
         report_to="none", use_cpu=True, bf16=False, save_strategy="no", seed=0, log_completions=False,
         disable_tqdm=True,
     )
-    return trl.GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(model_dir), reward_funcs=digit_share,
+    return getattr(trl, f"{kind}Trainer")(model=AutoModelForCausalLM.from_pretrained(model_dir), reward_funcs=digit_share,
                            args=config, train_dataset=Dataset.from_list(rows),
                            processing_class=AutoTokenizer.from_pretrained(model_dir))
 
@@ -83,7 +84,20 @@ def test_metrics_reach_log_history_and_jsonl(trained):
     assert [line["step"] for line in lines] == [2]
     assert lines[0]["tasks"]["add"]["grad_norm"] == logged["gradprobe/add/grad_norm"]
     assert lines[0]["tasks"]["add"]["n_prompts"] == 2 and lines[0]["loss"]["name"] == trainer.loss_type == "dapo"  # TRL 1.x default
-    assert all(entry.get("loss") is not None for entry in trainer.state.log_history[:3] if "loss" in entry)
+
+    # One micro-batch per step: TRL's own (pre-clipping) grad_norm is the norm of gradprobe's mixed update.
+    trl_grad_norm = next(e["grad_norm"] for e in trainer.state.log_history if e["step"] == 2 and "loss" in e)
+    assert callback.last_measurement.mixed["grad_norm"] == pytest.approx(trl_grad_norm, rel=1e-4)
+
+
+def test_rloo_trainer_update_is_the_measured_mixed_gradient(tiny_qwen2, tmp_path):
+    trainer = make_trainer(tiny_qwen2, tmp_path, kind="RLOO", max_steps=1)
+    callback = GradprobeCallback(trainer=trainer, every_n_steps=1)
+    trainer.add_callback(callback)
+    trainer.train()
+    assert callback.last_measurement.loss["name"] == "rloo"
+    trl_grad_norm = next(e["grad_norm"] for e in trainer.state.log_history if "loss" in e)
+    assert callback.last_measurement.mixed["grad_norm"] == pytest.approx(trl_grad_norm, rel=1e-4)
 
 
 def test_training_is_unchanged_by_the_probe(trained):
