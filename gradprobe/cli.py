@@ -76,7 +76,7 @@ def scan(
     reward: Annotated[Optional[list[str]], typer.Option(help="TASK=SPEC per task, or SPEC as the default. Built in: exact, numeric, regex:PATTERN, math, countdown, python_tests, format[:STYLE]; or package.module:function (written for gradprobe, verl's compute_score or TRL, told apart by its parameters). Several with weights: TASK=math+0.2*format (a term with :VALUE goes last).")] = None,
     reward_workers: Annotated[int, typer.Option(help="Worker processes for the rewards (slow verifiers); 1 scores in this process. Same results either way.")] = 1,
     advantage: Annotated[str, typer.Option(help="Advantage estimator: grpo, dr_grpo, rloo or none.")] = "grpo",
-    loss: Annotated[str, typer.Option(help="Loss aggregation: grpo, bnpo, dapo or dr_grpo.")] = "grpo",
+    loss: Annotated[str, typer.Option(help="Loss aggregation: grpo, bnpo, dapo, dr_grpo or rloo.")] = "grpo",
     params: Annotated[Optional[list[str]], typer.Option(help="Parameters to differentiate: all, last-block, attention, mlp, lora, or globs on names (repeatable).  [default: all; lora with --adapter]")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     dtype: Annotated[str, typer.Option(help="Model weights: auto (bf16 on GPU, else float32), float32 or bfloat16. Gradient sums are float32.")] = "auto",
@@ -160,7 +160,7 @@ def scan(
 
 @app.command()
 def report(
-    scan_dir: Annotated[Path, typer.Argument(metavar="SCAN", help="A scan directory (or its scan.json).")],
+    scan_dir: Annotated[Path, typer.Argument(metavar="SCAN", help="A scan directory (or its scan.json), or a training run's gradprobe.jsonl.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the versioned JSON report (scan.json plus checks and alerts; schema gradprobe/schema/report.schema.json).")] = False,
     markdown: Annotated[bool, typer.Option("--markdown", help="Print GitHub markdown, e.g. for a pull-request comment.")] = False,
     html: Annotated[Optional[Path], typer.Option("--html", metavar="FILE", help="Write one self-contained HTML page with the tables and pictures (needs the plots extra).")] = None,
@@ -178,12 +178,19 @@ def report(
       gradprobe report scans/step0 --markdown > comment.md
 
       gradprobe report scans/step0 --html report.html --plots pictures/
+
+      gradprobe report run/gradprobe.jsonl --plots pictures/
     """
     from gradprobe.alerts import SCAN_METRICS, run_checks
     from gradprobe.artifacts import read_scan
 
     if as_json and markdown:
         fail("--json and --markdown both print to stdout; choose one")
+    if scan_dir.suffix == ".jsonl":
+        if markdown or html or fail_on:
+            fail("a gradprobe.jsonl series takes --json and --plots only")
+        _report_series(scan_dir, as_json, plots)
+        return
     try:
         document = read_scan(scan_dir)
         checks = run_checks(list(fail_on or []), SCAN_METRICS, document, list(document["tasks"]))
@@ -191,6 +198,27 @@ def report(
     except UserInputError as exc:
         fail(str(exc))
     _deliver(document, "scan", checks, figures, as_json, markdown, html, plots)
+
+
+def _report_series(path: Path, as_json: bool, plots_dir: Optional[Path]) -> None:
+    """A training run's gradprobe.jsonl: each task's share per probe step; --plots draws it."""
+    from gradprobe.series import read_series
+    from gradprobe.views.series_view import render_series
+
+    try:
+        series = read_series(path)
+        if plots_dir is not None:
+            from gradprobe.views import plots
+
+            plots.require_matplotlib()
+            written = plots.write_figures(plots_dir, {"share_over_steps.png": plots.share_over_steps_png(series)})
+            stderr.print(f"wrote {', '.join(str(p) for p in written)}", style="dim", highlight=False)
+    except UserInputError as exc:
+        fail(str(exc))
+    if as_json:
+        print(json.dumps(series.to_json(), indent=2))
+    else:
+        stdout.print(render_series(series))
 
 
 def _deliver(document: dict, kind: str, checks: list[dict], figures: dict[str, bytes], as_json: bool,

@@ -130,3 +130,14 @@ def test_a_dataset_without_the_task_column_fails_at_construction(tiny_qwen2, tmp
     trainer = make_trainer(tiny_qwen2, tmp_path, [{"prompt": r["prompt"]} for r in ROWS])
     with pytest.raises(UserInputError, match="no 'task' column"):
         GradprobeCallback(trainer=trainer, task_column="task", every_n_steps=1)
+
+
+def test_report_reads_the_jsonl_series_and_plots_the_shares(trained, tmp_path):
+    _, _, _, root = trained
+    series = root / "with" / "gradprobe.jsonl"
+    result = CliRunner().invoke(app, ["report", str(series), "--plots", str(tmp_path / "pics")])
+    assert result.exit_code == 0, result.output
+    assert "add" in result.output and "echo" in result.output
+    assert (tmp_path / "pics" / "share_over_steps.png").read_bytes()[:4] == b"\x89PNG"
+    shown = json.loads(CliRunner().invoke(app, ["report", str(series), "--json"]).stdout)
+    assert shown["steps"] == [2] and sum(shown["figures"]["share"][t][0] for t in ("add", "echo")) == pytest.approx(1)
