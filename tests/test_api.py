@@ -121,3 +121,14 @@ def test_measure_restores_the_model_when_it_fails(tiny_llama):
     with pytest.raises(UserInputError, match="matches no trainable parameter"):
         gradprobe.measure(model, synthetic_rollouts(), params=["nothing.*"])
     assert model.training and all(p.requires_grad for p in model.parameters())
+
+
+def test_the_readme_python_api_example_runs(tmp_path, monkeypatch, capsys):
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("## The Python API"):]
+    code = section[section.index("```python") + len("```python"):section.index("```\n", section.index("```python") + 9)]
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md", "exec"), {})
+    printed = capsys.readouterr().out
+    assert "add" in printed and "copy" in printed
+    assert read_scan(tmp_path / "scans" / "api-example")["tasks"]["add"]["n_prompts"] == 2
