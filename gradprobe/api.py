@@ -177,7 +177,7 @@ def measure(
     `rollouts`: `gradprobe.rollouts.Rollout`s or dicts with task, prompt_id, prompt_token_ids,
     completion_token_ids, reward (and advantage when `advantage="given"`); a prompt's group is its
     (task, prompt_id). `advantage`: an estimator name (grpo, dr_grpo, rloo, none) applied per
-    group, or "given". `loss`: grpo, bnpo, dapo or dr_grpo (`max_new_tokens` is dr_grpo's L_max;
+    group, or "given". `loss`: grpo, bnpo, dapo, dr_grpo or rloo (`max_new_tokens` is dr_grpo's L_max;
     default the longest completion). `temperature` divides the logits as the trainer's loss does.
     `task_grads_limit_mb` keeps the task gradients for `write` (exact up to that size, else a
     count sketch); None keeps none. Raises UserInputError for bad input; the model's modes,
@@ -185,7 +185,7 @@ def measure(
     """
     from gradprobe.model_state import preserved_model_state
 
-    _check_settings(advantage, loss, engine, intervals, sums)
+    check_settings(advantage, loss, engine, intervals, sums)
     records = assign_advantage(to_rollouts(rollouts), advantage)
     start = time.perf_counter()
     with preserved_model_state(model):
@@ -197,7 +197,8 @@ def measure(
     return measurement
 
 
-def _check_settings(advantage: str, loss: str, engine: str, intervals: str, sums: str) -> None:
+def check_settings(advantage: str, loss: str, engine: str, intervals: str, sums: str = "auto") -> None:
+    """UserInputError for an unknown estimator, loss, engine, intervals or sums setting."""
     if advantage != GIVEN_ADVANTAGE:
         ADVANTAGES.get(advantage)
     LOSSES.get(loss)

@@ -130,6 +130,17 @@ def test_a_dataset_without_the_task_column_fails_at_construction(tiny_qwen2, tmp
     trainer = make_trainer(tiny_qwen2, tmp_path, [{"prompt": r["prompt"]} for r in ROWS])
     with pytest.raises(UserInputError, match="no 'task' column"):
         GradprobeCallback(trainer=trainer, task_column="task", every_n_steps=1)
+    with pytest.raises(UserInputError, match="no 'topic' column"):
+        GradprobeCallback(trainer=trainer, task_column="topic", every_n_steps=1)
+
+
+@pytest.mark.parametrize("setting, message", [({"params": ["nothing.*"]}, "matches no trainable parameter"),
+                                              ({"intervals": "some"}, "intervals must be"),
+                                              ({"every_n_steps": 0}, "at least 1")])
+def test_bad_settings_fail_at_construction(tiny_qwen2, tmp_path, setting, message):
+    trainer = make_trainer(tiny_qwen2, tmp_path)
+    with pytest.raises(UserInputError, match=message):
+        GradprobeCallback(trainer=trainer, **setting)
 
 
 def test_report_reads_the_jsonl_series_and_plots_the_shares(trained, tmp_path):

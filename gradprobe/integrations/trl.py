@@ -146,6 +146,7 @@ class GradprobeCallback(TrainerCallback):
         self.engine = engine
         self.stats = stats
         self.loss, self.max_new_tokens = _loss_of(trainer)
+        _check_measure_settings(trainer, self.loss, self.params, intervals, engine)
         _check_single_process(trainer)
         _check_task_column(trainer, task_column)
         _warn_unmeasured_terms(trainer, kl_in_loss=self.loss != "rloo")
@@ -183,12 +184,15 @@ class GradprobeCallback(TrainerCallback):
 
         start = time.perf_counter()
         model = self.trainer.accelerator.unwrap_model(self.trainer.model)
-        measurement = measure(
-            model, batch_rollouts(self._batch), advantage="given", loss=self.loss, params=self.params,
-            intervals=self.intervals, engine=self.engine, temperature=self.trainer.temperature,
-            max_new_tokens=self.max_new_tokens, stats=self.stats,
-            pad_token_id=self.trainer.processing_class.pad_token_id,
-        )
+        try:
+            measurement = measure(
+                model, batch_rollouts(self._batch), advantage="given", loss=self.loss, params=self.params,
+                intervals=self.intervals, engine=self.engine, temperature=self.trainer.temperature,
+                max_new_tokens=self.max_new_tokens, stats=self.stats, pad_token_id=_pad_token_id(self.trainer),
+            )
+        except UserInputError as exc:  # a failed probe is reported, and training goes on
+            warnings.warn(f"gradprobe skipped step {step}: {exc}", stacklevel=2)
+            return
         measurement.timings["measure_s"] = round(time.perf_counter() - start, 4)
         self.last_measurement = measurement
         self._pending = logged_metrics(measurement)
@@ -222,6 +226,20 @@ def _loss_of(trainer: Any) -> tuple[str, int]:
         raise UserInputError(f"GradprobeCallback measures loss_type {', '.join(GRPO_LOSS_TYPES)}; "
                              f"this trainer uses {trainer.loss_type!r}")
     return GRPO_LOSS_TYPES[trainer.loss_type], trainer.max_completion_length
+
+
+def _pad_token_id(trainer: Any) -> int | None:
+    processing = trainer.processing_class
+    return getattr(getattr(processing, "tokenizer", processing), "pad_token_id", None)
+
+
+def _check_measure_settings(trainer: Any, loss: str, params: list[str], intervals: str, engine: str) -> None:
+    """Bad settings fail when the callback is made, not at its first probe."""
+    from gradprobe.api import GIVEN_ADVANTAGE, check_settings
+    from gradprobe.gradients.params import select_parameters
+
+    check_settings(GIVEN_ADVANTAGE, loss, engine, intervals)
+    select_parameters(trainer.accelerator.unwrap_model(trainer.model), params)
 
 
 def _check_single_process(trainer: Any) -> None:
