@@ -5,7 +5,10 @@ from __future__ import annotations
 from rich.table import Table
 
 from gradprobe.series import Series
-from gradprobe.views.console import fmt
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else format(value, ".1%")
 
 
 def render_series(series: Series) -> Table:
@@ -15,5 +18,5 @@ def render_series(series: Series) -> Table:
         table.add_column(task, justify="right")
     shares = series.figures["share"]
     for i, step in enumerate(series.steps):
-        table.add_row(str(step), *[fmt(shares[task][i], ".1%") for task in series.tasks])
+        table.add_row(str(step), *[_percent(shares[task][i]) for task in series.tasks])
     return table
