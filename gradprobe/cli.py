@@ -147,7 +147,7 @@ def scan(
     allow_weak_sandbox: Annotated[bool, typer.Option("--allow-weak-sandbox", help="Where bubblewrap cannot run, let python_tests run model-written code under an in-process guard only (determined code can escape it). scan.json records the isolation used.")] = False,
     generate_batch_size: Annotated[int, typer.Option(help="Prompts per generation batch; each batch samples from its own seed (under torchrun, ranks take whole batches).")] = 16,
     advantage: Annotated[str, typer.Option(help="Advantage estimator: grpo, dr_grpo, rloo or none.")] = "grpo",
-    loss: Annotated[str, typer.Option(help="Loss aggregation: grpo, bnpo, dapo or dr_grpo.")] = "grpo",
+    loss: Annotated[str, typer.Option(help="Loss aggregation: grpo, bnpo, dapo, dr_grpo or rloo.")] = "grpo",
     params: Annotated[Optional[list[str]], typer.Option(help="Parameters to differentiate: all, last-block, attention, mlp, lora, or globs on names (repeatable) [default: all; lora with --adapter]")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     dtype: Annotated[str, typer.Option(help="Model weights: auto (bf16 on GPU, else float32), float32 or bfloat16. Gradient sums are float32.")] = "auto",
@@ -248,7 +248,7 @@ def scan(
 
 @app.command(cls=Command)
 def report(
-    scan_dir: Annotated[Path, typer.Argument(metavar="SCAN", help="A scan directory (or its scan.json).")],
+    scan_dir: Annotated[Path, typer.Argument(metavar="SCAN", help="A scan directory (or its scan.json), or a training run's gradprobe.jsonl.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the versioned JSON report (scan.json plus checks and alerts; schema gradprobe/schema/report.schema.json).")] = False,
     markdown: Annotated[bool, typer.Option("--markdown", help="Print GitHub markdown, e.g. for a pull-request comment.")] = False,
     html: Annotated[Optional[Path], typer.Option("--html", metavar="FILE", help="Write one self-contained HTML page with the tables and pictures (needs the plots extra).")] = None,
@@ -269,6 +269,8 @@ def report(
       gradprobe report gradprobe-scan-demo --markdown > comment.md
 
       gradprobe report gradprobe-scan-demo --html report.html --plots pictures/
+
+      gradprobe report run/gradprobe.jsonl --plots pictures/
     """
     from gradprobe.alerts import SCAN_METRICS, run_checks
     from gradprobe.artifacts import read_scan
@@ -276,6 +278,10 @@ def report(
 
     if as_json and markdown:
         fail("--json and --markdown both print to stdout; choose one")
+    if scan_dir.suffix == ".jsonl":  # a training run's series of probes (the TRL callback's file)
+        if markdown or html or fail_on:
+            fail("a gradprobe.jsonl series takes --json and --plots only")
+        _report_series(scan_dir, as_json, plots)
     if weights_out is not None and weights is None:
         fail("--weights-out writes the weights of --weights POLICY; give a policy")
     tracked = read_track(scan_dir)
@@ -324,6 +330,27 @@ def _report_track_or_weights(path: Path, tracked: Optional[dict], policy: Option
         stdout.print(render_weights(document))
     if written:
         stderr.print(f"wrote {', '.join(map(str, written))}", style="dim", highlight=False)
+
+
+def _report_series(path: Path, as_json: bool, plots_dir: Optional[Path]) -> None:
+    """A training run's gradprobe.jsonl: each task's share per probe step; --plots draws it."""
+    from gradprobe.series import read_series
+    from gradprobe.views.series_view import render_series
+
+    try:
+        series = read_series(path)
+        if plots_dir is not None:
+            from gradprobe.views import plots
+
+            plots.require_matplotlib()
+            written = plots.write_figures(plots_dir, {"share_over_steps.png": plots.share_over_steps_png(series)})
+            stderr.print(f"wrote {', '.join(str(p) for p in written)}", style="dim", highlight=False)
+    except UserInputError as exc:
+        fail(str(exc))
+    if as_json:
+        print(json.dumps(series.to_json(), indent=2))
+    else:
+        stdout.print(render_series(series))
 
 
 def _deliver(document: dict, kind: str, checks: list[dict], figures: dict[str, bytes], as_json: bool,

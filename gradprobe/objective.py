@@ -57,6 +57,12 @@ def constant_length_mean(n_tokens: np.ndarray, max_new_tokens: int) -> np.ndarra
     return np.full(n.size, 1.0 / (n.size * max_new_tokens))
 
 
+def sequence_sum_mean(n_tokens: np.ndarray, max_new_tokens: int) -> np.ndarray:
+    """rloo: L_S = (1/N_S) sum_i sum_j l_ij (TRL's RLOO: sequence log-probabilities), so c_i = 1 / N_S."""
+    n = np.asarray(n_tokens, float)
+    return np.full(n.size, 1.0 / n.size)
+
+
 LOSSES.register("grpo")(
     Aggregation(sequence_mean_of_token_means, "completions", "(1/N) sum_i (1/n_i) sum_j l_ij")
 )
@@ -78,3 +84,4 @@ def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: f
         scaled = scaled / temperature
     logp = torch.log_softmax(scaled, dim=-1)
     return logp.gather(-1, input_ids[..., 1:, None]).squeeze(-1)
+LOSSES.register("rloo")(Aggregation(sequence_sum_mean, "completions", "(1/N) sum_i sum_j l_ij"))

@@ -83,6 +83,10 @@ def workspace(tmp_path_factory, demo_scan_dir) -> Path:
     (folder / "mix.toml").write_text("".join(
         f'[tasks.{task}]\ndata = "mix.jsonl"\n' for task in TASKS))  # every task reads its rows
     write_training_log(folder)
+    (folder / "run").mkdir()  # a training run's probes (gradprobe.integrations.trl)
+    (folder / "run" / "gradprobe.jsonl").write_text("".join(
+        json.dumps({"step": step, "tasks": {task: {"share": (i + 1) / 10} for i, task in enumerate(TASKS)}}) + "\n"
+        for step in (50, 100)))
     write_config_folders(folder)
     write_verl_data_folder(folder / "data")
     return folder

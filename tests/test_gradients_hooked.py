@@ -188,3 +188,19 @@ def test_all_groups_degenerate_give_zero_gradients():
     result, reason = run_gradient_stage(model, names, batch, layout, StageSettings(temperature=TEMPERATURE), 1 << 30)
     assert result.engine == "hooks" and reason is None
     assert result.prompt_gram.abs().max() == 0 and result.sum_dots.abs().max() == 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_the_padding_token_inside_a_sequence_adds_no_embedding_gradient(arch):
+    """A generated token equal to the embedding's padding_idx (a pad-as-EOS tokenizer, or TRL's
+    sampling) gets no embedding-row gradient, as in nn.Embedding's backward."""
+    from dataclasses import replace
+
+    model = make_model(arch)
+    assert model.get_input_embeddings().padding_idx == 0
+    rollouts = [replace(r, completion_token_ids=[0, *r.completion_token_ids])
+                for r in assign_advantages(make_rollouts(seed=4), ADVANTAGES.get("grpo"))]
+    batch, layout = build_units(rollouts, LOSSES.get("dapo"), MAX_NEW + 1)
+    names = [n for n, _ in model.named_parameters()]
+    hooked, vmapped = both_engines(model, names, batch, layout)
+    assert_same_result(hooked, vmapped)

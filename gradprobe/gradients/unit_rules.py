@@ -175,9 +175,12 @@ def linear_rule(module: torch.nn.Linear, names: list[str], x: torch.Tensor, g: t
 @register_unit_rule(torch.nn.Embedding)
 def embedding_rule(module: torch.nn.Embedding, names: list[str], x: torch.Tensor, g: torch.Tensor,
                    units: MicroBatchUnits, dtype: torch.dtype) -> dict[str, PerUnit]:
-    """Row v of unit u's gradient is sum of g_t over u's tokens t with id v (equal ids grouped)."""
+    """Row v of unit u's gradient is sum of g_t over u's tokens t with id v (equal ids grouped);
+    tokens with the module's padding_idx add nothing, as in nn.Embedding's own backward."""
     rows, inverse = torch.unique(x, return_inverse=True)
     g = g.reshape(-1, g.shape[-1]).to(dtype)
+    if module.padding_idx is not None:
+        g = g * (x.reshape(-1, 1) != module.padding_idx).to(dtype)
     key = (units.row_unit[:, None] * len(rows) + inverse.reshape(x.shape[0], -1)).reshape(-1)
     values = g.new_zeros((units.n_units * len(rows), g.shape[-1])).index_add_(0, key, g)
     return {"weight": PerUnit(values.view(units.n_units, len(rows), -1), rows)}

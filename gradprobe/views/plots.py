@@ -223,3 +223,20 @@ def write_figures(directory: Path, figures: dict[str, bytes]) -> list[Path]:
         write_bytes(directory / name, data)
         paths.append(directory / name)
     return paths
+
+
+def share_over_steps_png(series: Any) -> bytes:
+    """Each task's share of the mixed update at every probe step (a `gradprobe.series.Series`)."""
+    plt = require_matplotlib()
+    colours = _task_colours(plt, series.tasks)
+    fig, ax = plt.subplots(figsize=(7.5, 4.2), layout="constrained")
+    for task in series.tasks:
+        points = [(s, v) for s, v in zip(series.steps, series.figures["share"][task]) if v is not None]
+        if points:
+            ax.plot(*zip(*points), marker="o", markersize=3, color=colours[task], label=task)
+    ax.set_ylim(bottom=min(0.0, ax.get_ylim()[0]))
+    ax.set_xlabel("training step")
+    ax.set_ylabel("share of the mixed update")
+    ax.set_title("Per-task share of the update over training")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))
+    return _png(fig)

@@ -1,0 +1,513 @@
+"""gradprobe.measure: every per-task gradient figure of a scan, for rollouts already in hand.
+
+The CLI's scan samples (or reads) rollouts and scores them, then calls `measure`; a training
+callback calls it on one step's batch. The result carries the figures under the names scan.json
+uses, and writes a scan directory (`Measurement.write`) that `gradprobe report` and `compare`
+read. The model is left as it was found (`gradprobe.model_state`).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from gradprobe import artifacts
+from gradprobe.advantages import ADVANTAGES
+from gradprobe.errors import UserInputError
+from gradprobe.gradients import INTERVALS
+from gradprobe.objective import LOSSES
+from gradprobe.rollouts import Rollout, rollout_to_json
+
+GIVEN_ADVANTAGE = "given"
+"""`advantage=` value that keeps each record's own advantage (as a trainer computed it)."""
+
+# A parameter subset is checked against the full model when the model is at most this large.
+PROXY_CHECK_MAX_PARAMETERS = 50_000_000
+
+RolloutRecord = Rollout | Mapping[str, Any]
+
+
+class Progress(Protocol):
+    """How long work is reported: a named stage with a total, advanced in steps."""
+
+    def stage(self, name: str, total: int) -> Any: ...
+
+
+class SilentProgress:
+    """A `Progress` that shows nothing (library use and tests)."""
+
+    @contextmanager
+    def stage(self, name: str, total: int) -> Iterator[Callable[[int], None]]:
+        yield lambda n: None
+
+
+@dataclass
+class Measurement:
+    """The figures of one measurement, under scan.json's names (docs/metrics.md)."""
+
+    tasks: dict[str, dict[str, Any]]
+    """Per task: rollout statistics, grad_norm, grad_sq_norm, share, grad_sq_norm_unbiased and
+    its _se and _ci, norm_ratio, noise figures, the positive/negative split."""
+    cosine: dict[str, Any]
+    cosine_unbiased: dict[str, Any]
+    mixed: dict[str, float]
+    modules: dict[str, dict[str, Any]]
+    prompts: list[dict[str, Any]]
+    verdict: str
+    stats: dict[str, Any] | None
+    advantage: dict[str, Any]
+    loss: dict[str, Any]
+    estimators: dict[str, Any]
+    engine: dict[str, Any]
+    model: dict[str, Any]
+    config: dict[str, Any]
+    rollouts: list[Rollout]
+    """The measured rollouts, with the advantages used."""
+    timings: dict[str, float]
+    proxy_fidelity: dict[str, Any] | None = None
+    task_grads: Any = None
+    """The saved task gradients (`gradprobe.task_grads.TaskGradients`), when asked for."""
+    mix: dict[str, Any] | None = None
+    rollouts_source: str | None = None
+    created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    caveats: list[dict[str, Any]] = field(default_factory=list)
+    """What to keep in mind reading the figures (`gradprobe.caveats.scan_caveats`)."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Sections a caller adds to scan.json (the scan: sandbox, warnings, rewards)."""
+
+    @property
+    def seconds(self) -> float:
+        return self.timings.get("measure_s", 0.0)
+
+    def grad_norms(self) -> dict[str, float | None]:
+        return {task: figures["grad_norm"] for task, figures in self.tasks.items()}
+
+    def cosine_of(self, a: str, b: str) -> float | None:
+        names = self.cosine["tasks"]
+        return self.cosine["matrix"][names.index(a)][names.index(b)]
+
+    def to_json(self) -> dict[str, Any]:
+        """The scan.json document (schema gradprobe/schema/scan.schema.json)."""
+        import datasets
+        import transformers
+
+        import gradprobe
+
+        document: dict[str, Any] = {
+            "schema_version": artifacts.SCHEMA_VERSION,
+            "gradprobe_version": gradprobe.__version__,
+            "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                         "transformers": transformers.__version__, "datasets": datasets.__version__},
+            "created": self.created,
+            "config": self.config,
+            "model": self.model,
+            "mix": self.mix,
+            "rollouts_source": self.rollouts_source,
+            "advantage": self.advantage,
+            "loss": self.loss,
+            "tasks": self.tasks,
+            "cosine": self.cosine,
+            "cosine_unbiased": self.cosine_unbiased,
+            "mixed": self.mixed,
+            "modules": self.modules,
+            "estimators": self.estimators,
+            "verdict": self.verdict,
+            "prompts": self.prompts,
+            "engine": self.engine,
+            "timings": self.timings,
+        }
+        if self.proxy_fidelity is not None:
+            document["proxy_fidelity"] = self.proxy_fidelity
+        if self.stats is not None:
+            document["stats"] = self.stats
+        document["caveats"] = self.caveats
+        if self.task_grads is not None:
+            document["task_grads"] = self.task_grads.info
+        document.update(self.extra)
+        return document
+
+    def write(self, scan_dir: str | Path, overwrite: bool = False) -> Path:
+        """Write a scan directory (scan.json, rollouts.jsonl, task gradients when kept)
+        atomically; `gradprobe report DIR` shows it."""
+        from gradprobe import task_grads
+
+        out = Path(scan_dir)
+        artifacts.check_output_dir(out, overwrite)
+        with artifacts.staged_directory(out, overwrite) as staging:
+            artifacts.write_json(staging / artifacts.SCAN_FILE, self.to_json())
+            if self.task_grads is not None:
+                task_grads.write(staging / artifacts.TASK_GRADS_FILE, self.task_grads)
+            norms = {(row["task"], str(row["prompt_id"])): row["prompt_grad_norm"] for row in self.prompts}
+            lines = [rollout_to_json(r, {"prompt_grad_norm": norms[(r.task, r.prompt_id)]}) for r in self.rollouts]
+            artifacts.write_text(staging / artifacts.ROLLOUTS_FILE, "\n".join(lines) + "\n")
+        return out
+
+
+def measure(
+    model: torch.nn.Module,
+    rollouts: Iterable[RolloutRecord],
+    *,
+    advantage: str = "grpo",
+    loss: str = "grpo",
+    params: Sequence[str] = ("all",),
+    intervals: str = "exact",
+    engine: str = "auto",
+    temperature: float = 1.0,
+    max_new_tokens: int | None = None,
+    stats: bool = True,
+    pad_token_id: int | None = None,
+    mix_weights: Mapping[str, float] | None = None,
+    sums: str = "auto",
+    chunk_size: int | None = None,
+    checkpoint_activations: bool = False,
+    max_memory_bytes: int | None = None,
+    proxy_check: bool = False,
+    task_grads_limit_mb: float | None = None,
+    task_grads_seed: int = 0,
+    task_grads_free_disk_bytes: int | None = None,
+    progress: Progress | None = None,
+) -> Measurement:
+    """Per-task gradient figures of `model` on scored rollouts, as `gradprobe scan` reports them.
+
+    `rollouts`: `gradprobe.rollouts.Rollout`s or dicts with task, prompt_id, prompt_token_ids,
+    completion_token_ids, reward (and advantage when `advantage="given"`); a prompt's group is its
+    (task, prompt_id). `advantage`: an estimator name (grpo, dr_grpo, rloo, none) applied per
+    group, or "given". `loss`: grpo, bnpo, dapo, dr_grpo or rloo (`max_new_tokens` is dr_grpo's L_max;
+    default the longest completion). `temperature` divides the logits as the trainer's loss does.
+    `task_grads_limit_mb` keeps the task gradients for `write` (exact up to that size, else a
+    count sketch); None keeps none. Raises UserInputError for bad input; the model's modes,
+    flags, gradients, attention implementation and the random number generators are restored.
+    """
+    from gradprobe.model_state import preserved_model_state
+
+    check_settings(advantage, loss, engine, intervals, sums)
+    records = assign_advantage(to_rollouts(rollouts), advantage)
+    start = time.perf_counter()
+    with preserved_model_state(model):
+        measurement = _measure(model, records, advantage, loss, list(params), intervals, engine, temperature,
+                               max_new_tokens, stats, pad_token_id, mix_weights, sums, chunk_size,
+                               checkpoint_activations, max_memory_bytes, proxy_check, task_grads_limit_mb,
+                               task_grads_seed, task_grads_free_disk_bytes, progress or SilentProgress())
+    measurement.timings["measure_s"] = round(time.perf_counter() - start, 4)
+    return measurement
+
+
+def check_settings(advantage: str, loss: str, engine: str, intervals: str, sums: str = "auto") -> None:
+    """UserInputError for an unknown estimator, loss, engine, intervals or sums setting."""
+    if advantage != GIVEN_ADVANTAGE:
+        ADVANTAGES.get(advantage)
+    LOSSES.get(loss)
+    if engine not in ("auto", "hooks", "vmap"):
+        raise UserInputError(f"engine must be auto, hooks or vmap, not {engine!r}")
+    if intervals not in INTERVALS:
+        raise UserInputError(f"intervals must be one of {', '.join(INTERVALS)}, not {intervals!r}")
+    if sums not in ("auto", "device", "host"):
+        raise UserInputError(f"sums must be auto, device or host, not {sums!r}")
+
+
+def to_rollouts(records: Iterable[RolloutRecord]) -> list[Rollout]:
+    """Rollouts from `Rollout`s or plain dicts (task, prompt_id, prompt_token_ids,
+    completion_token_ids, reward; optional advantage, sample, prompt, completion)."""
+    out = []
+    for i, record in enumerate(records):
+        out.append(record if isinstance(record, Rollout) else _rollout_of(i, record))
+    if not out:
+        raise UserInputError("no rollouts to measure")
+    return out
+
+
+def _rollout_of(i: int, record: Mapping[str, Any]) -> Rollout:
+    required = ("task", "prompt_id", "prompt_token_ids", "completion_token_ids", "reward")
+    missing = [key for key in required if record.get(key) is None]
+    if missing:
+        raise UserInputError(f"rollout {i} lacks {', '.join(missing)}; each needs {', '.join(required)}")
+    advantage = record.get("advantage")
+    return Rollout(
+        task=str(record["task"]), prompt_id=str(record["prompt_id"]), sample=int(record.get("sample") or 0),
+        prompt=str(record.get("prompt") or ""), completion=str(record.get("completion") or ""),
+        prompt_token_ids=[int(t) for t in record["prompt_token_ids"]],
+        completion_token_ids=[int(t) for t in record["completion_token_ids"]],
+        answer=record.get("answer"), reward=float(record["reward"]),
+        advantage=None if advantage is None else float(advantage),
+    )
+
+
+def assign_advantage(rollouts: list[Rollout], advantage: str) -> list[Rollout]:
+    """Each group's advantages from the named estimator, or the records' own ("given")."""
+    from gradprobe.scoring import assign_advantages
+
+    if advantage != GIVEN_ADVANTAGE:
+        return assign_advantages(rollouts, ADVANTAGES.get(advantage))
+    lacking = [i for i, r in enumerate(rollouts) if r.advantage is None]
+    if lacking:
+        raise UserInputError(f"advantage='given' but rollout {lacking[0]} has no advantage")
+    return rollouts
+
+
+def _measure(model: torch.nn.Module, rollouts: list[Rollout], advantage: str, loss: str, params: list[str],
+             intervals: str, engine: str, temperature: float, max_new_tokens: int | None, stats: bool,
+             pad_token_id: int | None, mix_weights: Mapping[str, float] | None, sums: str,
+             chunk_size: int | None, checkpoint_activations: bool, max_memory_bytes: int | None,
+             proxy_check: bool, task_grads_limit_mb: float | None, task_grads_seed: int,
+             task_grads_free_disk_bytes: int | None, progress: Progress) -> Measurement:
+    from gradprobe.caveats import scan_caveats
+    from gradprobe.gradients.layout import build_units
+    from gradprobe.gradients.params import select_parameters
+    from gradprobe.gradients.stage import StageSettings
+    from gradprobe.gradients.summary import proxy_fidelity, summarise_gradients
+
+    from gradprobe import distributed
+
+    session = distributed.current()
+    timings: dict[str, float] = {}
+    if engine == "hooks" and checkpoint_activations:
+        raise UserInputError("activation checkpointing runs on the vmap engine; use engine auto or vmap")
+    param_names = select_parameters(model, params)
+    all_names = select_parameters(model, ["all"])  # before the engine freezes every parameter
+    longest = max(r.n_tokens for r in rollouts)
+    batch, layout = build_units(rollouts, LOSSES.get(loss), max_new_tokens or longest, mix_weights)
+    settings = StageSettings(engine, temperature, _pad_token_id(model, pad_token_id), checkpoint_activations,
+                             chunk_size, intervals=intervals, sums=sums)
+    budget = max_memory_bytes or available_memory(next(model.parameters()).device)
+    passes = 2 if intervals == "exact" else 1
+    # The engines report whole prompts' units, once per pass.
+    active = passes * sum(len(units) for units in layout.prompt_units()
+                          if any(batch.is_active(u) for u in units))
+    start = time.perf_counter()
+    with progress.stage("gradients", active) as advance:
+        result, fallback = run_stage(model, param_names, batch, layout, settings, budget, advance)
+    summary = summarise_gradients(result, layout)
+    timings["gradients_s"] = round(time.perf_counter() - start, 4)
+    rows = prompt_rows(rollouts, layout, summary)
+    tasks = task_table(rows, summary, layout)
+    measurement = Measurement(
+        tasks=tasks,
+        cosine={"tasks": layout.tasks, "matrix": summary.cosine},
+        cosine_unbiased={"tasks": layout.tasks, "matrix": summary.cosine_unbiased},
+        mixed=summary.mixed,
+        modules=summary.modules,
+        prompts=rows,
+        verdict=dominance_verdict(tasks),
+        stats=None,
+        advantage=_advantage_info(advantage),
+        loss={"name": loss, "formula": LOSSES.get(loss).formula, "mix_weight_by": LOSSES.get(loss).weight_by},
+        estimators={"grad_sq_norm_unbiased_ci": _interval_method(intervals)},
+        engine={"name": result.engine, "chunk_size": result.micro_batch, "passes": result.passes,
+                "intervals": intervals, "sums_device": result.sums_device, "processes": session.world,
+                **({"fallback": fallback} if fallback else {})},
+        model=model_info(model, int(sum(result.group_sizes))),
+        config={"advantage": advantage, "loss": loss, "params": params, "intervals": intervals, "engine": engine,
+                "temperature": temperature, "max_new_tokens": max_new_tokens, "stats": stats},
+        rollouts=rollouts,
+        timings=timings,
+    )
+    if proxy_check and len(param_names) < len(all_names) and (
+        sum(p.numel() for p in model.parameters()) <= PROXY_CHECK_MAX_PARAMETERS
+    ):
+        start = time.perf_counter()
+        full_result, _ = run_stage(model, all_names, batch, layout, settings, budget, None, keep_sums=False)
+        full = summarise_gradients(full_result, layout)
+        timings["proxy_check_s"] = round(time.perf_counter() - start, 4)
+        measurement.proxy_fidelity = {
+            "params": params,
+            **proxy_fidelity([summary.tasks[t]["grad_norm"] for t in layout.tasks],
+                             [full.tasks[t]["grad_norm"] for t in layout.tasks]),
+            "full_norm_ratio": {t: full.tasks[t]["norm_ratio"] for t in layout.tasks},
+        }
+    if not session.is_writer:  # under torchrun: rank 0 has every reduction
+        return measurement
+    if stats:
+        start = time.perf_counter()
+        measurement.stats = run_statistics(rows, summary.task_moments)
+        measurement.verdict = dominance_verdict(tasks, measurement.stats["dominance"])
+        timings["stats_s"] = round(time.perf_counter() - start, 4)
+    measurement.caveats = scan_caveats(tasks, rows, measurement.stats)
+    if task_grads_limit_mb is not None:
+        from gradprobe import task_grads
+
+        start = time.perf_counter()
+        measurement.task_grads = task_grads.from_sums(result.paired_sums(), layout.tasks, task_grads_limit_mb,
+                                                      task_grads_seed, free_disk_bytes=task_grads_free_disk_bytes)
+        timings["task_grads_s"] = round(time.perf_counter() - start, 4)
+    return measurement
+
+
+def _advantage_info(advantage: str) -> dict[str, str]:
+    if advantage == GIVEN_ADVANTAGE:
+        return {"name": GIVEN_ADVANTAGE, "formula": "as given with the rollouts"}
+    return {"name": advantage, "formula": ADVANTAGES.get(advantage).convention}
+
+
+def _interval_method(intervals: str) -> str:
+    from gradprobe.intervals import U_METHOD
+
+    return U_METHOD if intervals != "none" else "none (--intervals none)"
+
+
+def _pad_token_id(model: torch.nn.Module, given: int | None) -> int:
+    if given is not None:
+        return given
+    return getattr(getattr(model, "config", None), "pad_token_id", None) or 0
+
+
+def model_info(model: torch.nn.Module, n_selected: int) -> dict[str, Any]:
+    """scan.json `model` for a model in memory (a loaded checkpoint adds its fingerprint)."""
+    first = next(model.parameters())
+    path = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
+    return {"path": str(path), "fingerprint": None, "dtype": str(first.dtype).removeprefix("torch."),
+            "device": str(first.device), "n_parameters": sum(p.numel() for p in model.parameters()),
+            "n_selected_parameters": n_selected}
+
+
+def check_prompts_per_task(rollouts: list[Rollout]) -> None:
+    """The statistics compare prompts within a task: every task needs two."""
+    prompts: dict[str, set[str]] = {}
+    for r in rollouts:
+        prompts.setdefault(r.task, set()).add(r.prompt_id)
+    for task, ids in prompts.items():
+        if len(ids) < 2:
+            raise UserInputError(
+                f"task {task!r} has {len(ids)} prompt in the rollouts; every task needs at least 2"
+            )
+
+
+def run_stage(model: Any, names: list[str], batch: Any, layout: Any, settings: Any, budget: int,
+              advance: Callable[[int], None] | None, keep_sums: bool = True) -> tuple[Any, str | None]:
+    """The gradient stage, its failures as one-line user errors."""
+    from gradprobe import distributed
+    from gradprobe.distributed.data_parallel import DataParallel
+    from gradprobe.gradients.engine import EngineOutOfMemory, NonFiniteGradientError
+    from gradprobe.gradients.stage import EngineUnavailable, run_gradient_stage
+
+    session = distributed.current()  # under torchrun each process takes its share of the prompts
+    parallel = DataParallel(session) if session.is_distributed else None
+    try:
+        return run_gradient_stage(model, names, batch, layout, settings, budget, advance, keep_sums, parallel)
+    except EngineUnavailable as exc:
+        raise UserInputError(f"--engine hooks cannot run here: {exc}; use --engine auto or vmap") from None
+    except EngineOutOfMemory as exc:
+        raise UserInputError(
+            f"out of memory even with one prompt per chunk ({exc}); select fewer parameters "
+            "(--params last-block), or lower --max-new-tokens or --group-size"
+        ) from None
+    except NonFiniteGradientError as exc:
+        bad = sorted({layout.tasks[layout.prompt_task[layout.unit_prompt[u]]] for u in exc.units})
+        raise UserInputError(
+            f"non-finite gradients in task(s) {', '.join(bad)}; try --dtype float32 or "
+            "check those tasks' completions"
+        ) from None
+
+
+def available_memory(device: Any) -> int:
+    """Free bytes on the device: CUDA's free memory, or the host's available RAM."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def run_statistics(rows: list[dict[str, Any]], task_moments: dict[str, Any]) -> dict[str, Any]:
+    """The statistics stage over the per-prompt rows of scan.json and the gradient stage's
+    per-task moments (docs/metrics.md, "Statistics")."""
+    from gradprobe.stats import PromptTable, compute_stats
+
+    def column(key: str) -> np.ndarray:
+        return np.array([row[key] for row in rows], dtype=float)
+
+    table = PromptTable(
+        task=[row["task"] for row in rows],
+        grad_norm=column("prompt_grad_norm"),
+        mean_reward=column("mean_reward"),
+        reward_std=column("reward_std"),
+        mean_abs_advantage=column("mean_abs_advantage"),
+        mean_completion_length=column("mean_completion_length"),
+        prompt_length=column("prompt_length"),
+        degenerate=np.array([row["zero_advantage"] for row in rows], dtype=bool),
+        prompt_id=[str(row["prompt_id"]) for row in rows],
+    )
+    return compute_stats(table, task_moments)
+
+
+def _mean(values: list[float]) -> float:
+    return float(np.mean(values)) if values else float("nan")
+
+
+def prompt_rows(rollouts: list[Rollout], layout: Any, summary: Any) -> list[dict[str, Any]]:
+    """One row per prompt: its gradient norm and the covariates the statistics test against."""
+    rows = []
+    for p, (task, prompt_id) in enumerate(layout.prompt_keys):
+        group = [rollouts[i] for i in layout.prompt_rollouts[p]]
+        rewards = np.array([r.reward for r in group], dtype=float)
+        rows.append({
+            "task": task,
+            "prompt_id": prompt_id,
+            "prompt_grad_norm": float(summary.prompt_grad_norm[p]),
+            "n_rollouts": len(group),
+            "mean_reward": float(rewards.mean()),
+            "reward_std": float(rewards.std()),
+            "mean_abs_advantage": _mean([abs(r.advantage) for r in group]),
+            "mean_completion_length": _mean([r.n_tokens for r in group]),
+            "prompt_length": len(group[0].prompt_token_ids),
+            "degenerate": bool(np.all(rewards == rewards[0])),
+            "zero_advantage": all(r.advantage == 0 for r in group),
+        })
+    return rows
+
+
+def task_table(rows: list[dict[str, Any]], summary: Any, layout: Any) -> dict[str, dict[str, Any]]:
+    """Per task: rollout statistics beside its gradient figures (scan.json `tasks`)."""
+    table = {}
+    for task in layout.tasks:
+        mine = [row for row in rows if row["task"] == task]
+        table[task] = {
+            "n_prompts": len(mine),
+            "n_rollouts": sum(row["n_rollouts"] for row in mine),
+            "mean_reward": float(np.average([row["mean_reward"] for row in mine],
+                                            weights=[row["n_rollouts"] for row in mine])),
+            "reward_std": _mean([row["reward_std"] for row in mine]),
+            "degenerate_groups": sum(row["degenerate"] for row in mine),
+            "degenerate_fraction": sum(row["degenerate"] for row in mine) / len(mine),
+            "mean_abs_advantage": _mean([row["mean_abs_advantage"] for row in mine]),
+            "mean_completion_length": _mean([row["mean_completion_length"] for row in mine]),
+            **summary.tasks[task],
+        }
+    return table
+
+
+def dominance_verdict(tasks: dict[str, dict[str, Any]], dominance: dict[str, Any] | None = None) -> str:
+    """The headline: the statistics' dominance sentence (gradprobe.stats.dominance_sentence),
+    with the dominant task's share of the update; without statistics, the largest norm untested."""
+    from gradprobe.stats import dominance_sentence
+
+    norms = {t: v["grad_norm"] for t, v in tasks.items() if v["grad_norm"]}
+    if len(tasks) < 2:
+        return "One task only: nothing to compare."
+    if len(norms) < 2:
+        return "Fewer than two tasks have a nonzero gradient: no imbalance to measure."
+    if dominance is None:
+        top, low = max(norms, key=norms.get), min(norms, key=norms.get)
+        return (f"{top} has the largest gradient norm, {norms[top] / norms[low]:.1f}x that of "
+                f"{low}; untested (statistics off).")
+    sentence = dominance_sentence(dominance)
+    share = tasks[dominance["dominant"]]["share"] if dominance["dominant"] else None
+    if share is not None:
+        sentence = sentence[:-1] + f"; it takes {share:.0%} of the mixed update."
+    return sentence

@@ -1,0 +1,274 @@
+"""GradprobeCallback: per-task gradients of a TRL GRPO or RLOO run, every N steps, in its logs.
+
+Attached as TRL's own LogCompletionsCallback is:
+
+    trainer.add_callback(GradprobeCallback(trainer=trainer, task_column="task", every_n_steps=50))
+
+Every N optimizer steps, after that step's backward passes and before its optimizer step (so on
+the very parameters and batch the step uses), it takes the step's generation batch as TRL made
+it: prompt and completion token ids, rewards, advantages; each row's task comes from the
+dataset column. `gradprobe.measure` turns it into per-task figures with TRL's loss aggregation,
+the model left exactly as found (modes, flags, accumulated gradients, RNG), so training is
+unchanged. The figures go through `transformers.Trainer.log` (so log_history and every
+`report_to` backend get them) and, one JSON line per probe, into `gradprobe.jsonl` in the
+trainer's output directory.
+
+What is measured is the policy-gradient term at the current parameters (importance ratios 1):
+TRL's KL penalty (beta > 0), entropy masking and vLLM importance-sampling corrections are not in
+it (a warning says so when they are on).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from gradprobe.errors import UserInputError
+
+JSONL_FILE = "gradprobe.jsonl"
+GRPO_LOSS_TYPES = {"grpo": "grpo", "bnpo": "bnpo", "dapo": "dapo", "dr_grpo": "dr_grpo"}
+"""TRL's GRPO `loss_type` -> gradprobe's loss aggregation (the same per-completion weights)."""
+TASK_FIGURES = ("grad_norm", "share", "grad_sq_norm_unbiased")
+"""Per-task figures logged as gradprobe/<task>/<figure>."""
+
+
+@dataclass
+class StepBatch:
+    """One generation batch as TRL computed it, on the host; rows in TRL's order, each prompt's
+    `group_size` completions next to each other."""
+
+    prompt_ids: list[list[int]]
+    completion_ids: list[list[int]]
+    advantages: list[float]
+    rewards: list[float]
+    tasks: list[str]
+    group_size: int
+
+
+def step_batch(inputs: Sequence[Mapping[str, Any]], output: Mapping[str, Any], rewards: torch.Tensor,
+               task_column: str, group_size: int) -> StepBatch:
+    """The rows of `_generate_and_score_completions(inputs) -> output`, without padding.
+
+    A completion TRL masked out (mask_truncated_completions) keeps its tokens and gets advantage
+    0, as its loss is zero."""
+    if any(task_column not in row for row in inputs):
+        raise UserInputError(f"the batch has no {task_column!r} column; keep it in the dataset "
+                             "(remove_unused_columns=False, TRL's default)")
+    prompts, completions, advantages = [], [], []
+    for i, advantage in enumerate(output["advantages"].float().tolist()):
+        prompt_mask = output["prompt_mask"][i].bool()
+        completion_mask = output["completion_mask"][i].bool()
+        prompts.append(output["prompt_ids"][i][prompt_mask].tolist())
+        if completion_mask.any():
+            completions.append(output["completion_ids"][i][completion_mask].tolist())
+            advantages.append(advantage)
+        else:
+            completions.append(output["completion_ids"][i].tolist())
+            advantages.append(0.0)
+    return StepBatch(prompts, completions, advantages, rewards.float().tolist(),
+                     [str(row[task_column]) for row in inputs], group_size)
+
+
+def batch_rollouts(batch: StepBatch) -> list[dict[str, Any]]:
+    """gradprobe rollout records of a step's batch: prompt i // group_size is group i."""
+    return [
+        {"task": batch.tasks[i], "prompt_id": str(i // batch.group_size), "sample": i % batch.group_size,
+         "prompt_token_ids": batch.prompt_ids[i], "completion_token_ids": batch.completion_ids[i],
+         "reward": batch.rewards[i], "advantage": batch.advantages[i]}
+        for i in range(len(batch.tasks))
+    ]
+
+
+def logged_metrics(measurement: Any) -> dict[str, float]:
+    """What goes to the trainer's log: gradprobe/<task>/<figure>, gradprobe/cos/<a>/<b> (tasks in
+    sorted order) and gradprobe/seconds; figures that are undefined (None) are left out."""
+    logs: dict[str, float] = {}
+    for task in sorted(measurement.tasks):
+        for figure in TASK_FIGURES:
+            value = measurement.tasks[task][figure]
+            if value is not None and math.isfinite(value):
+                logs[f"gradprobe/{task}/{figure}"] = float(value)
+    names = sorted(measurement.tasks)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            value = measurement.cosine_of(a, b)
+            if value is not None:
+                logs[f"gradprobe/cos/{a}/{b}"] = float(value)
+    logs["gradprobe/seconds"] = measurement.seconds
+    return logs
+
+
+def jsonl_record(step: int, epoch: float | None, measurement: Any) -> dict[str, Any]:
+    """One line of gradprobe.jsonl: the step's per-task figures, cosines and mixed update."""
+    return {
+        "step": step,
+        "epoch": epoch,
+        "seconds": measurement.seconds,
+        "tasks": measurement.tasks,
+        "cosine": measurement.cosine,
+        "cosine_unbiased": measurement.cosine_unbiased,
+        "mixed": measurement.mixed,
+        "verdict": measurement.verdict,
+        "advantage": measurement.advantage,
+        "loss": measurement.loss,
+        "engine": measurement.engine,
+    }
+
+
+class GradprobeCallback(TrainerCallback):
+    """Per-task gradient figures of a trl GRPOTrainer or RLOOTrainer run every `every_n_steps`.
+
+    `params`, `intervals` and `engine` are `gradprobe.measure`'s (intervals "none" by default:
+    one forward and backward per micro-batch; "exact" adds a second pass for the confidence
+    intervals in the JSONL). `output_file` defaults to gradprobe.jsonl in args.output_dir.
+    `last_measurement` holds the latest `gradprobe.Measurement`.
+    """
+
+    def __init__(self, trainer: Any, task_column: str = "task", every_n_steps: int = 50,
+                 params: Sequence[str] = ("all",), intervals: str = "none", engine: str = "auto",
+                 output_file: str | Path | None = None, stats: bool = False) -> None:
+        if every_n_steps < 1:
+            raise UserInputError("every_n_steps must be at least 1")
+        self.trainer = trainer
+        self.task_column = task_column
+        self.every_n_steps = every_n_steps
+        self.params = list(params)
+        self.intervals = intervals
+        self.engine = engine
+        self.stats = stats
+        self.loss, self.max_new_tokens = _loss_of(trainer)
+        _check_measure_settings(trainer, self.loss, self.params, intervals, engine)
+        _check_single_process(trainer)
+        _check_task_column(trainer, task_column)
+        _warn_unmeasured_terms(trainer, kl_in_loss=self.loss != "rloo")
+        self.output_file = Path(output_file) if output_file else Path(trainer.args.output_dir) / JSONL_FILE
+        self.last_measurement: Any = None
+        self._batch: StepBatch | None = None
+        self._rewards: torch.Tensor | None = None
+        self._pending: dict[str, float] | None = None
+        self._capture_batches(trainer)
+
+    def _capture_batches(self, trainer: Any) -> None:
+        """Wrap the trainer's (instance) batch and reward methods to keep their latest outputs."""
+        generate, rewards = trainer._generate_and_score_completions, trainer._calculate_rewards
+
+        def calculate_rewards(*args: Any, **kwargs: Any) -> torch.Tensor:
+            self._rewards = rewards(*args, **kwargs)
+            return self._rewards
+
+        def generate_and_score(inputs: Any, *args: Any, **kwargs: Any) -> Any:
+            output = generate(inputs, *args, **kwargs)
+            if trainer.model.training and self._rewards is not None:
+                weights = trainer.reward_weights.to(self._rewards.device)
+                total = (self._rewards * weights.unsqueeze(0)).nansum(dim=1)
+                self._batch = step_batch(inputs, output, total.cpu(), self.task_column, trainer.num_generations)
+            return output
+
+        trainer._calculate_rewards = calculate_rewards
+        trainer._generate_and_score_completions = generate_and_score
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        step = state.global_step + 1  # the step whose optimizer update comes next
+        if step % self.every_n_steps or self._batch is None:
+            return
+        from gradprobe.api import measure
+
+        start = time.perf_counter()
+        model = self.trainer.accelerator.unwrap_model(self.trainer.model)
+        try:
+            measurement = measure(
+                model, batch_rollouts(self._batch), advantage="given", loss=self.loss, params=self.params,
+                intervals=self.intervals, engine=self.engine, temperature=self.trainer.temperature,
+                max_new_tokens=self.max_new_tokens, stats=self.stats, pad_token_id=_pad_token_id(self.trainer),
+            )
+        except UserInputError as exc:  # a failed probe is reported, and training goes on
+            warnings.warn(f"gradprobe skipped step {step}: {exc}", stacklevel=2)
+            return
+        measurement.timings["measure_s"] = round(time.perf_counter() - start, 4)
+        self.last_measurement = measurement
+        self._pending = logged_metrics(measurement)
+        self.output_file.parent.mkdir(parents=True, exist_ok=True)
+        with self.output_file.open("a", encoding="utf-8") as stream:
+            stream.write(json.dumps(jsonl_record(step, state.epoch, measurement), allow_nan=False) + "\n")
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self._pending is None:
+            return
+        from transformers import Trainer
+
+        logs, self._pending = self._pending, None
+        # The base class's log: TRL's own `log` would flush (and reset) its averaged metrics here.
+        # Logging clears control.should_log, which the trainer's own log of this step still needs.
+        should_log = control.should_log
+        Trainer.log(self.trainer, logs)
+        control.should_log = self.trainer.control.should_log = should_log
+
+
+def _loss_of(trainer: Any) -> tuple[str, int]:
+    """gradprobe's loss aggregation for the trainer, and the L_max of dr_grpo."""
+    from trl import GRPOTrainer, RLOOTrainer
+
+    if isinstance(trainer, RLOOTrainer):
+        return "rloo", trainer.max_completion_length
+    if not isinstance(trainer, GRPOTrainer):
+        raise UserInputError(f"GradprobeCallback works with trl's GRPOTrainer and RLOOTrainer, not "
+                             f"{type(trainer).__name__}")
+    if trainer.loss_type not in GRPO_LOSS_TYPES:
+        raise UserInputError(f"GradprobeCallback measures loss_type {', '.join(GRPO_LOSS_TYPES)}; "
+                             f"this trainer uses {trainer.loss_type!r}")
+    return GRPO_LOSS_TYPES[trainer.loss_type], trainer.max_completion_length
+
+
+def _pad_token_id(trainer: Any) -> int | None:
+    processing = trainer.processing_class
+    return getattr(getattr(processing, "tokenizer", processing), "pad_token_id", None)
+
+
+def _check_measure_settings(trainer: Any, loss: str, params: list[str], intervals: str, engine: str) -> None:
+    """Bad settings fail when the callback is made, not at its first probe."""
+    from gradprobe.api import GIVEN_ADVANTAGE, check_settings
+    from gradprobe.gradients.params import select_parameters
+
+    check_settings(GIVEN_ADVANTAGE, loss, engine, intervals)
+    select_parameters(trainer.accelerator.unwrap_model(trainer.model), params)
+
+
+def _check_single_process(trainer: Any) -> None:
+    processes = trainer.accelerator.num_processes
+    if processes > 1:
+        raise UserInputError(f"GradprobeCallback runs in one process; this launch has {processes} "
+                             "(multi-process accelerate/FSDP/DeepSpeed is not supported yet)")
+
+
+def _check_task_column(trainer: Any, task_column: str) -> None:
+    dataset = trainer.train_dataset
+    columns = getattr(dataset, "column_names", None)
+    if columns is not None and task_column not in columns:
+        raise UserInputError(f"the train dataset has no {task_column!r} column (columns: "
+                             f"{', '.join(columns)}); pass task_column= naming each row's task")
+    if getattr(trainer, "tools", None) or getattr(trainer, "environment_factories", None):
+        raise UserInputError("GradprobeCallback does not measure tool-calling rollouts (tool tokens "
+                             "are masked out of TRL's loss)")
+
+
+def _warn_unmeasured_terms(trainer: Any, kl_in_loss: bool) -> None:
+    """Warn about loss terms the probe leaves out (RLOO's KL is in its rewards, so measured)."""
+    notes = []
+    if getattr(trainer, "beta", 0.0) and kl_in_loss:
+        notes.append(f"the KL penalty (beta={trainer.beta})")
+    if getattr(trainer, "top_entropy_quantile", 1.0) < 1.0:
+        notes.append("the entropy mask (top_entropy_quantile < 1)")
+    if getattr(trainer, "use_vllm", False) and getattr(trainer, "vllm_importance_sampling_correction", False):
+        notes.append("vLLM's importance-sampling correction")
+    if notes:
+        warnings.warn(f"gradprobe measures the policy-gradient term only; not in it: {', '.join(notes)}",
+                      stacklevel=3)

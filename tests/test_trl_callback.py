@@ -1,0 +1,154 @@
+"""GradprobeCallback on a real trl GRPOTrainer: a tiny Qwen2 and a two-task dataset, on CPU."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+trl = pytest.importorskip("trl")
+
+from datasets import Dataset  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback  # noqa: E402
+from typer.testing import CliRunner  # noqa: E402
+
+from gradprobe.artifacts import read_scan  # noqa: E402
+from gradprobe.cli import app  # noqa: E402
+from gradprobe.errors import UserInputError  # noqa: E402
+from gradprobe.integrations.trl import GradprobeCallback  # noqa: E402
+from gradprobe.rollouts import Rollout, rollout_to_json  # noqa: E402
+
+ROWS = [{"prompt": "1+2=", "task": "add"}, {"prompt": "3+4=", "task": "add"},
+        {"prompt": "say ab:", "task": "echo"}, {"prompt": "say cd:", "task": "echo"}]
+MAX_COMPLETION = 8
+
+
+def digit_share(completions: list[str], **kwargs) -> list[float]:
+    """A reward that differs between completions: the share of digits (add) or letters (echo)."""
+    wanted = [str.isdigit if task == "add" else str.isalpha for task in kwargs["task"]]
+    return [sum(map(test, text)) / max(1, len(text)) for test, text in zip(wanted, completions)]
+
+
+def make_trainer(model_dir: Path, out: Path, rows: list[dict] = ROWS, kind: str = "GRPO",
+                 max_steps: int = 3) -> trl.GRPOTrainer:
+    config = getattr(trl, f"{kind}Config")(
+        output_dir=str(out), per_device_train_batch_size=8, num_generations=2,
+        max_completion_length=MAX_COMPLETION, max_steps=max_steps, learning_rate=5e-3, logging_steps=1,
+        report_to="none", use_cpu=True, bf16=False, save_strategy="no", seed=0, log_completions=False,
+        disable_tqdm=True,
+    )
+    return getattr(trl, f"{kind}Trainer")(model=AutoModelForCausalLM.from_pretrained(model_dir), reward_funcs=digit_share,
+                           args=config, train_dataset=Dataset.from_list(rows),
+                           processing_class=AutoTokenizer.from_pretrained(model_dir))
+
+
+class KeepModelAtStep(TrainerCallback):
+    """Saves the model as the probe of `step` sees it: after backward, before the optimizer step."""
+
+    def __init__(self, trainer, step: int, path: Path) -> None:
+        self.trainer, self.step, self.path = trainer, step, path
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if state.global_step + 1 == self.step:
+            self.trainer.model.save_pretrained(self.path)
+            self.trainer.processing_class.save_pretrained(self.path)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_qwen2, tmp_path_factory):
+    """One run with the callback (probe at step 2) and one without, same seed."""
+    root = tmp_path_factory.mktemp("grpo")
+    with_probe = make_trainer(tiny_qwen2, root / "with")
+    callback = GradprobeCallback(trainer=with_probe, task_column="task", every_n_steps=2, intervals="exact")
+    with_probe.add_callback(callback)
+    with_probe.add_callback(KeepModelAtStep(with_probe, 2, root / "step2"))
+    with_probe.train()
+    without = make_trainer(tiny_qwen2, root / "without")
+    without.train()
+    return with_probe, without, callback, root
+
+
+def test_metrics_reach_log_history_and_jsonl(trained):
+    trainer, _, callback, root = trained
+    probes = [entry for entry in trainer.state.log_history if "gradprobe/seconds" in entry]
+    assert [entry["step"] for entry in probes] == [2]
+    logged = probes[0]
+    for task in ("add", "echo"):
+        for figure in ("grad_norm", "share", "grad_sq_norm_unbiased"):
+            assert f"gradprobe/{task}/{figure}" in logged
+    assert logged["gradprobe/add/share"] + logged["gradprobe/echo/share"] == pytest.approx(1.0)
+    assert -1 <= logged["gradprobe/cos/add/echo"] <= 1 and logged["gradprobe/seconds"] > 0
+    lines = [json.loads(line) for line in (root / "with" / "gradprobe.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [2]
+    assert lines[0]["tasks"]["add"]["grad_norm"] == logged["gradprobe/add/grad_norm"]
+    assert lines[0]["tasks"]["add"]["n_prompts"] == 2 and lines[0]["loss"]["name"] == trainer.loss_type == "dapo"  # TRL 1.x default
+
+    # One micro-batch per step: TRL's own (pre-clipping) grad_norm is the norm of gradprobe's mixed update.
+    trl_grad_norm = next(e["grad_norm"] for e in trainer.state.log_history if e["step"] == 2 and "loss" in e)
+    assert callback.last_measurement.mixed["grad_norm"] == pytest.approx(trl_grad_norm, rel=1e-4)
+
+
+def test_rloo_trainer_update_is_the_measured_mixed_gradient(tiny_qwen2, tmp_path):
+    trainer = make_trainer(tiny_qwen2, tmp_path, kind="RLOO", max_steps=1)
+    callback = GradprobeCallback(trainer=trainer, every_n_steps=1)
+    trainer.add_callback(callback)
+    trainer.train()
+    assert callback.last_measurement.loss["name"] == "rloo"
+    trl_grad_norm = next(e["grad_norm"] for e in trainer.state.log_history if "loss" in e)
+    assert callback.last_measurement.mixed["grad_norm"] == pytest.approx(trl_grad_norm, rel=1e-4)
+
+
+def test_training_is_unchanged_by_the_probe(trained):
+    with_probe, without, _, _ = trained
+    losses = [(e["step"], e["loss"]) for e in with_probe.state.log_history if "loss" in e]
+    assert losses == [(e["step"], e["loss"]) for e in without.state.log_history if "loss" in e]
+    assert len(losses) == 3
+    reference = without.model.state_dict()
+    for name, value in with_probe.model.state_dict().items():
+        assert torch.equal(value, reference[name]), name
+
+
+def test_norms_equal_an_offline_scan_of_the_same_batch_and_checkpoint(trained):
+    _, _, callback, root = trained
+    measurement = callback.last_measurement
+    log = root / "step2-rollouts.jsonl"
+    log.write_text("".join(rollout_to_json(r) + "\n" for r in measurement.rollouts))
+    result = CliRunner().invoke(app, ["scan", str(root / "step2"), "--rollouts", str(log), "--out",
+                                      str(root / "offline"), "--advantage", "grpo", "--loss", "dapo",
+                                      "--max-new-tokens", str(MAX_COMPLETION)])
+    assert result.exit_code == 0, result.output
+    offline = read_scan(root / "offline")
+    for task, figures in offline["tasks"].items():
+        for key in ("grad_norm", "share", "grad_sq_norm_unbiased"):
+            assert measurement.tasks[task][key] == pytest.approx(figures[key], rel=1e-5, abs=1e-9), (task, key)
+    assert any(r.advantage != 0 for r in measurement.rollouts)
+
+
+def test_a_dataset_without_the_task_column_fails_at_construction(tiny_qwen2, tmp_path):
+    trainer = make_trainer(tiny_qwen2, tmp_path, [{"prompt": r["prompt"]} for r in ROWS])
+    with pytest.raises(UserInputError, match="no 'task' column"):
+        GradprobeCallback(trainer=trainer, task_column="task", every_n_steps=1)
+    with pytest.raises(UserInputError, match="no 'topic' column"):
+        GradprobeCallback(trainer=trainer, task_column="topic", every_n_steps=1)
+
+
+@pytest.mark.parametrize("setting, message", [({"params": ["nothing.*"]}, "matches no trainable parameter"),
+                                              ({"intervals": "some"}, "intervals must be"),
+                                              ({"every_n_steps": 0}, "at least 1")])
+def test_bad_settings_fail_at_construction(tiny_qwen2, tmp_path, setting, message):
+    trainer = make_trainer(tiny_qwen2, tmp_path)
+    with pytest.raises(UserInputError, match=message):
+        GradprobeCallback(trainer=trainer, **setting)
+
+
+def test_report_reads_the_jsonl_series_and_plots_the_shares(trained, tmp_path):
+    _, _, _, root = trained
+    series = root / "with" / "gradprobe.jsonl"
+    result = CliRunner().invoke(app, ["report", str(series), "--plots", str(tmp_path / "pics")])
+    assert result.exit_code == 0, result.output
+    assert "add" in result.output and "echo" in result.output
+    assert (tmp_path / "pics" / "share_over_steps.png").read_bytes()[:4] == b"\x89PNG"
+    shown = json.loads(CliRunner().invoke(app, ["report", str(series), "--json"]).stdout)
+    assert shown["steps"] == [2] and sum(shown["figures"]["share"][t][0] for t in ("add", "echo")) == pytest.approx(1)
