@@ -282,6 +282,7 @@ def report(
         if markdown or html or fail_on:
             fail("a gradprobe.jsonl series takes --json and --plots only")
         _report_series(scan_dir, as_json, plots)
+        return
     if weights_out is not None and weights is None:
         fail("--weights-out writes the weights of --weights POLICY; give a policy")
     tracked = read_track(scan_dir)
