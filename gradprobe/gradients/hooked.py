@@ -34,7 +34,6 @@ from gradprobe.gradients.engine import (
     StreamingReductions,
     UnitBatch,
     UnitGradients,
-    activation_bytes_per_token,
     halving_on_out_of_memory,
     pad_rows,
 )
@@ -51,7 +50,6 @@ from gradprobe.gradients.unit_rules import (
 )
 from gradprobe.objective import token_logprobs
 
-CPU_MAX_TOKENS = 4096
 DEFAULT_WORK_BYTES = 1 << 30
 """Per-unit gradients of one parameter in flight at once (a few prompts' worth of the largest
 layer); the rest of a micro-batch's units wait their turn within the same hook."""
@@ -138,12 +136,6 @@ class HookedEngine:
         if current:
             micro_batches.append(current)
         return micro_batches
-
-    def default_max_tokens(self, max_memory: int) -> int:
-        """Padded tokens per micro-batch so activations take about half of `max_memory`; on the
-        CPU at most CPU_MAX_TOKENS, as larger micro-batches run slower there (benchmarks/RESULTS.md)."""
-        tokens = max(1, (max_memory // 2) // activation_bytes_per_token(self.model))
-        return tokens if self.device.type == "cuda" else min(tokens, CPU_MAX_TOKENS)
 
     # ---- running --------------------------------------------------------------------------
     def run_adaptive(self, batch: UnitBatch, reductions: Reductions, max_tokens: int,

@@ -63,17 +63,6 @@ class PerUnit:
         full[:, self.rows] = self.values
         return full
 
-    def plus(self, other: PerUnit, shape: tuple[int, ...]) -> PerUnit:
-        """The sum of two contributions (a tied weight used by two modules)."""
-        if self.rows is None and other.rows is not None:
-            self.values[:, other.rows] += other.values
-            return self
-        if other.rows is None and self.rows is not None:
-            return other.plus(self, shape)
-        if self.rows is None:
-            return PerUnit(self.values + other.values)
-        return PerUnit(self.dense(shape)).plus(other, shape)
-
 
 def _aligned(a: PerUnit, b: PerUnit) -> tuple[torch.Tensor, torch.Tensor]:
     """Both parts' values over the rows they share (all rows when both are dense)."""
