@@ -6,8 +6,8 @@ On the same model and rollouts, in one run:
       per-prompt norms the obvious way);
   (c) gradprobe: everything `gradprobe scan` does after the rollouts are read (the streaming
       gradient stage, the summary and the saved task gradients) in one pass (`--intervals none`);
-      gradprobe-exact adds the second pass of exact intervals; gradprobe-vmap and gradprobe-ckpt
-      force the torch.func engine (without and with activation checkpointing);
+      gradprobe-exact adds the second pass of exact intervals; gradprobe-vmap forces the
+      torch.func engine; gradprobe-ckpt runs the hooks with activation checkpointing;
   (d) opacus: the peer, Opacus ghost clipping's per-sample gradient norms (one forward and
       backward per micro-batch, linear layers), checked against gradprobe's per-completion norms.
 Prints seconds, the ratio to plain and the peak memory of each (each method runs in its own
@@ -168,7 +168,7 @@ def method_gradprobe_vmap(model, batch, layout, args):
 
 
 def method_gradprobe_checkpointed(model, batch, layout, args):
-    return gradprobe_stage(model, batch, layout, args, engine="vmap", intervals="none", checkpoint=True)
+    return gradprobe_stage(model, batch, layout, args, intervals="none", checkpoint=True)
 
 
 def completion_units(batch):

@@ -204,3 +204,52 @@ def test_the_padding_token_inside_a_sequence_adds_no_embedding_gradient(arch):
     names = [n for n, _ in model.named_parameters()]
     hooked, vmapped = both_engines(model, names, batch, layout)
     assert_same_result(hooked, vmapped)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_row_dot_rules_equal_inner_products_of_per_unit_gradients(arch, monkeypatch):
+    """Pass 2 by the linear and embedding row-dot rules (no per-unit gradient built) gives the
+    row dots of the per-unit path, tied head and embedding (llama) and biases (qwen2) included."""
+    model = make_model(arch)
+    names = [n for n, _ in model.named_parameters()]
+    batch, layout = units_of(seed=7)
+    ran = []
+    for module_type, rule in list(unit_rules.ROW_DOT_RULES.items()):
+        def spy(*args, rule=rule, module_type=module_type):
+            ran.append(module_type)
+            return rule(*args)
+        monkeypatch.setitem(unit_rules.ROW_DOT_RULES, module_type, spy)
+    by_rules = HookedEngine(model, names, TEMPERATURE, accumulate_dtype=torch.float64).run(
+        batch, layout.reductions(), max_tokens=40)
+    assert set(ran) == {torch.nn.Linear, torch.nn.Embedding}
+    ran.clear()
+    per_unit = HookedEngine(model, names, TEMPERATURE, accumulate_dtype=torch.float64, row_dot_rules=False).run(
+        batch, layout.reductions(), max_tokens=40)
+    assert not ran and per_unit.row_dots.abs().max() > 0
+    assert_same_result(by_rules, per_unit)
+
+
+@pytest.mark.parametrize("arch,generic_norms", [("llama", False), ("qwen2", False), ("llama", True)])
+def test_checkpointed_activations_give_the_same_result(arch, generic_norms, monkeypatch):
+    """With decoder layers checkpointed, the hooks take each module's input from the
+    recomputation (also when its output gradient arrives first) and equal the plain run, row dots
+    and the generic torch.func rule (norms inside the layers) included."""
+    model = make_model(arch)
+    if generic_norms:
+        monkeypatch.delitem(unit_rules.UNIT_RULES, "LlamaRMSNorm")
+    names = [n for n, _ in model.named_parameters()]
+    batch, layout = units_of(seed=9)
+    plain = HookedEngine(model, names, TEMPERATURE, accumulate_dtype=torch.float64).run(
+        batch, layout.reductions(), max_tokens=40)
+    recomputed = []
+    original = torch.utils.checkpoint.checkpoint
+
+    def counting(*args, **kwargs):
+        recomputed.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counting)
+    checkpointed = HookedEngine(model, names, TEMPERATURE, accumulate_dtype=torch.float64,
+                                checkpoint_activations=True).run(batch, layout.reductions(), max_tokens=40)
+    assert recomputed, "no layer was checkpointed"
+    assert_same_result(checkpointed, plain)

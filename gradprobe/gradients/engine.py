@@ -181,18 +181,22 @@ def use_eager_attention(model: torch.nn.Module) -> None:
 
 
 @contextmanager
-def checkpointed_layers(model: torch.nn.Module) -> Iterator[int]:
+def checkpointed_layers(model: torch.nn.Module,
+                        context_fn: Callable[[], tuple[object, object]] | None = None) -> Iterator[int]:
     """Within the block, each decoder layer keeps only its inputs and recomputes the rest in backward.
 
     Works in eval mode (no dropout), unlike `gradient_checkpointing_enable`, which only acts while
-    training. Yields the number of layers wrapped.
+    training. `context_fn` (torch.utils.checkpoint's) gives the context managers of the original
+    forward and of the recomputation, so hooks can tell the two apart. Yields the number of layers
+    wrapped.
     """
-    from torch.utils.checkpoint import checkpoint
+    from torch.utils.checkpoint import checkpoint, noop_context_fn
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     for layer in layers:
-        layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
+        layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False,
+                                          context_fn=context_fn or noop_context_fn)
     try:
         yield len(layers)
     finally:
@@ -378,6 +382,12 @@ class StreamingReductions:
                 target = target[part.rows]
             values = part.values[mine].reshape(len(mine), -1)
             self.row_dots[group, units[mine]] += (values @ target.reshape(-1).to(values.dtype)).to(torch.float64)
+
+    def add_unit_row_dots(self, name: str, prompt_ids: list[int], values: torch.Tensor) -> None:
+        """row_dots[group, a] += values[i] for the i-th unit a of these prompts (pass 2, from a
+        module's row-dot rule)."""
+        group = self.selected.group_of[name]
+        self.row_dots[group].index_add_(0, self.prompt_units(prompt_ids), values.to(torch.float64))
 
     def add_sketch(self, name: str, prompt_ids: list[int], part: PerUnit) -> None:
         """Each unit's count sketch of this parameter's gradient, added to its running sketch

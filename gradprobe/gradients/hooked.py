@@ -22,7 +22,8 @@ micro-batch's token ids) until the second arrives.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +35,7 @@ from gradprobe.gradients.engine import (
     StreamingReductions,
     UnitBatch,
     UnitGradients,
+    checkpointed_layers,
     halving_on_out_of_memory,
     pad_rows,
 )
@@ -46,6 +48,7 @@ from gradprobe.gradients.unit_rules import (
     linear_ghost_grams,
     linear_segment_sums,
     restricted,
+    row_dot_rule_for,
     rule_for,
 )
 from gradprobe.objective import token_logprobs
@@ -84,6 +87,8 @@ class HookedEngine:
         sketch_dim: int | None = None,
         linear_norms: str = "auto",
         completion: PassCompletion | None = None,
+        row_dot_rules: bool = True,
+        checkpoint_activations: bool = False,
     ) -> None:
         self.model = model.eval().requires_grad_(False)
         self.completion = completion
@@ -96,6 +101,12 @@ class HookedEngine:
         self.sketch_dim = sketch_dim
         self.linear_norms = linear_norms
         """Linear layers' per-unit norms: "ghost", "direct", or "auto" (the cheaper, per layer)."""
+        self.row_dot_rules = row_dot_rules
+        self.checkpoint_activations = checkpoint_activations
+        """Decoder layers keep only their inputs and are recomputed in backward; the hooks take
+        each module's input from the recomputation (docs/engine.md)."""
+        """Pass 2 by registered row-dot rules where a module type has one (no per-unit
+        gradients); False builds every unit's gradient and takes inner products (a reference)."""
         self.owners, self.n_uses = self._find_owners(dict(model.named_parameters()))
         self.sparse_names = {n for o in self.owners if o.rule is embedding_rule for n in o.global_names}
 
@@ -161,13 +172,16 @@ class HookedEngine:
         for mode in passes:
             state = _PassState(self, totals, mode)
             handles = self._install(state)
+            checkpointed = (checkpointed_layers(self.model, state.checkpoint_contexts)
+                            if self.checkpoint_activations else nullcontext())
             try:
-                for prompt_ids in micro_batches:
-                    state.begin(batch, prompt_ids)
-                    self._forward_backward(batch, state.units)
-                    state.end()
-                    if on_chunk is not None:
-                        on_chunk(len(state.units))
+                with checkpointed:
+                    for prompt_ids in micro_batches:
+                        state.begin(batch, prompt_ids)
+                        self._forward_backward(batch, state.units)
+                        state.end()
+                        if on_chunk is not None:
+                            on_chunk(len(state.units))
             finally:
                 for handle in handles:
                     handle.remove()
@@ -184,7 +198,9 @@ class HookedEngine:
         ids, coef, first = pad_rows(batch, [s for u in units for s in batch.units[u]], self.pad_token_id, self.dtype)
         ids, coef = ids.to(self.device), coef.to(self.device)
         length = ids.shape[-1]
-        with torch.enable_grad():
+        # Recompute each checkpointed layer whole: the hooks need every module's input, also of
+        # modules after the layer's last saved tensor.
+        with torch.enable_grad(), torch.utils.checkpoint.set_checkpoint_early_stop(False):
             logits = self.model(ids, use_cache=False, logits_to_keep=length - first + 1).logits
             logp = token_logprobs(logits.to(self.dtype), ids[:, first - 1 :], self.temperature)
             loss = (coef[:, first:] * logp).sum()
@@ -239,6 +255,9 @@ class _PassState:
         self.engine, self.totals, self.mode = engine, totals, mode
         self.k = totals.k
         self.in_rule = False
+        self.phase = "plain"
+        """"plain", or inside a checkpointed layer its "forward" (inputs not kept) or its
+        "recompute" (in backward: inputs kept, no gradient hooks)."""
         self.buffers = _BufferPool()
         selected = engine.selected
         element = torch.finfo(engine.dtype).bits // 8
@@ -258,18 +277,35 @@ class _PassState:
                                           for p in prompt_ids)
         self.token_rows = torch.unique(torch.tensor([t for s in sequences for t in s], device=self.engine.device))
         self.inputs: dict[int, torch.Tensor] = {}
+        self.waiting: dict[int, torch.Tensor] = {}
+        """Output gradients that arrived before their checkpointed module was recomputed."""
+        self.called: set[int] = set()
         self.kept: dict[str, list[tuple[int, PerUnit]]] = {}
         self.received = dict.fromkeys(self.engine.names, 0)
 
+    def checkpoint_contexts(self) -> tuple[object, object]:
+        """torch.utils.checkpoint's context_fn: the phases of a checkpointed layer."""
+        return self._in_phase("forward"), self._in_phase("recompute")
+
+    @contextmanager
+    def _in_phase(self, phase: str) -> Iterator[None]:
+        outer, self.phase = self.phase, phase
+        try:
+            yield
+        finally:
+            self.phase = outer
+
     def before(self, owner: _Owner, module: torch.nn.Module, args: tuple, kwargs: dict):
-        """Forward pre-hook: one tensor input, called once; make it a leaf that needs a gradient
-        when nothing upstream does (autograd then stops there)."""
+        """Forward pre-hook: one tensor input, called once (a recomputation aside); make it a
+        leaf that needs a gradient when nothing upstream does (autograd then stops there)."""
         if self.in_rule:  # the generic rule runs the module again
             return None
         if len(args) != 1 or kwargs or not isinstance(args[0], torch.Tensor):
             raise UnsupportedModel(f"{type(module).__name__} is called with other than one tensor")
-        if id(module) in self.inputs:
-            raise UnsupportedModel(f"{type(module).__name__} is called twice in one forward")
+        if self.phase != "recompute":
+            if id(module) in self.called:
+                raise UnsupportedModel(f"{type(module).__name__} is called twice in one forward")
+            self.called.add(id(module))
         x = args[0]
         if x.is_floating_point() and not x.requires_grad:
             return (x.detach().requires_grad_(True),), kwargs
@@ -280,12 +316,27 @@ class _PassState:
             return None
         if not isinstance(output, torch.Tensor):
             raise UnsupportedModel(f"{type(module).__name__} does not return one tensor")
-        self.inputs[id(module)] = args[0].detach()
         replaced = None
         if not output.requires_grad:  # an embedding of integer ids with a frozen table
             output = replaced = output.detach().requires_grad_(True)
+        if self.phase == "recompute":  # the original output's hook receives the gradient
+            self._input_arrived(owner, args[0].detach())
+            return replaced
+        if self.phase == "plain":  # a checkpointed layer's inputs come with its recomputation
+            self.inputs[id(module)] = args[0].detach()
         output.register_hook(functools.partial(self.on_output_grad, owner))
         return replaced
+
+    def _input_arrived(self, owner: _Owner, x: torch.Tensor) -> None:
+        """A recomputed input: reduce now if its output gradient came first, else keep it.
+        The reduction runs outside the recomputation's saved-tensor hooks, which would take
+        any tensor a rule saves for the layer's."""
+        grad = self.waiting.pop(id(owner.module), None)
+        if grad is None:
+            self.inputs[id(owner.module)] = x
+            return
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+            self._reduce_module(owner, x, grad)
 
     def _chunks(self, owner: _Owner) -> list[tuple[int, int]]:
         """Local prompt ranges whose per-unit gradients of this owner fit `work_bytes` at once."""
@@ -327,13 +378,38 @@ class _PassState:
                 self.totals.add_prompt_products(name, prompt_ids, grams[local])
                 self.totals.add_sum_contributions(name, rows, sums[local])
 
+    def _row_dots_by_rule(self, owner: _Owner, x: torch.Tensor, grad: torch.Tensor) -> bool:
+        """Pass 2 by the module's row-dot rule, over the whole micro-batch at once (its
+        temporaries are activation-sized); False when the module type has none."""
+        rule = row_dot_rule_for(owner.module) if self.engine.row_dot_rules else None
+        if self.mode != "row_dots" or rule is None:
+            return False
+        _, _, units = self._chunk_units(0, len(self.prompt_ids), x.device)
+        unit_target = self.totals.unit_target[self.totals.prompt_units(self.prompt_ids)]
+        global_of = dict(zip(owner.local_names, owner.global_names))
+        values = rule(owner.module, owner.local_names, x, grad, units, unit_target,
+                      lambda local, index: self.totals.target_of(global_of[local], index), self.engine.dtype)
+        for local, name in global_of.items():
+            self.totals.add_unit_row_dots(name, self.prompt_ids, values[local])
+        return True
+
     def on_output_grad(self, owner: _Owner, grad: torch.Tensor) -> None:
-        x = self.inputs.pop(id(owner.module))
+        x = self.inputs.pop(id(owner.module), None)
+        if x is None:  # checkpointed and not yet recomputed
+            self.waiting[id(owner.module)] = grad
+            return
+        self._reduce_module(owner, x, grad)
+
+    def _reduce_module(self, owner: _Owner, x: torch.Tensor, grad: torch.Tensor) -> None:
         if self._uses_ghost(owner):
             self._reduce_ghost(owner, x, grad)
-            for name in owner.global_names:
-                self.received[name] += 1
-            return
+        elif not self._row_dots_by_rule(owner, x, grad):
+            self._reduce_per_unit(owner, x, grad)
+        for name in owner.global_names:
+            self.received[name] += 1
+
+    def _reduce_per_unit(self, owner: _Owner, x: torch.Tensor, grad: torch.Tensor) -> None:
+        """The module's per-unit gradients, a chunk of prompts at a time, reduced and freed."""
         for first, last in self._chunks(owner):
             row_start, row_end, units = self._chunk_units(first, last, x.device)
             self.in_rule = True
@@ -345,8 +421,6 @@ class _PassState:
             for local, name in zip(owner.local_names, owner.global_names):
                 self._reduce(name, first, parts[local], last_use=self.received[name] + 1 == self.engine.n_uses[name])
                 self.buffers.give_back(parts[local].values)
-        for name in owner.global_names:
-            self.received[name] += 1
 
     def _reduce(self, name: str, first: int, part: PerUnit, last_use: bool) -> None:
         """Add one use's per-unit gradients of a few prompts (local prompts first, first + 1, ...)."""
@@ -379,5 +453,8 @@ class _PassState:
         self.totals.add_gram(name, self.prompt_ids[start:end], mine, other=theirs)
 
     def end(self) -> None:
+        if self.waiting:  # a checkpointed module was never recomputed: its units would be missed
+            raise RuntimeError("a checkpointed module's gradient arrived without its recomputed input")
         self.inputs.clear()
+        self.called.clear()
         self.kept.clear()

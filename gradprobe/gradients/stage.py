@@ -3,7 +3,8 @@
 Both engines stream the same reductions (`engine.StreamingReductions`), so they return the same
 `UnitGradients` to rounding, with memory flat in the number of prompts. `hooks` runs one forward
 and backward per micro-batch, as a training step does; `vmap` differentiates each unit by itself
-and serves what hooks cannot: activation checkpointing, and modules the hook rules do not cover.
+and serves what hooks cannot: modules the hook rules do not cover. Both run with activation
+checkpointing.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from gradprobe.gradients.vmap_engine import GradientEngine
 ENGINES = {
     "auto": "hooks when the model allows, else vmap",
     "hooks": "one forward and backward per micro-batch with per-module hooks (fastest)",
-    "vmap": "torch.func vmap(grad) per unit (any model; activation checkpointing)",
+    "vmap": "torch.func vmap(grad) per unit (any model)",
 }
 
 
@@ -74,14 +75,13 @@ def run_gradient_stage(
     fallback = None
     if settings.engine != "vmap":
         try:
-            if settings.checkpoint_activations:
-                raise UnsupportedModel("activation checkpointing runs on the vmap engine")
             shape = rollout_shape(full_batch, layout)
             plan = None if shape is None else plan_stage(model, param_names, shape, settings, max_memory)
             hosted = plan is not None and plan.sums_location == "host" and next(model.parameters()).device.type != "cpu"
             engine = HookedEngine(model, param_names, settings.temperature, settings.accumulate_dtype,
                                   settings.pad_token_id, "cpu" if hosted or settings.sums == "host" else None,
-                                  sketch_dim=sketch_dim, completion=parallel)
+                                  sketch_dim=sketch_dim, completion=parallel,
+                                  checkpoint_activations=settings.checkpoint_activations)
             tokens = 1 if plan is None else plan.micro_batch_tokens  # None: no prompt carries a loss
             if parallel is not None:  # at most the longest sequence's tokens: one try, no halving
                 tokens = max(tokens, max((len(s) for s in batch.sequences), default=1))

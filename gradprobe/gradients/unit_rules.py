@@ -200,6 +200,84 @@ def generic_rule(module: torch.nn.Module, names: list[str], x: torch.Tensor, g: 
     return {n: PerUnit(units.sum_rows(v.to(dtype))) for n, v in per_row.items()}
 
 
+TargetOf = Callable[[str, int], torch.Tensor]
+"""target_of(local name, index): target vector `index` restricted to one of the module's
+parameters, on the compute device."""
+RowDotRule = Callable[[torch.nn.Module, list[str], torch.Tensor, torch.Tensor, MicroBatchUnits, torch.Tensor,
+                       TargetOf, torch.dtype], dict[str, torch.Tensor]]
+ROW_DOT_RULES: dict[type | str, RowDotRule] = {}
+
+
+def register_row_dot_rule(*module_types: type | str) -> Callable[[RowDotRule], RowDotRule]:
+    """Decorator: `rule(module, names, x, g, units, unit_target, target_of, dtype)` gives, per
+    local name, [units] the inner products <grad_a, target of a> of each unit's gradient with its
+    target, without building the per-unit gradients (exact intervals' second pass)."""
+
+    def register(rule: RowDotRule) -> RowDotRule:
+        for module_type in module_types:
+            ROW_DOT_RULES[module_type] = rule
+        return rule
+
+    return register
+
+
+def row_dot_rule_for(module: torch.nn.Module) -> RowDotRule | None:
+    """The registered row-dot rule for the module's type (or a base type), else None: the engine
+    then builds the per-unit gradients with `rule_for` and takes their inner products."""
+    for cls in type(module).__mro__:
+        for key in (cls, cls.__name__):
+            if key in ROW_DOT_RULES:
+                return ROW_DOT_RULES[key]
+    return None
+
+
+def _rows_by_target(units: MicroBatchUnits, unit_target: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+    """(target index, the rows whose unit has that target), for each target the rows meet."""
+    row_target = unit_target[units.row_unit]
+    return [(index, (row_target == index).nonzero().flatten()) for index in torch.unique(row_target).tolist()]
+
+
+@register_row_dot_rule(torch.nn.Linear)
+def linear_row_dots(module: torch.nn.Linear, names: list[str], x: torch.Tensor, g: torch.Tensor,
+                    units: MicroBatchUnits, unit_target: torch.Tensor, target_of: TargetOf,
+                    dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """<weight_a, T> = sum_{i in a} g_i . (T x_i) and <bias_a, t> = sum_{i in a} g_i . t, for
+    each unit a and its target (T, t): one matmul with the target per token, the FLOPs of one
+    weight-gradient matmul and no per-unit [d_out, d_in] buffer (docs/engine.md)."""
+    rows = x.shape[0]
+    x = x.reshape(rows, -1, x.shape[-1]).to(dtype)
+    g = g.reshape(rows, -1, g.shape[-1]).to(dtype)
+    out = {name: torch.zeros(units.n_units, dtype=dtype, device=x.device) for name in names}
+    for index, selected in _rows_by_target(units, unit_target):
+        g_part, owners = g[selected], units.row_unit[selected]
+        if "weight" in names:
+            target = target_of("weight", index).to(dtype)
+            if x.shape[-1] <= g.shape[-1]:  # project onto the narrower side: the smaller temporary
+                per_row = ((g_part @ target) * x[selected]).sum((1, 2))
+            else:
+                per_row = ((x[selected] @ target.T) * g_part).sum((1, 2))
+            out["weight"].index_add_(0, owners, per_row)
+        if "bias" in names:
+            out["bias"].index_add_(0, owners, g_part.sum(1) @ target_of("bias", index).to(dtype))
+    return out
+
+
+@register_row_dot_rule(torch.nn.Embedding)
+def embedding_row_dots(module: torch.nn.Embedding, names: list[str], x: torch.Tensor, g: torch.Tensor,
+                       units: MicroBatchUnits, unit_target: torch.Tensor, target_of: TargetOf,
+                       dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """<weight_a, T> = sum_{i in a} g_i . T[id_i] over unit a's tokens (padding_idx excluded,
+    as in `embedding_rule`): the target's rows gathered at the token ids."""
+    g = g.reshape(x.shape[0], -1, g.shape[-1]).to(dtype)
+    if module.padding_idx is not None:
+        g = g * (x != module.padding_idx).unsqueeze(-1).to(dtype)
+    out = torch.zeros(units.n_units, dtype=dtype, device=g.device)
+    for index, selected in _rows_by_target(units, unit_target):
+        gathered = target_of("weight", index).to(dtype)[x[selected]]  # [rows, positions, dim]
+        out.index_add_(0, units.row_unit[selected], (gathered * g[selected]).sum((1, 2)))
+    return {"weight": out}
+
+
 def ghost_is_cheaper(tokens_per_prompt: int, d_in: int, d_out: int) -> bool:
     """The ghost norm costs O(T^2 (d_in + d_out)) per prompt of T tokens, building each unit's
     weight gradient O(T d_in d_out): ghost when T (d_in + d_out) < d_in d_out (the rule of
