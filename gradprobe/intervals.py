@@ -48,8 +48,9 @@ Interval construction, and why (measured in tests/test_intervals.py):
   Known limit: the cross term between the row sums and the projection's noise has variance
   4 (c - mean c)' C (c - mean c), which needs the Gram and is not in the moments; measured, the
   corrected variance fluctuates more than the Satterthwaite model says (36x at 64 prompts in
-  tests/test_intervals.py's design), so U's sketched intervals cover 92.9-96.5% there (ratios
-  94.3-96.7%). A sketched per-prompt Gram from the engine would close this gap.
+  tests/test_intervals.py's design), so U's sketched intervals cover least, 93.3-96.5% there
+  over 12,000 replications (ratios 94.3-96.7%). Counting that term in the degrees of freedom
+  (with the true or a sketched Gram) overcorrects: 97-99.9% at 8-64 prompts.
 - Without row sums (source "none") nothing is claimed: every interval is None with that reason.
 """
 
