@@ -6,7 +6,8 @@ On the same model and rollouts, in one run:
       per-prompt norms the obvious way);
   (c) gradprobe: everything `gradprobe scan` does after the rollouts are read (the streaming
       gradient stage, the summary and the saved task gradients) in one pass (`--intervals none`);
-      gradprobe-exact adds the second pass of exact intervals; gradprobe-vmap forces the
+      gradprobe-exact adds the second pass of exact intervals, gradprobe-sketch the count
+      sketch of every unit in the one pass (sketched intervals); gradprobe-vmap forces the
       torch.func engine; gradprobe-ckpt runs the hooks with activation checkpointing;
   (d) opacus: the peer, Opacus ghost clipping's per-sample gradient norms (one forward and
       backward per micro-batch, linear layers), checked against gradprobe's per-completion norms.
@@ -34,7 +35,12 @@ MODELS = {
     "llama-20m": dict(arch="llama", hidden_size=512, intermediate_size=1376, num_hidden_layers=6,
                       num_attention_heads=8, num_key_value_heads=4, vocab_size=8000),
     "qwen2-0.5b": dict(arch="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                       num_attention_heads=14, num_key_value_heads=2, vocab_size=151936),
+                       num_attention_heads=14, num_key_value_heads=2, vocab_size=151936,
+                       tie_word_embeddings=True),
+    # Qwen2-0.5B's width and vocabulary with 2 layers: the head (and the tied embedding) dominate.
+    "qwen2-0.5b-2l": dict(arch="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=2,
+                          num_attention_heads=14, num_key_value_heads=2, vocab_size=151936,
+                          tie_word_embeddings=True),
     "qwen2-7b": dict(arch="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                      num_attention_heads=28, num_key_value_heads=4, vocab_size=152064),
 }
@@ -50,7 +56,8 @@ def build_model(name: str, device: str, dtype: torch.dtype):
     else:
         spec = dict(MODELS[name])
         config_class = LlamaConfig if spec.pop("arch") == "llama" else Qwen2Config
-        config = config_class(max_position_embeddings=4096, tie_word_embeddings=False, **spec)
+        spec.setdefault("tie_word_embeddings", False)
+        config = config_class(max_position_embeddings=4096, **spec)
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     # plain and naive keep the default attention (sdpa), as a trainer would; the engine switches
@@ -163,6 +170,10 @@ def method_gradprobe_exact(model, batch, layout, args):
     return gradprobe_stage(model, batch, layout, args, intervals="exact")
 
 
+def method_gradprobe_sketch(model, batch, layout, args):
+    return gradprobe_stage(model, batch, layout, args, intervals="sketch")
+
+
 def method_gradprobe_vmap(model, batch, layout, args):
     return gradprobe_stage(model, batch, layout, args, engine="vmap", intervals="none")
 
@@ -218,7 +229,8 @@ def method_opacus(model, batch, layout, args):
 
 
 METHODS = {"plain": method_plain, "naive": method_naive, "gradprobe": method_gradprobe_none,
-           "gradprobe-exact": method_gradprobe_exact, "gradprobe-vmap": method_gradprobe_vmap,
+           "gradprobe-exact": method_gradprobe_exact, "gradprobe-sketch": method_gradprobe_sketch,
+           "gradprobe-vmap": method_gradprobe_vmap,
            "gradprobe-ckpt": method_gradprobe_checkpointed, "opacus": method_opacus}
 
 
