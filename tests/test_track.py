@@ -177,6 +177,9 @@ def test_trl_run_with_trl_dumps_resumes_after_interruption(run, tmp_path):
     finally:
         pipeline.scan = scan
     assert scanned == ["step-4"]
+    # a rerun with other scan settings would mix two kinds of figures: refused, nothing rescanned
+    other = track(run["trl"], "--rollouts-glob", "gradprobe_rollouts/*.jsonl", "--loss", "dapo", "--out", out)
+    assert other.exit_code == 2 and "other settings (loss)" in other.output, other.output
     assert resumed.exit_code == 0, resumed.output
     assert "scanned 1 checkpoint(s); kept 1 earlier scan(s)" in resumed.output
     assert first.stat().st_mtime_ns == before
