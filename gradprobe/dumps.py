@@ -9,11 +9,13 @@ Two formats, told apart by their columns:
   prompt as the model saw it) by rendering every mix prompt with the checkpoint's tokenizer and
   decoding it the same way; completions of one prompt form its group. Rows that match no mix row,
   or rows of several tasks, are counted as unmatched and left out.
-- TRL callback (gradprobe's own, documented in README "Across a training run"): one row per
-  completion with `task`, `prompt` (the text as the model saw it, chat template applied, as
-  GRPOTrainer's `prompts_text`), `completion`, `reward`, `step`; optional `prompt_id` (else one
-  per distinct prompt text), `answer`, `prompt_token_ids`, `completion_token_ids`. The prompt
-  is tokenized without adding special tokens, as GRPOTrainer does.
+- trl: what `GradprobeCallback(dump_rollouts=True)` writes during a TRL run (TRL itself keeps
+  no rollouts on disk): `gradprobe_rollouts/{step}.jsonl`, one row per completion with `task`,
+  `prompt` (the text as the model saw it), `completion`, `reward`, `step`, `prompt_id`, and the
+  exact `prompt_token_ids` and `completion_token_ids`, which are used as they are. Only `task`,
+  `prompt`, `completion` and `reward` are required; without `prompt_id` each distinct prompt
+  text is one group, without token ids the prompt is tokenized without adding special tokens,
+  as GRPOTrainer does.
 """
 
 from __future__ import annotations

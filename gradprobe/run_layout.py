@@ -7,8 +7,8 @@
   number in its path below RUN_DIR.
 
 Rollout dumps (`--rollouts-glob PATTERN`, relative to RUN_DIR) are JSONL files numbered by the
-step that trained on them: verl's `trainer.rollout_data_dir` writes `{step}.jsonl`; the TRL
-callback format (gradprobe.dumps) names its files the same way or carries `step` in each row.
+step that trained on them: verl's `trainer.rollout_data_dir` writes `{step}.jsonl`, and so does
+GradprobeCallback(dump_rollouts=True) in a TRL run (OUTPUT_DIR/gradprobe_rollouts/{step}.jsonl).
 """
 
 from __future__ import annotations

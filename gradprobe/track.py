@@ -15,6 +15,7 @@ checkpoints'), or, without dumps, the scans' mean rewards at the checkpoint step
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -95,7 +96,7 @@ def track(config: TrackConfig, progress: Progress | None = None) -> TrackResult:
     with progress.stage("checkpoints", len(given.checkpoints)) as advance:
         for checkpoint in given.checkpoints:
             scan_dir = out / SCANS_DIR / f"step-{checkpoint.step}"
-            if _finished(scan_dir, checkpoint, given.inputs[checkpoint.step]):
+            if _finished(scan_dir, checkpoint, given.inputs[checkpoint.step], config.scan):
                 reused.append(checkpoint.step)
             else:
                 _scan_checkpoint(config, checkpoint, given.inputs[checkpoint.step], out, scan_dir)
@@ -186,12 +187,25 @@ def _checkpoint_input(checkpoint: run_layout.Checkpoint, read: dict[int, dumps.D
                            converted.n_unmatched, converted.n_ambiguous), converted.rollouts
 
 
-def _finished(scan_dir: Path, checkpoint: run_layout.Checkpoint, given: CheckpointInput) -> bool:
+def _scan_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """The ScanConfig fields a track passes to every scan (not the per-checkpoint model, out, mix, rollouts)."""
+    return {k: v for k, v in settings.items() if k in ScanConfig.__dataclass_fields__
+            and k not in ("model", "out", "mix", "rollouts", "overwrite")}
+
+
+def _finished(scan_dir: Path, checkpoint: run_layout.Checkpoint, given: CheckpointInput,
+              settings: dict[str, Any]) -> bool:
     """Whether an earlier run already scanned this checkpoint on the same kind of rollouts (scans
     are written atomically, so a kept one is whole)."""
     if not (scan_dir / artifacts.SCAN_FILE).is_file():
         return False
     kept = artifacts.read_scan(scan_dir)
+    # a kept scan made with other settings would mix two kinds of figures in one series
+    changed = [k for k, v in _scan_settings(settings).items()
+               if json.loads(json.dumps(v, default=str)) != kept["config"].get(k)]
+    if changed:
+        raise UserInputError(f"{scan_dir} was scanned with other settings ({', '.join(sorted(changed))}); "
+                             "rerun with the same options, or use another --out")
     if Path(kept["config"]["model"]).resolve() != checkpoint.path.resolve():
         raise UserInputError(f"{scan_dir} was scanned from {kept['config']['model']}, not {checkpoint.path}; "
                              "use another --out for another run")
@@ -207,8 +221,7 @@ def _scan_checkpoint(config: TrackConfig, checkpoint: run_layout.Checkpoint, giv
                      out: Path, scan_dir: Path) -> None:
     from gradprobe.pipeline import scan
 
-    settings = {k: v for k, v in config.scan.items() if k in ScanConfig.__dataclass_fields__}
-    base = ScanConfig(model=str(checkpoint.path), out=str(scan_dir), **settings)
+    base = ScanConfig(model=str(checkpoint.path), out=str(scan_dir), **_scan_settings(config.scan))
     if given.source == "dump":
         base = replace(base, rollouts=str(out / INPUTS_DIR / f"step-{checkpoint.step}.jsonl"), mix=None)
     else:

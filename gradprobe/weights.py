@@ -158,12 +158,14 @@ def weights_document(document: dict[str, Any], policy_name: str, source: str) ->
 def usage(weights_file: str = "WEIGHTS.json") -> dict[str, Any]:
     """How each trainer takes the weights (also in README, "Task weights for the next run")."""
     return {
-        "trl": ("subclass the trainer: def _get_train_sampler(self, dataset=None): return "
-                f"TaskWeightedSampler(dataset or self.train_dataset, weights_file='{weights_file}', task_key='task')"),
+        "trl": ("subclass GRPOTrainer: def _get_train_sampler(self, dataset=None): return "
+                f"TaskWeightedSampler.for_grpo(self, dataset, weights_file='{weights_file}', task_key='task')"),
         "verl": ["data.sampler.class_path=pkg://gradprobe.integrations.samplers",
                  "data.sampler.class_name=TaskWeightedSampler",
-                 f"+data.sampler.weights_file={weights_file}"],
-        "roll": "domain_interleave_probs in the pipeline YAML (the .roll.yaml file beside the JSON)",
+                 f"+data.sampler.weights_file={weights_file}",
+                 "data.dataloader_num_workers=0"],
+        "roll": ("actor_train.data_args.domain_interleave_probs in the pipeline YAML: merge the "
+                 f"{roll_path(Path(weights_file)).name} file beside the JSON (task names must be ROLL's domains)"),
     }
 
 
@@ -173,7 +175,8 @@ def roll_path(path: Path) -> Path:
 
 
 def write_weights(path: Path, document: dict[str, Any]) -> list[Path]:
-    """FILE (the weights JSON) and FILE's .roll.yaml (ROLL's domain_interleave_probs), atomically."""
+    """FILE (the weights JSON) and FILE's .roll.yaml, atomically: ROLL reads the mapping at
+    `actor_train.data_args.domain_interleave_probs` of its pipeline config (RLVRConfig)."""
     import yaml
 
     path = Path(path)
@@ -182,9 +185,11 @@ def write_weights(path: Path, document: dict[str, Any]) -> list[Path]:
     document = {**document, "usage": usage(str(path))}
     artifacts.write_json(path, document)
     roll = roll_path(path)
-    text = yaml.safe_dump({"domain_interleave_probs": document["weights"]}, sort_keys=False)
-    artifacts.write_text(roll, f"# ROLL: task (domain) sampling probabilities from gradprobe, policy "
-                               f"{document['policy']}\n{text}")
+    nested = {"actor_train": {"data_args": {"domain_interleave_probs": document["weights"]}}}
+    text = yaml.safe_dump(nested, sort_keys=False)
+    # ROLL gives each domain int(p * rollout_batch_size) prompts a step (the last domain the rest)
+    artifacts.write_text(roll, f"# ROLL: domain sampling probabilities from gradprobe (policy {document['policy']});\n"
+                               f"# merge into the RLVR pipeline YAML; the names must be the domains of its rewards\n{text}")
     return [path, roll]
 
 

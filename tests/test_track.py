@@ -43,6 +43,16 @@ def sample_step(model_dir: Path, mix, step: int) -> list[dict]:
             for r in rollouts]
 
 
+def trl_dump(rows: list[dict], step: int, tokenizer) -> list[dict]:
+    """The rows as GradprobeCallback(dump_rollouts=True) writes a generation batch (its own code)."""
+    from gradprobe.integrations.trl import StepBatch, dump_rows
+
+    rows = sorted(rows, key=lambda r: (r["task"], r["prompt_id"]))
+    batch = StepBatch([r["prompt_token_ids"] for r in rows], [r["completion_token_ids"] for r in rows],
+                      [0.0] * len(rows), [r["reward"] for r in rows], [r["task"] for r in rows], GROUP)
+    return dump_rows(batch, step, tokenizer, answers=[r["answer"] for r in rows])
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A 5-step training run: per step, sample from the current policy, dump, take a real
@@ -56,14 +66,13 @@ def run(tmp_path_factory):
     current = save_tiny_model(root / "base")
     tokenizer = load_tokenizer(str(current))
     trl, verl = root / "trl-run", root / "verl-run"
-    (trl / "rollouts").mkdir(parents=True)
+    (trl / "gradprobe_rollouts").mkdir(parents=True)
     (verl / "rollout_data").mkdir(parents=True)
     sampled = {}
     for step in range(1, STEPS + 1):
         rows = sample_step(current, mix, step)
         sampled[step] = rows
-        write_jsonl(trl / "rollouts" / f"rollouts-{step}.jsonl",
-                    [{k: r[k] for k in ("task", "prompt", "completion", "reward", "step")} for r in rows])
+        write_jsonl(trl / "gradprobe_rollouts" / f"{step}.jsonl", trl_dump(rows, step, tokenizer))
         verl_rows = [{"input": tokenizer.decode(r["prompt_token_ids"], skip_special_tokens=True),
                       "output": r["completion"], "gts": r["answer"], "score": r["reward"], "step": step,
                       "acc": r["reward"]} for r in rows]
@@ -132,20 +141,45 @@ def test_verl_run_with_verl_dumps(run, verl_track):
 
 
 def test_trl_run_with_trl_dumps_resumes_after_interruption(run, tmp_path):
+    """Ctrl-C while checkpoint 4's scan is being written (its scan.json already in the staging
+    directory): nothing of it is left, no track.json; the rerun keeps step 2 and redoes step 4."""
+    from gradprobe import artifacts, pipeline
+
     out = tmp_path / "track"
-    weights = run["trl"] / "checkpoint-4" / "model.safetensors"
-    hidden = run["root"] / "hidden.safetensors"
-    shutil.move(weights, hidden)  # the second checkpoint fails: the track stops after the first
+    write_text = artifacts.write_text
+
+    def interrupted(path, text):
+        if path.name == "rollouts.jsonl" and ".step-4.partial-" in str(path):
+            assert (path.parent / "scan.json").is_file()  # half-written when the interrupt comes
+            raise KeyboardInterrupt
+        write_text(path, text)
+
+    artifacts.write_text = interrupted
     try:
-        failed = track(run["trl"], "--rollouts-glob", "rollouts/*.jsonl", "--out", out)
+        failed = track(run["trl"], "--rollouts-glob", "gradprobe_rollouts/*.jsonl", "--out", out)
     finally:
-        shutil.move(hidden, weights)
-    assert failed.exit_code == 2, failed.output
-    assert "checkpoint step 4" in failed.output and "Traceback" not in failed.output
+        artifacts.write_text = write_text
+    assert failed.exit_code != 0, failed.output
     first = out / "scans" / "step-2" / "scan.json"
     assert first.is_file() and not (out / "scans" / "step-4").exists()
+    assert not list((out / "scans").glob(".*")) and not (out / "track.json").exists()
     before = first.stat().st_mtime_ns
-    resumed = track(run["trl"], "--rollouts-glob", "rollouts/*.jsonl", "--out", out)
+    scanned = []
+    scan = pipeline.scan
+
+    def counted(config, *args, **kwargs):
+        scanned.append(Path(config.out).name)
+        return scan(config, *args, **kwargs)
+
+    pipeline.scan = counted
+    try:
+        resumed = track(run["trl"], "--rollouts-glob", "gradprobe_rollouts/*.jsonl", "--out", out)
+    finally:
+        pipeline.scan = scan
+    assert scanned == ["step-4"]
+    # a rerun with other scan settings would mix two kinds of figures: refused, nothing rescanned
+    other = track(run["trl"], "--rollouts-glob", "gradprobe_rollouts/*.jsonl", "--loss", "dapo", "--out", out)
+    assert other.exit_code == 2 and "other settings (loss)" in other.output, other.output
     assert resumed.exit_code == 0, resumed.output
     assert "scanned 1 checkpoint(s); kept 1 earlier scan(s)" in resumed.output
     assert first.stat().st_mtime_ns == before
@@ -287,62 +321,168 @@ def assert_binomial(drawn: list[str]) -> None:
 LABELS = ["add"] * 50 + ["echo"] * 30 + ["chat"] * 120  # row counts unlike the weights
 
 
-def test_sampler_in_a_trl_trainer_draws_tasks_at_the_weights(tmp_path):
-    import datasets
-    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+class VerlConfig(dict):
+    """verl's `config.data` as its code reads it (an OmegaConf DictConfig: attributes and .get)."""
 
-    from gradprobe.integrations.samplers import TaskWeightedSampler
+    def __getattr__(self, name):
+        try:
+            value = self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+        return VerlConfig(value) if isinstance(value, dict) else value
 
-    file = weights_file(tmp_path)
-
-    class WeightedTrainer(Trainer):
-        def _get_train_sampler(self, train_dataset=None):
-            return TaskWeightedSampler(train_dataset or self.train_dataset, weights_file=str(file),
-                                       num_samples=DRAWS, task_key="task")
-
-    model = AutoModelForCausalLM.from_pretrained(save_tiny_model(tmp_path / "model"))
-    dataset = datasets.Dataset.from_dict({"task": LABELS, "row": list(range(len(LABELS)))})
-    args = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=200, report_to=[],
-                             remove_unused_columns=False, use_cpu=True, dataloader_num_workers=0)
-    trainer = WeightedTrainer(model=model, args=args, train_dataset=dataset,
-                              data_collator=lambda rows: {"row": [r["row"] for r in rows]})
-    drawn = [LABELS[i] for batch in trainer.get_train_dataloader() for i in batch["row"]]
-    assert len(drawn) == DRAWS
-    assert_binomial(drawn)
+    def get(self, key, default=None):
+        value = super().get(key, default)
+        return VerlConfig(value) if isinstance(value, dict) else value
 
 
-def test_sampler_as_verl_builds_it_draws_tasks_at_the_weights(tmp_path):
+def load_extern_type(file_path: str, type_name: str):
+    """verl.utils.import_utils.load_extern_type's contract: `pkg://a.b` (or a/b) imports the module
+    by name; anything else (optionally `file://`) is executed from its file as `custom_module`."""
+    import importlib.util
+
+    if file_path.startswith("pkg://"):
+        module = importlib.import_module(file_path[6:].replace("/", "."))
+    else:
+        spec = importlib.util.spec_from_file_location("custom_module", file_path.removeprefix("file://"))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    return getattr(module, type_name)
+
+
+def create_rl_sampler(data_config, dataset, abstract_sampler):
+    """verl's create_rl_sampler for a configured sampler: load, build with (data_source,
+    data_config), assert AbstractSampler and no dataloader workers."""
+    sampler_class = load_extern_type(data_config.sampler.class_path, data_config.sampler.class_name)
+    sampler = sampler_class(data_source=dataset, data_config=data_config)
+    assert isinstance(sampler, abstract_sampler)
+    assert data_config.get("dataloader_num_workers", 8) == 0, "verl: a custom sampler needs num_workers 0"
+    return sampler
+
+
+@pytest.fixture()
+def fake_verl(monkeypatch):
+    """verl.experimental.dataset.sampler.AbstractSampler as verl defines it (torch Sampler, ABC,
+    abstract __init__(data_source, data_config)), importable while the test runs; the samplers
+    module is reloaded with it and again without it afterwards."""
+    import abc
     import importlib
+    import sys
+    import types
 
+    from torch.utils.data import Sampler
+
+    class AbstractSampler(Sampler, abc.ABC):
+        @abc.abstractmethod
+        def __init__(self, data_source, data_config):
+            pass
+
+    names = ["verl", "verl.experimental", "verl.experimental.dataset", "verl.experimental.dataset.sampler"]
+    for name in names:
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    sys.modules[names[-1]].AbstractSampler = AbstractSampler
+    import gradprobe.integrations.samplers as samplers
+
+    importlib.reload(samplers)
+    yield AbstractSampler
+    monkeypatch.undo()
+    importlib.reload(samplers)
+
+
+def verl_dataset():
+    """verl's RLHFDataset keeps its parquet rows in `.dataframe` (a datasets.Dataset) with the task
+    in `data_source`; items are dicts of a row's columns."""
     import datasets
 
-    file = weights_file(tmp_path)
-    config = {"sampler": {"class_path": "pkg://gradprobe.integrations.samplers",
-                          "class_name": "TaskWeightedSampler", "weights_file": str(file)}}
-
-    class RLHFDatasetLike:  # verl's RLHFDataset keeps its rows in .dataframe, the task in data_source
+    class RLHFDatasetLike:
         def __init__(self):
             self.dataframe = datasets.Dataset.from_dict({"data_source": LABELS, "prompt": ["p"] * len(LABELS)})
 
         def __len__(self):
             return len(self.dataframe)
 
-    module = importlib.import_module(config["sampler"]["class_path"].removeprefix("pkg://"))
-    sampler_class = getattr(module, config["sampler"]["class_name"])
-    sampler = sampler_class(data_source=RLHFDatasetLike(), data_config=config)
-    assert isinstance(sampler, __import__("torch").utils.data.Sampler)
-    drawn = [LABELS[i] for _ in range(DRAWS // len(LABELS)) for i in sampler]
+        def __getitem__(self, item):
+            return dict(self.dataframe[item])
+
+    return RLHFDatasetLike()
+
+
+def verl_data_config(weights: Path, class_path: str = "pkg://gradprobe.integrations.samplers", **extra):
+    """config.data with the lines `usage()["verl"]` tells the user to add (and data.seed)."""
+    from gradprobe.weights import usage
+
+    data = {"shuffle": True, "seed": 7, "dataloader_num_workers": 8,
+            "sampler": {"class_path": None, "class_name": None}}
+    for line in usage(str(weights))["verl"]:
+        key, value = line.lstrip("+").split("=", 1)
+        parts = key.split(".")[1:]  # below data.
+        where = data
+        for part in parts[:-1]:
+            where = where.setdefault(part, {})
+        where[parts[-1]] = int(value) if value.isdigit() else value
+    data["sampler"]["class_path"] = class_path
+    data.update(extra)
+    return VerlConfig(data)
+
+
+def test_sampler_as_verl_builds_it_draws_tasks_at_the_weights(tmp_path, fake_verl):
+    from torch.utils.data import DataLoader
+
+    import gradprobe.integrations.samplers as samplers
+
+    file = weights_file(tmp_path)
+    config = verl_data_config(file)
+    assert config.dataloader_num_workers == 0  # the usage lines set what verl asserts
+    sampler = create_rl_sampler(config, verl_dataset(), fake_verl)
+    assert issubclass(samplers.TaskWeightedSampler, fake_verl) and sampler.seed == 7  # data.seed
+    # verl's StatefulDataLoader is a DataLoader over the dataset with this sampler
+    loader = DataLoader(verl_dataset(), batch_size=50, sampler=sampler, collate_fn=lambda rows: rows)
+    drawn = [row["data_source"] for _ in range(DRAWS // len(LABELS)) for batch in loader for row in batch]
     assert_binomial(drawn)
     assert list(sampler) != list(sampler)  # a new seeded stream each epoch
+    # the file-path form (older verl, or a copied file) loads the same class from its file
+    by_file = create_rl_sampler(verl_data_config(file, samplers.__file__), verl_dataset(), fake_verl)
+    assert type(by_file).__name__ == "TaskWeightedSampler" and len(by_file) == len(LABELS)
+    # what verl refuses: workers left on
+    with pytest.raises(AssertionError, match="num_workers"):
+        create_rl_sampler(verl_data_config(file, dataloader_num_workers=8), verl_dataset(), fake_verl)
+
+
+def test_sampler_without_verl_is_a_torch_sampler(tmp_path):
+    """Without verl the same class derives from torch's Sampler (verl's AbstractSampler does too)."""
+    from torch.utils.data import Sampler
+
+    from gradprobe.integrations.samplers import TaskWeightedSampler
+
+    sampler = TaskWeightedSampler(verl_dataset(), data_config=verl_data_config(weights_file(tmp_path)))
+    assert isinstance(sampler, Sampler)
+    assert_binomial([LABELS[i] for _ in range(DRAWS // len(LABELS)) for i in sampler])
 
 
 def test_roll_domain_interleave_probs(tmp_path):
+    """ROLL reads actor_train.data_args.domain_interleave_probs from the pipeline YAML and gives
+    each domain int(p * rollout_batch_size) prompts a step, the last domain the rest."""
     import yaml
 
-    file = weights_file(tmp_path)
-    probs = yaml.safe_load((tmp_path / "weights.roll.yaml").read_text())["domain_interleave_probs"]
-    assert probs == pytest.approx(WEIGHTS) and sum(probs.values()) == pytest.approx(1.0)
-    assert json.loads(file.read_text())["usage"]["verl"][0] == "data.sampler.class_path=pkg://gradprobe.integrations.samplers"
+    weights_file(tmp_path)
+    pipeline = {"rollout_batch_size": 64, "rewards": {t: {"tag_included": [t]} for t in WEIGHTS},
+                "actor_train": {"data_args": {"template": "qwen2_5", "file_name": ["data.jsonl"]}}}
+
+    def merge(base: dict, extra: dict) -> dict:
+        return {**base, **{k: merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+                           for k, v in extra.items()}}
+
+    config = merge(pipeline, yaml.safe_load((tmp_path / "weights.roll.yaml").read_text()))
+    probs = config["actor_train"]["data_args"]["domain_interleave_probs"]
+    assert config["actor_train"]["data_args"]["template"] == "qwen2_5"
+    assert probs == pytest.approx(WEIGHTS) and set(probs) == set(config["rewards"])
+    batch, sizes, given = config["rollout_batch_size"], {}, 0
+    for i, domain in enumerate(probs):
+        sizes[domain] = batch - given if i == len(probs) - 1 else int(probs[domain] * batch)
+        given += sizes[domain]
+    assert sum(sizes.values()) == batch
+    for domain, size in sizes.items():
+        assert abs(size - batch * WEIGHTS[domain]) < len(probs), (domain, size)
 
 
 def test_checkpoint_layouts_every_and_dump_choice(tmp_path):

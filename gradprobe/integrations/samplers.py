@@ -3,14 +3,21 @@
 Each draw picks task t with probability w_t (the weights of `gradprobe report --weights-out`),
 then one of t's rows uniformly; draws are with replacement and seeded (a new stream each epoch).
 
-- TRL: return it from a Trainer subclass's `_get_train_sampler`; for GRPOTrainer pass
-  `repeat=self.num_generations`, so each drawn prompt comes `num_generations` times in a row as
-  its RepeatSampler yields them (README, "Task weights for the next run").
+- TRL: return it from a Trainer subclass's `_get_train_sampler(self, dataset=None)`. For
+  GRPOTrainer pass the arguments of its own RepeatSampler (`mini_repeat_count=num_generations`,
+  `batch_size=generation_batch_size // num_generations`, `repeat_count=num_iterations *
+  steps_per_generation`; `TaskWeightedSampler.for_grpo(trainer, dataset, ...)` does it), so
+  each drawn prompt comes `num_generations` times in a row and each generation batch is repeated
+  as GRPOTrainer's buffering expects (README, "Task weights for the next run").
 - verl: `data.sampler.class_path=pkg://gradprobe.integrations.samplers`,
-  `data.sampler.class_name=TaskWeightedSampler`, `+data.sampler.weights_file=weights.json`;
-  verl builds it as `TaskWeightedSampler(data_source=dataset, data_config=config.data)` and reads
-  the tasks from the dataset's `data_source` column (`+data.sampler.task_key` to change). When
-  verl is installed the class derives from verl's AbstractSampler, which verl checks for.
+  `data.sampler.class_name=TaskWeightedSampler`, `+data.sampler.weights_file=weights.json` and
+  `data.dataloader_num_workers=0` (verl asserts it for any custom sampler). verl's
+  create_rl_sampler builds it as `TaskWeightedSampler(data_source=dataset, data_config=config.data)`
+  and asserts `isinstance(sampler, AbstractSampler)`; the tasks are the dataset's `data_source`
+  column (`+data.sampler.task_key` to change), the seed `data.sampler.seed`, else `data.seed`.
+  verl's AbstractSampler is the base class when verl can be imported (so the assert holds in a
+  verl job); without verl it is torch's Sampler, which AbstractSampler itself derives from, so
+  TRL and plain torch users need no verl.
 """
 
 from __future__ import annotations
@@ -62,7 +69,8 @@ class TaskWeightedSampler(_SamplerBase):
 
     def __init__(self, data_source: Sized, data_config: Any = None, *, weights: Mapping[str, float] | None = None,
                  weights_file: str | None = None, labels: Sequence[str] | None = None, task_key: str | None = None,
-                 num_samples: int | None = None, repeat: int = 1, seed: int | None = None) -> None:
+                 num_samples: int | None = None, mini_repeat_count: int = 1, batch_size: int = 1,
+                 repeat_count: int = 1, seed: int | None = None) -> None:
         from gradprobe.weights import read_weights
 
         if weights is None:
@@ -86,21 +94,42 @@ class TaskWeightedSampler(_SamplerBase):
         if not (self.probabilities >= 0).all() or not self.probabilities.sum() > 0:
             raise ValueError("weights must be non-negative with a positive sum")
         self.probabilities = self.probabilities / self.probabilities.sum()
+        if min(mini_repeat_count, batch_size, repeat_count) < 1:
+            raise ValueError("mini_repeat_count, batch_size and repeat_count must be at least 1")
         self.num_samples = num_samples or len(labels)
-        self.repeat = repeat
+        self.mini_repeat_count, self.batch_size, self.repeat_count = mini_repeat_count, batch_size, repeat_count
         configured_seed = _setting(data_config, "seed")
+        if configured_seed is None and data_config is not None and hasattr(data_config, "get"):
+            configured_seed = data_config.get("seed")  # verl's data.seed, which its RandomSampler uses
         self.seed = seed if seed is not None else int(configured_seed) if configured_seed is not None else 0
         self.epoch = 0
 
+    @classmethod
+    def for_grpo(cls, trainer: Any, dataset: Sized | None = None, **kwargs: Any) -> "TaskWeightedSampler":
+        """The sampler shaped like a TRL GRPOTrainer's own RepeatSampler (its `_get_train_sampler`),
+        seeded with the trainer's seed unless `seed` is given; `kwargs` as for the constructor."""
+        args = trainer.args
+        kwargs.setdefault("seed", args.seed)
+        return cls(dataset if dataset is not None else trainer.train_dataset,
+                   mini_repeat_count=trainer.num_generations,
+                   batch_size=args.generation_batch_size // trainer.num_generations,
+                   repeat_count=trainer.num_iterations * args.steps_per_generation, **kwargs)
+
     def __len__(self) -> int:
-        return self.num_samples * self.repeat
+        whole = self.num_samples // self.batch_size * self.batch_size  # a partial last batch is dropped, as TRL's
+        return whole * self.mini_repeat_count * self.repeat_count
+
+    def draw(self, generator: torch.Generator) -> list[int]:
+        """`num_samples` row indices: tasks at the weights, then a row of the task uniformly."""
+        tasks = torch.multinomial(self.probabilities, self.num_samples, replacement=True, generator=generator)
+        return [int(self.rows[t][torch.randint(len(self.rows[t]), (1,), generator=generator)]) for t in tasks.tolist()]
 
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         self.epoch += 1
-        tasks = torch.multinomial(self.probabilities, self.num_samples, replacement=True, generator=generator)
-        for task in tasks.tolist():
-            rows = self.rows[task]
-            index = int(rows[torch.randint(len(rows), (1,), generator=generator)])
-            for _ in range(self.repeat):
-                yield index
+        indices = self.draw(generator)
+        for start in range(0, len(indices) - self.batch_size + 1, self.batch_size):
+            chunk = indices[start:start + self.batch_size]
+            for _ in range(self.repeat_count):
+                for index in chunk:
+                    yield from [index] * self.mini_repeat_count

@@ -13,6 +13,14 @@ unchanged. The figures go through `transformers.Trainer.log` (so log_history and
 `report_to` backend get them) and, one JSON line per probe, into `gradprobe.jsonl` in the
 trainer's output directory.
 
+With `dump_rollouts=True` it also writes every training generation batch, as TRL generated and
+scored it, to `gradprobe_rollouts/{step}.jsonl` in the output directory (`step` the optimizer step
+that trains on it): one row per completion with `step`, `task`, `prompt_id` (unique within the
+file), `sample`, `prompt` and `completion` (decoded, special tokens kept: the text as the model saw
+it), `prompt_token_ids`, `completion_token_ids`, `reward` (the weighted sum TRL's advantages use),
+`advantage` and `answer` when the dataset has one. `gradprobe track RUN_DIR --rollouts-glob
+'gradprobe_rollouts/*.jsonl'` scans each checkpoint-N on those rows (gradprobe.dumps, "trl").
+
 What is measured is the policy-gradient term at the current parameters (importance ratios 1):
 TRL's KL penalty (beta > 0), entropy masking and vLLM importance-sampling corrections are not in
 it (a warning says so when they are on).
@@ -35,6 +43,7 @@ from transformers import TrainerCallback
 from gradprobe.errors import UserInputError
 
 JSONL_FILE = "gradprobe.jsonl"
+ROLLOUTS_DIR = "gradprobe_rollouts"
 GRPO_LOSS_TYPES = {"grpo": "grpo", "bnpo": "bnpo", "dapo": "dapo", "dr_grpo": "dr_grpo"}
 """TRL's GRPO `loss_type` -> gradprobe's loss aggregation (the same per-completion weights)."""
 TASK_FIGURES = ("grad_norm", "share", "grad_sq_norm_unbiased")
@@ -88,6 +97,24 @@ def batch_rollouts(batch: StepBatch) -> list[dict[str, Any]]:
     ]
 
 
+def dump_rows(batch: StepBatch, step: int, tokenizer: Any, first_group: int = 0,
+              answers: Sequence[Any] | None = None) -> list[dict[str, Any]]:
+    """The rollout dump rows of one generation batch (module docstring); groups numbered from
+    `first_group` so that several generation batches of one step keep distinct prompt ids."""
+    rows = []
+    for i, task in enumerate(batch.tasks):
+        row = {"step": step, "task": task, "prompt_id": f"g{first_group + i // batch.group_size}",
+               "sample": i % batch.group_size,
+               "prompt": tokenizer.decode(batch.prompt_ids[i], skip_special_tokens=False),
+               "completion": tokenizer.decode(batch.completion_ids[i], skip_special_tokens=False),
+               "prompt_token_ids": batch.prompt_ids[i], "completion_token_ids": batch.completion_ids[i],
+               "reward": batch.rewards[i], "advantage": batch.advantages[i]}
+        if answers is not None and answers[i] is not None:
+            row["answer"] = answers[i]
+        rows.append(row)
+    return rows
+
+
 def logged_metrics(measurement: Any) -> dict[str, float]:
     """What goes to the trainer's log: gradprobe/<task>/<figure>, gradprobe/cos/<a>/<b> (tasks in
     sorted order) and gradprobe/seconds; figures that are undefined (None) are left out."""
@@ -135,7 +162,8 @@ class GradprobeCallback(TrainerCallback):
 
     def __init__(self, trainer: Any, task_column: str = "task", every_n_steps: int = 50,
                  params: Sequence[str] = ("all",), intervals: str = "none", engine: str = "auto",
-                 output_file: str | Path | None = None, stats: bool = False) -> None:
+                 output_file: str | Path | None = None, stats: bool = False, dump_rollouts: bool = False,
+                 rollouts_dir: str | Path | None = None) -> None:
         if every_n_steps < 1:
             raise UserInputError("every_n_steps must be at least 1")
         self.trainer = trainer
@@ -151,6 +179,9 @@ class GradprobeCallback(TrainerCallback):
         _check_task_column(trainer, task_column)
         _warn_unmeasured_terms(trainer, kl_in_loss=self.loss != "rloo")
         self.output_file = Path(output_file) if output_file else Path(trainer.args.output_dir) / JSONL_FILE
+        self.rollouts_dir = (Path(rollouts_dir) if rollouts_dir else Path(trainer.args.output_dir) / ROLLOUTS_DIR
+                             ) if dump_rollouts else None
+        self._groups: dict[int, int] = {}  # step -> prompt groups dumped so far in this process
         self.last_measurement: Any = None
         self._batch: StepBatch | None = None
         self._rewards: torch.Tensor | None = None
@@ -171,10 +202,22 @@ class GradprobeCallback(TrainerCallback):
                 weights = trainer.reward_weights.to(self._rewards.device)
                 total = (self._rewards * weights.unsqueeze(0)).nansum(dim=1)
                 self._batch = step_batch(inputs, output, total.cpu(), self.task_column, trainer.num_generations)
+                if self.rollouts_dir is not None:
+                    self._dump(self._batch, trainer.state.global_step + 1, [row.get("answer") for row in inputs])
             return output
 
         trainer._calculate_rewards = calculate_rewards
         trainer._generate_and_score_completions = generate_and_score
+
+    def _dump(self, batch: StepBatch, step: int, answers: list[Any]) -> None:
+        """Write a generation batch to the step's file: the first batch of a step in this process
+        replaces the file (a resumed run redoes the step), later ones are appended."""
+        first = self._groups.get(step)
+        rows = dump_rows(batch, step, _tokenizer(self.trainer), first or 0, answers)
+        self._groups[step] = (first or 0) + len(batch.tasks) // batch.group_size
+        self.rollouts_dir.mkdir(parents=True, exist_ok=True)
+        with (self.rollouts_dir / f"{step}.jsonl").open("w" if first is None else "a", encoding="utf-8") as stream:
+            stream.writelines(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n" for row in rows)
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         step = state.global_step + 1  # the step whose optimizer update comes next
@@ -228,9 +271,14 @@ def _loss_of(trainer: Any) -> tuple[str, int]:
     return GRPO_LOSS_TYPES[trainer.loss_type], trainer.max_completion_length
 
 
-def _pad_token_id(trainer: Any) -> int | None:
+def _tokenizer(trainer: Any) -> Any:
+    """The trainer's tokenizer (a processor's own tokenizer for vision-language models)."""
     processing = trainer.processing_class
-    return getattr(getattr(processing, "tokenizer", processing), "pad_token_id", None)
+    return getattr(processing, "tokenizer", processing)
+
+
+def _pad_token_id(trainer: Any) -> int | None:
+    return getattr(_tokenizer(trainer), "pad_token_id", None)
 
 
 def _check_measure_settings(trainer: Any, loss: str, params: list[str], intervals: str, engine: str) -> None:
