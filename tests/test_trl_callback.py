@@ -32,15 +32,15 @@ def digit_share(completions: list[str], **kwargs) -> list[float]:
 
 
 def make_trainer(model_dir: Path, out: Path, rows: list[dict] = ROWS, kind: str = "GRPO",
-                 max_steps: int = 3) -> trl.GRPOTrainer:
-    config = getattr(trl, f"{kind}Config")(
-        output_dir=str(out), per_device_train_batch_size=8, num_generations=2,
-        max_completion_length=MAX_COMPLETION, max_steps=max_steps, learning_rate=5e-3, logging_steps=1,
-        report_to="none", use_cpu=True, bf16=False, save_strategy="no", seed=0, log_completions=False,
-        disable_tqdm=True,
-    )
-    return getattr(trl, f"{kind}Trainer")(model=AutoModelForCausalLM.from_pretrained(model_dir), reward_funcs=digit_share,
-                           args=config, train_dataset=Dataset.from_list(rows),
+                 max_steps: int = 3, dataset=None, reward=digit_share, **settings) -> trl.GRPOTrainer:
+    config = getattr(trl, f"{kind}Config")(**{
+        "output_dir": str(out), "per_device_train_batch_size": 8, "num_generations": 2,
+        "max_completion_length": MAX_COMPLETION, "max_steps": max_steps, "learning_rate": 5e-3,
+        "logging_steps": 1, "report_to": "none", "use_cpu": True, "bf16": False, "save_strategy": "no", "seed": 0,
+        "log_completions": False, "disable_tqdm": True, **settings,
+    })
+    return getattr(trl, f"{kind}Trainer")(model=AutoModelForCausalLM.from_pretrained(model_dir), reward_funcs=reward,
+                           args=config, train_dataset=dataset if dataset is not None else Dataset.from_list(rows),
                            processing_class=AutoTokenizer.from_pretrained(model_dir))
 
 
@@ -132,6 +132,77 @@ def test_a_dataset_without_the_task_column_fails_at_construction(tiny_qwen2, tmp
         GradprobeCallback(trainer=trainer, task_column="task", every_n_steps=1)
     with pytest.raises(UserInputError, match="no 'topic' column"):
         GradprobeCallback(trainer=trainer, task_column="topic", every_n_steps=1)
+    trainer = make_trainer(tiny_qwen2, tmp_path, remove_unused_columns=True)
+    with pytest.raises(UserInputError, match="remove_unused_columns=True drops the 'task' column"):
+        GradprobeCallback(trainer=trainer, task_column="task", every_n_steps=1)
+
+
+@pytest.mark.parametrize("loss_type, measured", [("grpo", "grpo"), ("bnpo", "bnpo"), ("dr_grpo", "dr_grpo"),
+                                                 ("cispo", "dapo"), ("sapo", "grpo"), ("luspo", "rloo")])
+def test_each_trl_loss_type_is_measured_as_the_update_trl_makes(tiny_qwen2, tmp_path, loss_type, measured):
+    """One micro-batch on one process: TRL's (pre-clipping) grad_norm is the norm of the mixed
+    update gradprobe measures with the matching aggregation, at importance ratio 1."""
+    settings = {"epsilon_high": 4.0} if loss_type == "cispo" else {}
+    trainer = make_trainer(tiny_qwen2, tmp_path, max_steps=1, loss_type=loss_type, **settings)
+    callback = GradprobeCallback(trainer=trainer, every_n_steps=1)
+    trainer.add_callback(callback)
+    trainer.train()
+    assert callback.last_measurement.loss["name"] == measured
+    trl_grad_norm = next(e["grad_norm"] for e in trainer.state.log_history if "loss" in e)
+    assert callback.last_measurement.mixed["grad_norm"] == pytest.approx(trl_grad_norm, rel=1e-4)
+
+
+def test_report_to_backends_receive_the_probe_in_on_log(tiny_qwen2, tmp_path):
+    """Every `report_to` integration (wandb, TensorBoard, trackio, MLflow) is a TrainerCallback
+    that writes what its on_log receives; the probe's figures must arrive there at their step,
+    and TRL's own metrics of that step still arrive too."""
+
+    class Backend(TrainerCallback):
+        def __init__(self) -> None:
+            self.logged: list[tuple[int, dict]] = []
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            self.logged.append((state.global_step, dict(logs)))
+
+    trainer = make_trainer(tiny_qwen2, tmp_path, max_steps=2)
+    backend = Backend()
+    trainer.add_callback(backend)
+    trainer.add_callback(GradprobeCallback(trainer=trainer, every_n_steps=2))
+    trainer.train()
+    probes = [(step, logs) for step, logs in backend.logged if "gradprobe/seconds" in logs]
+    assert [step for step, _ in probes] == [2]
+    assert probes[0][1]["gradprobe/seconds"] > 0 and "gradprobe/add/share" in probes[0][1]
+    assert [step for step, logs in backend.logged if "loss" in logs] == [1, 2]
+
+
+def test_unsupported_loss_types_and_launches_fail_at_construction(tiny_qwen2, tmp_path):
+    trainer = make_trainer(tiny_qwen2, tmp_path, loss_type="cispo", epsilon_high=0.5)
+    with pytest.raises(UserInputError, match="epsilon_high=0.5 < 1"):
+        GradprobeCallback(trainer=trainer)
+    trainer.loss_type = "vespo"
+    with pytest.raises(UserInputError, match="this trainer uses 'vespo'"):
+        GradprobeCallback(trainer=trainer)
+    trainer = make_trainer(tiny_qwen2, tmp_path)
+    trainer.is_deepspeed_enabled = True  # HF's Trainer sets it for a DeepSpeed launch
+    with pytest.raises(UserInputError, match="does not support DeepSpeed launches"):
+        GradprobeCallback(trainer=trainer)
+
+
+def test_a_dataset_whose_columns_are_unknown_fails_at_its_first_batch(tiny_qwen2, tmp_path):
+    from datasets import IterableDataset
+
+    def rows():
+        yield from ({"prompt": r["prompt"]} for r in ROWS)
+
+    def length(completions: list[str], **kwargs) -> list[float]:
+        return [float(len(text)) for text in completions]
+
+    trainer = make_trainer(tiny_qwen2, tmp_path, max_steps=1, dataset=IterableDataset.from_generator(rows),
+                           reward=length, accelerator_config={"dispatch_batches": False})
+    assert trainer.train_dataset.column_names is None
+    trainer.add_callback(GradprobeCallback(trainer=trainer, every_n_steps=1))
+    with pytest.raises(UserInputError, match="the batch has no 'task' column"):
+        trainer.train()
 
 
 @pytest.mark.parametrize("setting, message", [({"params": ["nothing.*"]}, "matches no trainable parameter"),
