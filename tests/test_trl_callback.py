@@ -18,7 +18,6 @@ from gradprobe.artifacts import read_scan  # noqa: E402
 from gradprobe.cli import app  # noqa: E402
 from gradprobe.errors import UserInputError  # noqa: E402
 from gradprobe.integrations.trl import GradprobeCallback  # noqa: E402
-from gradprobe.rollouts import Rollout, rollout_to_json  # noqa: E402
 
 ROWS = [{"prompt": "1+2=", "task": "add"}, {"prompt": "3+4=", "task": "add"},
         {"prompt": "say ab:", "task": "echo"}, {"prompt": "say cd:", "task": "echo"}]
@@ -61,7 +60,8 @@ def trained(tiny_qwen2, tmp_path_factory):
     """One run with the callback (probe at step 2) and one without, same seed."""
     root = tmp_path_factory.mktemp("grpo")
     with_probe = make_trainer(tiny_qwen2, root / "with")
-    callback = GradprobeCallback(trainer=with_probe, task_column="task", every_n_steps=2, intervals="exact")
+    callback = GradprobeCallback(trainer=with_probe, task_column="task", every_n_steps=2, intervals="exact",
+                                 rollouts_dir=root / "with" / "rollouts")
     with_probe.add_callback(callback)
     with_probe.add_callback(KeepModelAtStep(with_probe, 2, root / "step2"))
     with_probe.train()
@@ -113,8 +113,12 @@ def test_training_is_unchanged_by_the_probe(trained):
 def test_norms_equal_an_offline_scan_of_the_same_batch_and_checkpoint(trained):
     _, _, callback, root = trained
     measurement = callback.last_measurement
-    log = root / "step2-rollouts.jsonl"
-    log.write_text("".join(rollout_to_json(r) + "\n" for r in measurement.rollouts))
+    log = root / "with" / "rollouts" / "rollouts-2.jsonl"  # the batch as the callback dumped it
+    assert sorted(p.name for p in log.parent.iterdir()) == ["rollouts-2.jsonl"]
+    assert {json.loads(line)["step"] for line in log.read_text().splitlines()} == {2}
+    from gradprobe.dumps import read_dump
+
+    assert read_dump(log).format == "trl"  # what `gradprobe track --rollouts-glob` reads
     result = CliRunner().invoke(app, ["scan", str(root / "step2"), "--rollouts", str(log), "--out",
                                       str(root / "offline"), "--advantage", "grpo", "--loss", "dapo",
                                       "--max-new-tokens", str(MAX_COMPLETION)])
@@ -223,3 +227,23 @@ def test_report_reads_the_jsonl_series_and_plots_the_shares(trained, tmp_path):
     assert (tmp_path / "pics" / "share_over_steps.png").read_bytes()[:4] == b"\x89PNG"
     shown = json.loads(CliRunner().invoke(app, ["report", str(series), "--json"]).stdout)
     assert shown["steps"] == [2] and sum(shown["figures"]["share"][t][0] for t in ("add", "echo")) == pytest.approx(1)
+
+
+def test_the_readme_training_example_runs(tmp_path, monkeypatch, capsys):
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("## During training: TRL"):]
+    code = section[section.index("```python") + len("```python"):section.index("```\n", section.index("```python") + 9)]
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md", "exec"), {})
+    printed = capsys.readouterr().out
+    assert "/share'" in printed and "gradprobe/seconds" in printed
+    lines = (tmp_path / "run" / "gradprobe.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [2, 4]
+
+
+def test_docs_define_every_key_of_a_probe_line(trained):
+    from test_docs import undefined
+
+    _, _, _, root = trained
+    line = json.loads((root / "with" / "gradprobe.jsonl").read_text().splitlines()[0])
+    assert undefined(set(line)) == []

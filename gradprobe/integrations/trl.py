@@ -34,7 +34,7 @@ import sys
 import time
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -165,12 +165,16 @@ class GradprobeCallback(TrainerCallback):
     `params`, `intervals` and `engine` are `gradprobe.measure`'s (intervals "none" by default:
     one forward and backward per micro-batch; "exact" adds a second pass for the confidence
     intervals in the JSONL). `output_file` defaults to gradprobe.jsonl in args.output_dir.
+    `rollouts_dir`, when given, gets each probed batch as `rollouts-<step>.jsonl` (rank 0):
+    gradprobe's rollout lines with the decoded texts and `step`, which `gradprobe scan
+    --rollouts` measures again offline and `gradprobe track --rollouts-glob` reads.
     `last_measurement` holds the latest `gradprobe.Measurement`.
     """
 
     def __init__(self, trainer: Any, task_column: str = "task", every_n_steps: int = 50,
                  params: Sequence[str] = ("all",), intervals: str = "none", engine: str = "auto",
-                 output_file: str | Path | None = None, stats: bool = False) -> None:
+                 output_file: str | Path | None = None, stats: bool = False,
+                 rollouts_dir: str | Path | None = None) -> None:
         if every_n_steps < 1:
             raise UserInputError("every_n_steps must be at least 1")
         self.trainer = trainer
@@ -192,6 +196,7 @@ class GradprobeCallback(TrainerCallback):
         _warn_unmeasured_terms(trainer, kl_in_loss=not isinstance(trainer, _rloo_trainer()))
         _warn_batch_differences(trainer)
         self.output_file = Path(output_file) if output_file else Path(trainer.args.output_dir) / JSONL_FILE
+        self.rollouts_dir = Path(rollouts_dir) if rollouts_dir is not None else None
         self.last_measurement: Any = None
         self._batch: StepBatch | None = None
         self._rewards: torch.Tensor | None = None
@@ -251,6 +256,8 @@ class GradprobeCallback(TrainerCallback):
                     self.output_file.parent.mkdir(parents=True, exist_ok=True)
                     with self.output_file.open("a", encoding="utf-8") as stream:
                         stream.write(json.dumps(jsonl_record(step, epoch, measurement), allow_nan=False) + "\n")
+                if session.is_writer and self.rollouts_dir is not None:
+                    self._write_rollouts(step, measurement.rollouts)
             except Exception as error:
                 if getattr(error, "shared", False):  # raised on every rank already
                     raise
@@ -261,6 +268,19 @@ class GradprobeCallback(TrainerCallback):
         # Every rank logs the same figures (the reductions are summed over ranks), as TRL's own
         # gathered metrics are; the report_to backends write from the main process only.
         self._pending = logged_metrics(measurement)
+
+    def _write_rollouts(self, step: int, rollouts: Sequence[Any]) -> None:
+        """The probed batch, texts decoded as the model saw them (special tokens kept)."""
+        from gradprobe.rollouts import rollout_to_json
+
+        processing = self.trainer.processing_class
+        tokenizer = getattr(processing, "tokenizer", processing)
+        self.rollouts_dir.mkdir(parents=True, exist_ok=True)
+        lines = [rollout_to_json(replace(r, prompt=tokenizer.decode(r.prompt_token_ids),
+                                         completion=tokenizer.decode(r.completion_token_ids)), {"step": step})
+                 for r in rollouts]
+        (self.rollouts_dir / f"rollouts-{step}.jsonl").write_text("".join(line + "\n" for line in lines),
+                                                                  encoding="utf-8")
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self._pending is None:
