@@ -28,8 +28,11 @@ def test_series_aligns_tasks_over_steps(tmp_path):
     assert result.exit_code == 0 and "70.0%" in result.output, result.output
 
 
-@pytest.mark.parametrize("text, message", [("", "no probes"), ("{oops\n", "not JSON"),
-                                           ('{"step": 1}\n', "needs step and tasks")])
+@pytest.mark.parametrize("text, message", [
+    ("", "no probes"), ("\n{oops\n", "gradprobe.jsonl:2: malformed JSON line"),
+    ("[1, 2]\n", "gradprobe.jsonl:1: each line must be a JSON object"), ('{"step": 1}\n', "needs step and tasks"),
+    ('{"step": "ten", "tasks": {}}\n', "needs step and tasks"), ('{"step": 1, "tasks": {"a": 0.5}}\n', "needs step"),
+])
 def test_bad_series_files_are_one_line_errors(tmp_path, text, message):
     path = tmp_path / "gradprobe.jsonl"
     path.write_text(text)

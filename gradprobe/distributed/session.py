@@ -219,6 +219,26 @@ def open_session(device: str = "auto", report: Callable[[BaseException], None] |
         torch.distributed.destroy_process_group()
 
 
+@contextmanager
+def joined_session() -> Iterator[Session]:
+    """The process group a trainer already started (accelerate, torchrun in the user's script) as
+    `current()` for the block, so `gradprobe.measure` shares its prompts over the ranks; the group
+    stays open afterwards, as it is not ours. Without a group of more than one process, the
+    one-process session. Failures are not shared here: the caller agrees with the others."""
+    global _current
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size() > 1):
+        yield _current
+        return
+    previous = _current
+    _current = Session(torch.distributed.get_rank(), torch.distributed.get_world_size(),
+                       int(os.environ.get("LOCAL_RANK", "0")), torch.distributed.get_backend())
+    try:
+        yield _current
+    finally:
+        _current = previous
+
+
 def _tell_others(session: Session, error: BaseException) -> bool:
     """Report `error` at the others' next exchange; False when that failed (a peer is gone or
     timed out: torchrun ends the rest)."""

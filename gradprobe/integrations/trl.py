@@ -22,18 +22,27 @@ it), `prompt_token_ids`, `completion_token_ids`, `reward` (the weighted sum TRL'
 'gradprobe_rollouts/*.jsonl'` scans each checkpoint-N on those rows (gradprobe.dumps, "trl").
 
 What is measured is the policy-gradient term at the current parameters (importance ratios 1):
-TRL's KL penalty (beta > 0), entropy masking and vLLM importance-sampling corrections are not in
-it (a warning says so when they are on).
+TRL's KL penalty (beta > 0), entropy masking and bonus, and vLLM importance-sampling corrections
+are not in it (a warning says so when they are on).
+
+Under a multi-process DDP launch (`accelerate launch`, torchrun) every rank holds its slice of
+the generation batch; the slices are gathered into the whole batch in TRL's global order, and
+`gradprobe.measure` runs data-parallel on the trainer's own process group (each rank the
+gradients of its share of whole prompts, the reductions summed over ranks,
+`gradprobe.distributed`), so the figures equal one process measuring the whole batch. Rank 0
+writes the JSONL. FSDP and DeepSpeed shard the parameters, which gradprobe's engine needs whole
+on each rank: such launches are refused when the callback is made.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +53,13 @@ from gradprobe.errors import UserInputError
 
 JSONL_FILE = "gradprobe.jsonl"
 ROLLOUTS_DIR = "gradprobe_rollouts"
-GRPO_LOSS_TYPES = {"grpo": "grpo", "bnpo": "bnpo", "dapo": "dapo", "dr_grpo": "dr_grpo"}
-"""TRL's GRPO `loss_type` -> gradprobe's loss aggregation (the same per-completion weights)."""
+GRPO_LOSS_TYPES = {"grpo": "grpo", "bnpo": "bnpo", "dapo": "dapo", "dr_grpo": "dr_grpo",
+                   "cispo": "dapo", "sapo": "grpo", "luspo": "rloo"}
+"""TRL's GRPO `loss_type` -> gradprobe's loss aggregation with the same gradient at importance
+ratio 1: cispo's clamped, detached ratio is 1 there (epsilon_high >= 1) and it normalizes as
+dapo; sapo's soft gate has slope 1 at ratio 1 and it averages as grpo; luspo sums each
+sequence's token losses (its sequence-level ratio's 1/n_i cancels against that sum) and
+averages over sequences, as RLOO does. vespo's gamma weights are not modelled."""
 TASK_FIGURES = ("grad_norm", "share", "grad_sq_norm_unbiased")
 """Per-task figures logged as gradprobe/<task>/<figure>."""
 
@@ -65,7 +79,8 @@ class StepBatch:
 
 def step_batch(inputs: Sequence[Mapping[str, Any]], output: Mapping[str, Any], rewards: torch.Tensor,
                task_column: str, group_size: int) -> StepBatch:
-    """The rows of `_generate_and_score_completions(inputs) -> output`, without padding.
+    """The rows of `_generate_and_score_completions(inputs) -> output`, without padding;
+    `rewards` are this process's rows' total rewards.
 
     A completion TRL masked out (mask_truncated_completions) keeps its tokens and gets advantage
     0, as its loss is zero."""
@@ -85,6 +100,26 @@ def step_batch(inputs: Sequence[Mapping[str, Any]], output: Mapping[str, Any], r
             advantages.append(0.0)
     return StepBatch(prompts, completions, advantages, rewards.float().tolist(),
                      [str(row[task_column]) for row in inputs], group_size)
+
+
+def whole_batch(parts: Sequence[StepBatch]) -> StepBatch:
+    """Every process's rows in rank order: TRL's global order of the generation batch (process r
+    holds rows r*n .. (r+1)*n-1, and a group's completions are consecutive in it, possibly
+    across two processes). UserInputError when the groups do not line up (another sampler)."""
+    batch = StepBatch([row for part in parts for row in part.prompt_ids],
+                      [row for part in parts for row in part.completion_ids],
+                      [a for part in parts for a in part.advantages], [r for part in parts for r in part.rewards],
+                      [t for part in parts for t in part.tasks], parts[0].group_size)
+    size = batch.group_size
+    if len(batch.tasks) % size:
+        raise UserInputError(f"the step's batch has {len(batch.tasks)} completions, not a multiple of "
+                             f"num_generations={size}")
+    for start in range(0, len(batch.tasks), size):
+        group = range(start, start + size)
+        if len({tuple(batch.prompt_ids[i]) for i in group}) > 1 or len({batch.tasks[i] for i in group}) > 1:
+            raise UserInputError(f"completions {start}..{start + size - 1} of the step's batch are not one "
+                                 "prompt's group (TRL's RepeatSampler order is expected)")
+    return batch
 
 
 def batch_rollouts(batch: StepBatch) -> list[dict[str, Any]]:
@@ -157,6 +192,10 @@ class GradprobeCallback(TrainerCallback):
     `params`, `intervals` and `engine` are `gradprobe.measure`'s (intervals "none" by default:
     one forward and backward per micro-batch; "exact" adds a second pass for the confidence
     intervals in the JSONL). `output_file` defaults to gradprobe.jsonl in args.output_dir.
+    `dump_rollouts=True` writes every training generation batch to `rollouts_dir` (default
+    gradprobe_rollouts in args.output_dir) as `<step>.jsonl` (rank 0, the ranks' slices gathered):
+    the rows `gradprobe scan --rollouts` measures again offline and `gradprobe track
+    --rollouts-glob` reads (module docstring).
     `last_measurement` holds the latest `gradprobe.Measurement`.
     """
 
@@ -173,11 +212,17 @@ class GradprobeCallback(TrainerCallback):
         self.intervals = intervals
         self.engine = engine
         self.stats = stats
-        self.loss, self.max_new_tokens = _loss_of(trainer)
-        _check_measure_settings(trainer, self.loss, self.params, intervals, engine)
-        _check_single_process(trainer)
-        _check_task_column(trainer, task_column)
-        _warn_unmeasured_terms(trainer, kl_in_loss=self.loss != "rloo")
+        try:
+            _check_launch(trainer)
+            self.loss, self.max_new_tokens = _loss_of(trainer)
+            _check_measure_settings(trainer, self.loss, self.params, intervals, engine)
+            _check_task_column(trainer, task_column)
+        except UserInputError as error:
+            if trainer.accelerator.num_processes > 1:
+                _exit_every_rank(trainer, error)
+            raise
+        _warn_unmeasured_terms(trainer, kl_in_loss=not isinstance(trainer, _rloo_trainer()))
+        _warn_batch_differences(trainer)
         self.output_file = Path(output_file) if output_file else Path(trainer.args.output_dir) / JSONL_FILE
         self.rollouts_dir = (Path(rollouts_dir) if rollouts_dir else Path(trainer.args.output_dir) / ROLLOUTS_DIR
                              ) if dump_rollouts else None
@@ -201,7 +246,10 @@ class GradprobeCallback(TrainerCallback):
             if trainer.model.training and self._rewards is not None:
                 weights = trainer.reward_weights.to(self._rewards.device)
                 total = (self._rewards * weights.unsqueeze(0)).nansum(dim=1)
-                self._batch = step_batch(inputs, output, total.cpu(), self.task_column, trainer.num_generations)
+                # The rewards are gathered over processes; this process's rows are its slice.
+                start = trainer.accelerator.process_index * len(inputs)
+                self._batch = step_batch(inputs, output, total[start:start + len(inputs)].cpu(),
+                                         self.task_column, trainer.num_generations)
                 if self.rollouts_dir is not None:
                     self._dump(self._batch, trainer.state.global_step + 1, [row.get("answer") for row in inputs])
             return output
@@ -210,8 +258,19 @@ class GradprobeCallback(TrainerCallback):
         trainer._generate_and_score_completions = generate_and_score
 
     def _dump(self, batch: StepBatch, step: int, answers: list[Any]) -> None:
-        """Write a generation batch to the step's file: the first batch of a step in this process
-        replaces the file (a resumed run redoes the step), later ones are appended."""
+        """Write a generation batch to the step's file: the first batch of a step replaces the
+        file (a resumed run redoes the step), later ones are appended. Under several processes
+        the slices are gathered into TRL's global order and rank 0 writes (every rank generates
+        in lockstep, so every rank takes part in the gather)."""
+        from gradprobe import distributed
+
+        with distributed.joined_session() as session:
+            if session.is_distributed:
+                parts = session.all_gather_objects((batch, answers), "gradprobe rollout dump")
+                batch = whole_batch([part for part, _ in parts])
+                answers = [answer for _, part in parts for answer in part]
+            if not session.is_writer:
+                return
         first = self._groups.get(step)
         rows = dump_rows(batch, step, _tokenizer(self.trainer), first or 0, answers)
         self._groups[step] = (first or 0) + len(batch.tasks) // batch.group_size
@@ -222,26 +281,44 @@ class GradprobeCallback(TrainerCallback):
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         step = state.global_step + 1  # the step whose optimizer update comes next
         if step % self.every_n_steps or self._batch is None:
-            return
+            return  # the same on every rank: each runs the same steps
+        try:
+            self._probe(step, state.epoch)
+        except UserInputError as exc:  # a failed probe is reported, and training goes on
+            warnings.warn(f"gradprobe skipped step {step}: {exc}", stacklevel=2)
+
+    def _probe(self, step: int, epoch: float | None) -> None:
+        """Measure the step's whole batch; on several processes every rank takes part, a failure
+        on any rank is raised on all of them (`Session.agree`), and rank 0 writes the line."""
+        from gradprobe import distributed
         from gradprobe.api import measure
 
         start = time.perf_counter()
-        model = self.trainer.accelerator.unwrap_model(self.trainer.model)
-        try:
-            measurement = measure(
-                model, batch_rollouts(self._batch), advantage="given", loss=self.loss, params=self.params,
-                intervals=self.intervals, engine=self.engine, temperature=self.trainer.temperature,
-                max_new_tokens=self.max_new_tokens, stats=self.stats, pad_token_id=_pad_token_id(self.trainer),
-            )
-        except UserInputError as exc:  # a failed probe is reported, and training goes on
-            warnings.warn(f"gradprobe skipped step {step}: {exc}", stacklevel=2)
-            return
-        measurement.timings["measure_s"] = round(time.perf_counter() - start, 4)
+        with distributed.joined_session() as session:
+            try:
+                batch = whole_batch(session.all_gather_objects(self._batch, "gradprobe batch"))
+                model = self.trainer.accelerator.unwrap_model(self.trainer.model)
+                measurement = measure(
+                    model, batch_rollouts(batch), advantage="given", loss=self.loss, params=self.params,
+                    intervals=self.intervals, engine=self.engine, temperature=self.trainer.temperature,
+                    max_new_tokens=self.max_new_tokens, stats=self.stats,
+                    pad_token_id=_pad_token_id(self.trainer),
+                )
+                measurement.timings["measure_s"] = round(time.perf_counter() - start, 4)
+                if session.is_writer:
+                    self.output_file.parent.mkdir(parents=True, exist_ok=True)
+                    with self.output_file.open("a", encoding="utf-8") as stream:
+                        stream.write(json.dumps(jsonl_record(step, epoch, measurement), allow_nan=False) + "\n")
+            except Exception as error:
+                if getattr(error, "shared", False):  # raised on every rank already
+                    raise
+                session.agree("gradprobe probe", error)  # raises it here, and on the other ranks
+                raise
+            session.agree("gradprobe probe")
         self.last_measurement = measurement
+        # Every rank logs the same figures (the reductions are summed over ranks), as TRL's own
+        # gathered metrics are; the report_to backends write from the main process only.
         self._pending = logged_metrics(measurement)
-        self.output_file.parent.mkdir(parents=True, exist_ok=True)
-        with self.output_file.open("a", encoding="utf-8") as stream:
-            stream.write(json.dumps(jsonl_record(step, state.epoch, measurement), allow_nan=False) + "\n")
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self._pending is None:
@@ -256,11 +333,17 @@ class GradprobeCallback(TrainerCallback):
         control.should_log = self.trainer.control.should_log = should_log
 
 
+def _rloo_trainer() -> type:
+    from trl import RLOOTrainer
+
+    return RLOOTrainer
+
+
 def _loss_of(trainer: Any) -> tuple[str, int]:
     """gradprobe's loss aggregation for the trainer, and the L_max of dr_grpo."""
-    from trl import GRPOTrainer, RLOOTrainer
+    from trl import GRPOTrainer
 
-    if isinstance(trainer, RLOOTrainer):
+    if isinstance(trainer, _rloo_trainer()):
         return "rloo", trainer.max_completion_length
     if not isinstance(trainer, GRPOTrainer):
         raise UserInputError(f"GradprobeCallback works with trl's GRPOTrainer and RLOOTrainer, not "
@@ -268,6 +351,9 @@ def _loss_of(trainer: Any) -> tuple[str, int]:
     if trainer.loss_type not in GRPO_LOSS_TYPES:
         raise UserInputError(f"GradprobeCallback measures loss_type {', '.join(GRPO_LOSS_TYPES)}; "
                              f"this trainer uses {trainer.loss_type!r}")
+    if trainer.loss_type == "cispo" and trainer.epsilon_high < 1:
+        raise UserInputError(f"cispo with epsilon_high={trainer.epsilon_high} < 1 scales every token's "
+                             "gradient by it; GradprobeCallback measures cispo with epsilon_high >= 1")
     return GRPO_LOSS_TYPES[trainer.loss_type], trainer.max_completion_length
 
 
@@ -290,19 +376,51 @@ def _check_measure_settings(trainer: Any, loss: str, params: list[str], interval
     select_parameters(trainer.accelerator.unwrap_model(trainer.model), params)
 
 
-def _check_single_process(trainer: Any) -> None:
-    processes = trainer.accelerator.num_processes
-    if processes > 1:
-        raise UserInputError(f"GradprobeCallback runs in one process; this launch has {processes} "
-                             "(multi-process accelerate/FSDP/DeepSpeed is not supported yet)")
+DDP_LAUNCHES = ("NO", "MULTI_CPU", "MULTI_GPU", "MULTI_XPU", "MULTI_NPU", "MULTI_MLU", "MULTI_MUSA",
+                "MULTI_SDAA", "MULTI_HPU")
+"""accelerate's distributed types that keep every parameter whole on each process (DDP)."""
+
+
+def _check_launch(trainer: Any) -> None:
+    """One process or DDP: gradprobe's distributed engine sums per-prompt reductions over ranks
+    that each hold the whole model, so sharded parameters (FSDP, DeepSpeed ZeRO) are refused."""
+    kind = getattr(trainer.accelerator.distributed_type, "value", str(trainer.accelerator.distributed_type))
+    sharded = ("FSDP" if getattr(trainer, "is_fsdp_enabled", False) else
+               "DeepSpeed" if getattr(trainer, "is_deepspeed_enabled", False) else None)
+    if sharded is None and kind not in DDP_LAUNCHES:
+        sharded = kind
+    if sharded is None and any(_is_dtensor(p) for p in trainer.model.parameters()):
+        sharded = "sharded (DTensor) parameters"
+    if sharded is not None:
+        raise UserInputError(
+            f"GradprobeCallback does not support {sharded} launches: gradprobe's distributed engine needs "
+            "every parameter whole on each process; launch with DDP (accelerate launch without FSDP or "
+            "DeepSpeed, or torchrun), or measure saved checkpoints with `gradprobe scan`")
+
+
+def _is_dtensor(parameter: torch.Tensor) -> bool:
+    return type(parameter).__name__ == "DTensor" or type(getattr(parameter, "data", None)).__name__ == "DTensor"
+
+
+def _exit_every_rank(trainer: Any, error: UserInputError) -> None:
+    """A bad setting under a multi-process launch: one message (from the main process, not one
+    traceback per rank) and exit status 2 on every rank, as the CLI does for bad input."""
+    if trainer.accelerator.is_main_process:
+        print(f"gradprobe: error: {error}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
 
 
 def _check_task_column(trainer: Any, task_column: str) -> None:
+    """The column must reach the trainer's batches (a dataset whose columns are unknown until
+    read, such as a generator's, fails at its first batch instead, in `step_batch`)."""
     dataset = trainer.train_dataset
     columns = getattr(dataset, "column_names", None)
     if columns is not None and task_column not in columns:
         raise UserInputError(f"the train dataset has no {task_column!r} column (columns: "
                              f"{', '.join(columns)}); pass task_column= naming each row's task")
+    if trainer.args.remove_unused_columns:
+        raise UserInputError(f"remove_unused_columns=True drops the {task_column!r} column before the "
+                             "trainer's batches; set it to False (TRL's default)")
     if getattr(trainer, "tools", None) or getattr(trainer, "environment_factories", None):
         raise UserInputError("GradprobeCallback does not measure tool-calling rollouts (tool tokens "
                              "are masked out of TRL's loss)")
@@ -315,8 +433,29 @@ def _warn_unmeasured_terms(trainer: Any, kl_in_loss: bool) -> None:
         notes.append(f"the KL penalty (beta={trainer.beta})")
     if getattr(trainer, "top_entropy_quantile", 1.0) < 1.0:
         notes.append("the entropy mask (top_entropy_quantile < 1)")
+    if getattr(trainer, "_entropy_bonus_enabled", False):
+        notes.append("the entropy bonus (entropy_coef)")
     if getattr(trainer, "use_vllm", False) and getattr(trainer, "vllm_importance_sampling_correction", False):
         notes.append("vLLM's importance-sampling correction")
     if notes:
         warnings.warn(f"gradprobe measures the policy-gradient term only; not in it: {', '.join(notes)}",
                       stacklevel=3)
+
+
+def _warn_batch_differences(trainer: Any) -> None:
+    """Warn where the probe's batch or normalization is not exactly the optimizer step's."""
+    args, notes = trainer.args, []
+    steps_per_generation = getattr(args, "steps_per_generation", None) or args.gradient_accumulation_steps
+    if steps_per_generation != args.gradient_accumulation_steps:
+        notes.append(f"a generation batch spans steps_per_generation={steps_per_generation} micro-batches but an "
+                     f"optimizer step {args.gradient_accumulation_steps}; the probe measures the latest "
+                     "whole generation batch")
+    if getattr(trainer, "num_iterations", 1) > 1:
+        notes.append(f"num_iterations={trainer.num_iterations} reuses each batch; later steps on it have "
+                     "importance ratios other than 1, the probe measures at ratio 1")
+    if getattr(trainer, "loss_type", None) == "bnpo" and (
+            trainer.accelerator.num_processes * args.gradient_accumulation_steps > 1):
+        notes.append("bnpo normalizes each micro-batch by its own tokens; the probe by the whole batch's "
+                     "(the same when micro-batches have equal token counts)")
+    for note in notes:
+        warnings.warn(f"gradprobe: {note}", stacklevel=3)
