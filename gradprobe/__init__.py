@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["Measurement", "measure"]
+__all__ = ["Measurement", "measure", "measure_tensors"]
 
 
 def __getattr__(name: str):

@@ -1,9 +1,10 @@
 """gradprobe.measure: every per-task gradient figure of a scan, for rollouts already in hand.
 
 The CLI's scan samples (or reads) rollouts and scores them, then calls `measure`; a training
-callback calls it on one step's batch. The result carries the figures under the names scan.json
-uses, and writes a scan directory (`Measurement.write`) that `gradprobe report` and `compare`
-read. The model is left as it was found (`gradprobe.model_state`).
+callback calls it on one step's batch; `measure_tensors` takes a trainer's padded batch with its
+loss's per-token coefficients instead and shares the path from the engine's units on. The result
+carries the figures under the names scan.json uses, and writes a scan directory
+(`Measurement.write`) that `gradprobe report` and `compare` read. The model is left as it was found (`gradprobe.model_state`).
 """
 
 from __future__ import annotations
@@ -191,23 +192,229 @@ def measure(
     """
     from gradprobe.model_state import preserved_model_state
 
+    from gradprobe.gradients.layout import build_units
+
     check_settings(advantage, loss, engine, intervals, sums)
     records = assign_advantage(to_rollouts(rollouts), advantage)
     start = time.perf_counter()
+    longest = max(r.n_tokens for r in records)
+    batch, layout = build_units(records, LOSSES.get(loss), max_new_tokens or longest, mix_weights)
+    described = {
+        "advantage": _advantage_info(advantage),
+        "loss": {"name": loss, "formula": LOSSES.get(loss).formula, "mix_weight_by": LOSSES.get(loss).weight_by},
+        "config": {"advantage": advantage, "loss": loss, "params": list(params), "intervals": intervals,
+                   "engine": engine, "temperature": temperature, "max_new_tokens": max_new_tokens,
+                   "stats": stats},
+    }
     with preserved_model_state(model):
-        measurement = _measure(model, records, advantage, loss, list(params), intervals, engine, temperature,
-                               max_new_tokens, stats, pad_token_id, mix_weights, sums, chunk_size,
-                               checkpoint_activations, max_memory_bytes, proxy_check, task_grads_limit_mb,
-                               task_grads_seed, task_grads_free_disk_bytes, progress or SilentProgress())
+        measurement = _measure(model, records, batch, layout, described, list(params), intervals, engine,
+                               temperature, stats, pad_token_id, sums, chunk_size, checkpoint_activations,
+                               max_memory_bytes, proxy_check, task_grads_limit_mb, task_grads_seed,
+                               task_grads_free_disk_bytes, progress or SilentProgress())
     measurement.timings["measure_s"] = round(time.perf_counter() - start, 4)
     return measurement
 
 
-def check_settings(advantage: str, loss: str, engine: str, intervals: str, sums: str = "auto") -> None:
-    """UserInputError for an unknown estimator, loss, engine, intervals or sums setting."""
-    if advantage != GIVEN_ADVANTAGE:
+COEFFICIENTS = "coefficients"
+"""scan.json `advantage.name` and `loss.name` of a measurement from `measure_tensors`."""
+
+
+def measure_tensors(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    coefficients: torch.Tensor,
+    *,
+    tasks: Sequence[str],
+    groups: Sequence[Any],
+    attention_mask: torch.Tensor | None = None,
+    completion_mask: torch.Tensor | None = None,
+    rewards: Sequence[float] | torch.Tensor | None = None,
+    task_weights: Mapping[str, float] | None = None,
+    params: Sequence[str] = ("all",),
+    intervals: str = "exact",
+    engine: str = "auto",
+    temperature: float = 1.0,
+    stats: bool = True,
+    pad_token_id: int | None = None,
+    sums: str = "auto",
+    chunk_size: int | None = None,
+    checkpoint_activations: bool = False,
+    max_memory_bytes: int | None = None,
+    proxy_check: bool = False,
+    task_grads_limit_mb: float | None = None,
+    task_grads_seed: int = 0,
+    task_grads_free_disk_bytes: int | None = None,
+    progress: Progress | None = None,
+) -> Measurement:
+    """`measure` for a trainer's padded batch with the loss's per-token coefficients.
+
+    `input_ids` [N, L]; `coefficients` [N, L] float, c_ij = dL/dlog pi(input_ids[i, j] |
+    input_ids[i, <j]) of the trainer's loss L (advantage and aggregation included: for GRPO's
+    loss c_ij = -A_i / (N n_i) on completion tokens), zero on prompt and padding tokens;
+    `tasks` and `groups` N labels: row i's task and prompt group (a group lies in one task).
+    `attention_mask` [N, L] (default all ones) marks each row's tokens, one contiguous run
+    (left and right padding are dropped; log pi is that of the unpadded sequence);
+    `completion_mask` [N, L] the completion tokens (default: each row's attended tokens from its
+    first nonzero coefficient on), recorded only. `rewards`: N rewards, recorded (mean_reward,
+    degenerate groups, statistics); None leaves the reward figures null.
+
+    With w_t = `task_weights[t]` (default 1 for every task), the task gradient is
+
+        g_t = (1/w_t) grad sum_{i in t} sum_j c_ij log pi_ij,
+
+    and the mixed gradient g = sum_t w_t g_t = grad sum_ij c_ij log pi_ij is the batch's, so
+    shares are each task's part of the batch's update whatever w. Pass the tasks' weights in
+    the trainer's loss (L = sum_t w_t L_t) to get g_t = grad L_t, the task gradient a scan
+    reports. Row i is in its prompt's positive unit when A_i = -sum_j c_ij >= 0, else in the
+    negative one (per-token coefficients of mixed sign split by sequence, not by token); rows
+    with no nonzero coefficient belong to neither. docs/metrics.md, "Coefficients given
+    directly". Other settings as in `measure`; raises UserInputError for bad input.
+    """
+    from gradprobe.gradients.layout import build_coefficient_units
+    from gradprobe.model_state import preserved_model_state
+
+    check_settings(None, None, engine, intervals, sums)
+    records, token_coefficients = _tensor_rollouts(input_ids, coefficients, tasks, groups, attention_mask,
+                                                   completion_mask, rewards)
+    if stats:
+        check_prompts_per_task(records)
+    task_order = list(dict.fromkeys(r.task for r in records))
+    weights = None if task_weights is None else _task_weight_vector(task_weights, task_order)
+    start = time.perf_counter()
+    batch, layout = build_coefficient_units(records, token_coefficients, weights)
+    given = "given" if task_weights is not None else "1 for every task"
+    described = {
+        "advantage": {"name": COEFFICIENTS,
+                      "formula": "A_i = -sum_j c_ij of the given per-token coefficients c_ij = dL/dlog pi_ij"},
+        "loss": {"name": COEFFICIENTS, "formula": "L_t = (1/w_t) sum_{i in t} sum_j c_ij log pi_ij",
+                 "mix_weight_by": f"task_weights ({given})"},
+        "config": {"advantage": COEFFICIENTS, "loss": COEFFICIENTS, "params": list(params),
+                   "intervals": intervals, "engine": engine, "temperature": temperature,
+                   "max_new_tokens": None, "stats": stats,
+                   "task_weights": None if task_weights is None else dict(zip(task_order, weights.tolist()))},
+    }
+    with preserved_model_state(model):
+        measurement = _measure(model, records, batch, layout, described, list(params), intervals, engine,
+                               temperature, stats, pad_token_id, sums, chunk_size, checkpoint_activations,
+                               max_memory_bytes, proxy_check, task_grads_limit_mb, task_grads_seed,
+                               task_grads_free_disk_bytes, progress or SilentProgress())
+    measurement.timings["measure_s"] = round(time.perf_counter() - start, 4)
+    return measurement
+
+
+def _as_2d(name: str, value: Any, shape: tuple[int, ...] | None) -> torch.Tensor:
+    tensor = torch.as_tensor(value).detach().cpu()
+    if tensor.dim() != 2 or (shape is not None and tuple(tensor.shape) != shape):
+        want = "[N, L]" if shape is None else f"{list(shape)} like input_ids"
+        raise UserInputError(f"{name} must be a 2-D tensor {want}, not shape {list(tensor.shape)}")
+    return tensor
+
+
+def _labels(name: str, values: Any, n: int) -> list[str]:
+    labels = values.tolist() if isinstance(values, torch.Tensor) else list(values)
+    if len(labels) != n:
+        raise UserInputError(f"{name} has {len(labels)} entries; input_ids has {n} rows")
+    return [str(v) for v in labels]
+
+
+def _tensor_rollouts(input_ids: Any, coefficients: Any, tasks: Sequence[str], groups: Sequence[Any],
+                     attention_mask: Any, completion_mask: Any,
+                     rewards: Any) -> tuple[list[Rollout], list[list[float]]]:
+    """Rows of a padded batch as Rollouts (padding dropped) and each row's coefficients over its
+    kept tokens; every check of `measure_tensors` input, as one-line UserInputErrors."""
+    ids = _as_2d("input_ids", input_ids, None)
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise UserInputError(f"input_ids must hold integer token ids, not {ids.dtype}")
+    shape = tuple(ids.shape)
+    n = shape[0]
+    if n == 0:
+        raise UserInputError("no rows to measure: input_ids has 0 rows")
+    coef = _as_2d("coefficients", coefficients, shape).double()
+    if not torch.isfinite(coef).all():
+        row = int((~torch.isfinite(coef)).any(1).nonzero()[0])
+        raise UserInputError(f"coefficients of row {row} are not all finite (NaN or inf)")
+    mask = torch.ones(shape, dtype=torch.bool) if attention_mask is None else _mask("attention_mask",
+                                                                                    attention_mask, shape)
+    done = None if completion_mask is None else _mask("completion_mask", completion_mask, shape)
+    task_of, group_of = _labels("tasks", tasks, n), _labels("groups", groups, n)
+    reward = None
+    if rewards is not None:
+        reward = [float(r) for r in (rewards.tolist() if isinstance(rewards, torch.Tensor) else rewards)]
+        if len(reward) != n:
+            raise UserInputError(f"rewards has {len(reward)} entries; input_ids has {n} rows")
+        bad = [i for i, r in enumerate(reward) if not np.isfinite(r)]
+        if bad:
+            raise UserInputError(f"reward of row {bad[0]} is not finite ({reward[bad[0]]})")
+    group_task: dict[str, str] = {}
+    for i, (task, group) in enumerate(zip(task_of, group_of)):
+        if group_task.setdefault(group, task) != task:
+            raise UserInputError(
+                f"group {group!r} spans tasks {group_task[group]!r} and {task!r} (row {i}); "
+                "a prompt group lies in one task"
+            )
+    records, token_coefficients, samples = [], [], {}
+    for i in range(n):
+        kept = mask[i].nonzero().flatten()
+        if len(kept) == 0:
+            raise UserInputError(f"row {i} has no attended token (attention_mask all 0)")
+        first, last = int(kept[0]), int(kept[-1])
+        if len(kept) != last - first + 1:
+            raise UserInputError(f"row {i}: attention_mask must mark one contiguous run of tokens")
+        outside = coef[i].clone()
+        outside[first + 1:last + 1] = 0.0  # the first kept token has no log pi: no coefficient either
+        if (outside != 0).any():
+            raise UserInputError(f"row {i} has nonzero coefficients on padding or its first token; "
+                                 "coefficients must be 0 there")
+        if done is not None and (coef[i][~done[i]] != 0).any():
+            raise UserInputError(f"row {i} has nonzero coefficients outside completion_mask")
+        tokens = ids[i, first:last + 1].tolist()
+        row = coef[i, first:last + 1].tolist()
+        nonzero = [j for j, c in enumerate(row) if c != 0.0]
+        if done is not None:
+            marked = done[i, first:last + 1].nonzero().flatten()
+            split = int(marked[0]) if len(marked) else len(tokens)
+        else:
+            split = nonzero[0] if nonzero else len(tokens)
+        sample = samples[(task_of[i], group_of[i])] = samples.get((task_of[i], group_of[i]), -1) + 1
+        records.append(Rollout(
+            task=task_of[i], prompt_id=group_of[i], sample=sample, prompt="", completion="",
+            prompt_token_ids=tokens[:split], completion_token_ids=tokens[split:],
+            reward=None if reward is None else reward[i], advantage=-float(sum(row)),
+        ))
+        token_coefficients.append(row)
+    return records, token_coefficients
+
+
+def _mask(name: str, value: Any, shape: tuple[int, ...]) -> torch.Tensor:
+    tensor = _as_2d(name, value, shape)
+    if not ((tensor == 0) | (tensor == 1)).all():
+        raise UserInputError(f"{name} must hold only 0 and 1")
+    return tensor.bool()
+
+
+def _task_weight_vector(task_weights: Mapping[str, float], tasks: list[str]) -> np.ndarray:
+    """w_t in `tasks` order: positive and finite, one for every task of the batch and no other."""
+    unknown = sorted(set(map(str, task_weights)) - set(tasks))
+    if unknown:
+        raise UserInputError(f"task_weights names task(s) not in the batch: {', '.join(unknown)}")
+    weights = {str(k): v for k, v in task_weights.items()}
+    missing = [t for t in tasks if t not in weights]
+    if missing:
+        raise UserInputError(f"task_weights lacks task(s) {', '.join(missing)}; give every task a weight")
+    vector = np.array([float(weights[t]) for t in tasks])
+    if not (np.isfinite(vector) & (vector > 0)).all():
+        raise UserInputError("task_weights must be positive finite numbers")
+    return vector
+
+
+def check_settings(advantage: str | None, loss: str | None, engine: str, intervals: str,
+                   sums: str = "auto") -> None:
+    """UserInputError for an unknown estimator, loss, engine, intervals or sums setting (None:
+    no estimator or loss to check, as with coefficients given directly)."""
+    if advantage is not None and advantage != GIVEN_ADVANTAGE:
         ADVANTAGES.get(advantage)
-    LOSSES.get(loss)
+    if loss is not None:
+        LOSSES.get(loss)
     if engine not in ("auto", "hooks", "vmap"):
         raise UserInputError(f"engine must be auto, hooks or vmap, not {engine!r}")
     if intervals not in INTERVALS:
@@ -255,14 +462,15 @@ def assign_advantage(rollouts: list[Rollout], advantage: str) -> list[Rollout]:
     return rollouts
 
 
-def _measure(model: torch.nn.Module, rollouts: list[Rollout], advantage: str, loss: str, params: list[str],
-             intervals: str, engine: str, temperature: float, max_new_tokens: int | None, stats: bool,
-             pad_token_id: int | None, mix_weights: Mapping[str, float] | None, sums: str,
-             chunk_size: int | None, checkpoint_activations: bool, max_memory_bytes: int | None,
-             proxy_check: bool, task_grads_limit_mb: float | None, task_grads_seed: int,
-             task_grads_free_disk_bytes: int | None, progress: Progress) -> Measurement:
+def _measure(model: torch.nn.Module, rollouts: list[Rollout], batch: Any, layout: Any,
+             described: dict[str, Any], params: list[str], intervals: str, engine: str, temperature: float,
+             stats: bool, pad_token_id: int | None, sums: str, chunk_size: int | None,
+             checkpoint_activations: bool, max_memory_bytes: int | None, proxy_check: bool,
+             task_grads_limit_mb: float | None, task_grads_seed: int, task_grads_free_disk_bytes: int | None,
+             progress: Progress) -> Measurement:
+    """The one path under `measure` and `measure_tensors`: the engine's units (`batch`, `layout`)
+    to every figure. `described` holds scan.json's `advantage`, `loss` and `config`."""
     from gradprobe.caveats import scan_caveats
-    from gradprobe.gradients.layout import build_units
     from gradprobe.gradients.params import select_parameters
     from gradprobe.gradients.stage import StageSettings
     from gradprobe.gradients.summary import proxy_fidelity, summarise_gradients
@@ -275,8 +483,6 @@ def _measure(model: torch.nn.Module, rollouts: list[Rollout], advantage: str, lo
         raise UserInputError("activation checkpointing runs on the vmap engine; use engine auto or vmap")
     param_names = select_parameters(model, params)
     all_names = select_parameters(model, ["all"])  # before the engine freezes every parameter
-    longest = max(r.n_tokens for r in rollouts)
-    batch, layout = build_units(rollouts, LOSSES.get(loss), max_new_tokens or longest, mix_weights)
     settings = StageSettings(engine, temperature, _pad_token_id(model, pad_token_id), checkpoint_activations,
                              chunk_size, intervals=intervals, sums=sums)
     budget = max_memory_bytes or available_memory(next(model.parameters()).device)
@@ -289,7 +495,7 @@ def _measure(model: torch.nn.Module, rollouts: list[Rollout], advantage: str, lo
         result, fallback = run_stage(model, param_names, batch, layout, settings, budget, advance)
     summary = summarise_gradients(result, layout)
     timings["gradients_s"] = round(time.perf_counter() - start, 4)
-    rows = prompt_rows(rollouts, layout, summary)
+    rows = prompt_rows(rollouts, layout, summary, batch)
     tasks = task_table(rows, summary, layout)
     measurement = Measurement(
         tasks=tasks,
@@ -300,15 +506,14 @@ def _measure(model: torch.nn.Module, rollouts: list[Rollout], advantage: str, lo
         prompts=rows,
         verdict=dominance_verdict(tasks),
         stats=None,
-        advantage=_advantage_info(advantage),
-        loss={"name": loss, "formula": LOSSES.get(loss).formula, "mix_weight_by": LOSSES.get(loss).weight_by},
+        advantage=described["advantage"],
+        loss=described["loss"],
         estimators={"grad_sq_norm_unbiased_ci": _interval_method(intervals)},
         engine={"name": result.engine, "chunk_size": result.micro_batch, "passes": result.passes,
                 "intervals": intervals, "sums_device": result.sums_device, "processes": session.world,
                 **({"fallback": fallback} if fallback else {})},
         model=model_info(model, int(sum(result.group_sizes))),
-        config={"advantage": advantage, "loss": loss, "params": params, "intervals": intervals, "engine": engine,
-                "temperature": temperature, "max_new_tokens": max_new_tokens, "stats": stats},
+        config=described["config"],
         rollouts=rollouts,
         timings=timings,
     )
@@ -430,7 +635,8 @@ def run_statistics(rows: list[dict[str, Any]], task_moments: dict[str, Any]) -> 
     from gradprobe.stats import PromptTable, compute_stats
 
     def column(key: str) -> np.ndarray:
-        return np.array([row[key] for row in rows], dtype=float)
+        # Without rewards the reward covariates are constant 0: the tests drop them as constant.
+        return np.array([0.0 if row[key] is None else row[key] for row in rows], dtype=float)
 
     table = PromptTable(
         task=[row["task"] for row in rows],
@@ -450,24 +656,32 @@ def _mean(values: list[float]) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
-def prompt_rows(rollouts: list[Rollout], layout: Any, summary: Any) -> list[dict[str, Any]]:
-    """One row per prompt: its gradient norm and the covariates the statistics test against."""
+def prompt_rows(rollouts: list[Rollout], layout: Any, summary: Any, batch: Any) -> list[dict[str, Any]]:
+    """One row per prompt: its gradient norm and the covariates the statistics test against.
+
+    `zero_advantage`: no unit of the prompt has a nonzero coefficient (no gradient). Without
+    rewards (`measure_tensors(rewards=None)`) the reward figures are None and `degenerate` is
+    `zero_advantage`.
+    """
     rows = []
+    units = layout.prompt_units()
     for p, (task, prompt_id) in enumerate(layout.prompt_keys):
         group = [rollouts[i] for i in layout.prompt_rollouts[p]]
-        rewards = np.array([r.reward for r in group], dtype=float)
+        silent = not any(batch.is_active(u) for u in units[p])
+        known = all(r.reward is not None for r in group)
+        rewards = np.array([r.reward for r in group], dtype=float) if known else None
         rows.append({
             "task": task,
             "prompt_id": prompt_id,
             "prompt_grad_norm": float(summary.prompt_grad_norm[p]),
             "n_rollouts": len(group),
-            "mean_reward": float(rewards.mean()),
-            "reward_std": float(rewards.std()),
+            "mean_reward": float(rewards.mean()) if known else None,
+            "reward_std": float(rewards.std()) if known else None,
             "mean_abs_advantage": _mean([abs(r.advantage) for r in group]),
             "mean_completion_length": _mean([r.n_tokens for r in group]),
             "prompt_length": len(group[0].prompt_token_ids),
-            "degenerate": bool(np.all(rewards == rewards[0])),
-            "zero_advantage": all(r.advantage == 0 for r in group),
+            "degenerate": bool(np.all(rewards == rewards[0])) if known else silent,
+            "zero_advantage": silent,
         })
     return rows
 
@@ -477,12 +691,13 @@ def task_table(rows: list[dict[str, Any]], summary: Any, layout: Any) -> dict[st
     table = {}
     for task in layout.tasks:
         mine = [row for row in rows if row["task"] == task]
+        unrewarded = any(row["mean_reward"] is None for row in mine)
         table[task] = {
             "n_prompts": len(mine),
             "n_rollouts": sum(row["n_rollouts"] for row in mine),
-            "mean_reward": float(np.average([row["mean_reward"] for row in mine],
-                                            weights=[row["n_rollouts"] for row in mine])),
-            "reward_std": _mean([row["reward_std"] for row in mine]),
+            "mean_reward": None if unrewarded else float(np.average([row["mean_reward"] for row in mine],
+                                                                    weights=[row["n_rollouts"] for row in mine])),
+            "reward_std": None if unrewarded else _mean([row["reward_std"] for row in mine]),
             "degenerate_groups": sum(row["degenerate"] for row in mine),
             "degenerate_fraction": sum(row["degenerate"] for row in mine) / len(mine),
             "mean_abs_advantage": _mean([row["mean_abs_advantage"] for row in mine]),

@@ -32,10 +32,12 @@ def _no_signal(tasks: dict[str, dict[str, Any]], prompts: list[dict[str, Any]]) 
     silent = [t for t, row in tasks.items() if row.get("degenerate_fraction") == 1]
     if not silent:
         return []
-    values = ", ".join(f"{t} {tasks[t]['mean_reward']:.3g}" for t in silent)
+    values = ", ".join(f"{t} {tasks[t]['mean_reward']:.3g}" for t in silent
+                       if tasks[t]["mean_reward"] is not None)  # None: measured without rewards
+    where = f" (mean reward {values})" if values else ""
     return [{"code": "no_reward_signal", "tasks": silent, "message": (
-        f"No reward signal in {', '.join(silent)}: in every prompt group all rewards are equal "
-        f"(mean reward {values}), so every advantage and the gradient are zero. Check the "
+        f"No reward signal in {', '.join(silent)}: in every prompt group all rewards are equal"
+        f"{where}, so every advantage and the gradient are zero. Check the "
         "task's reward (--reward) and answers, or sample more (--group-size, --temperature).")}]
 
 

@@ -113,16 +113,63 @@ def build_units(
         for i, ci in zip(members, c):
             coefficient[i] = -rollouts[i].advantage * ci * m
         n_completions[t], n_tokens[t] = len(members), lengths.sum()
+    signs = np.sign([r.advantage for r in rollouts]).astype(int)
+    token_coefficients = [[0.0] * len(r.prompt_token_ids) + [coefficient[i]] * r.n_tokens
+                          for i, r in enumerate(rollouts)]
+    weights = _scaled_weights(aggregation.mix_weights(n_completions, n_tokens), tasks, mix_weights)
+    return _assemble(rollouts, groups, tasks, keys, token_coefficients, signs, weights)
+
+
+def build_coefficient_units(
+    rollouts: list[Rollout],
+    token_coefficients: list[list[float]],
+    task_weights: np.ndarray | None = None,
+) -> tuple[UnitBatch, UnitLayout]:
+    """Units from per-token coefficients c_ij = dL/dlog pi_ij given directly (`measure_tensors`).
+
+    `token_coefficients[i]` runs over rollout i's prompt and completion tokens. Task t's
+    gradient is g_t = (1/w_t) grad sum_{i in t} sum_j c_ij log pi_ij (w_t = `task_weights` in
+    `tasks` order, default 1), so the mixed gradient sum_t w_t g_t is the gradient of the
+    whole batch's sum (docs/metrics.md, "Coefficients given directly"). A sequence's unit is
+    the sign of its net advantage A_i = -sum_j c_ij: positive when A_i >= 0, negative when
+    A_i < 0; a sequence with no nonzero coefficient has no gradient and belongs to neither.
+    """
+    groups = group_indices(rollouts)
+    tasks = list(dict.fromkeys(task for task, _ in groups))
+    keys = sorted(groups, key=lambda key: tasks.index(key[0]))
+    weights = np.ones(len(tasks)) if task_weights is None else np.asarray(task_weights, float)
+    m = np.array([sum(1 for key in keys if key[0] == task) for task in tasks], float)
+    # The layout's task matrix takes (1/m_t) sum_p u_p, so each coefficient carries m_t / w_t.
+    scale = {task: m[t] / weights[t] for t, task in enumerate(tasks)}
+    scaled, signs = [], []
+    for r, coefficients in zip(rollouts, token_coefficients):
+        scaled.append([c * scale[r.task] for c in coefficients])
+        active = any(c != 0.0 for c in coefficients)
+        signs.append(0 if not active else NEGATIVE if sum(coefficients) > 0 else POSITIVE)
+    return _assemble(rollouts, groups, tasks, keys, scaled, np.array(signs), weights)
+
+
+def _assemble(
+    rollouts: list[Rollout],
+    groups: dict[tuple[str, str], list[int]],
+    tasks: list[str],
+    keys: list[tuple[str, str]],
+    token_coefficients: list[list[float]],
+    signs: np.ndarray,
+    task_weights: np.ndarray,
+) -> tuple[UnitBatch, UnitLayout]:
+    """Two units per prompt (its sequences of sign +1, then -1) and the layout naming them."""
     sequences, coefficients, units, unit_prompt, unit_sign = [], [], [], [], []
     for p, key in enumerate(keys):
         for sign in (POSITIVE, NEGATIVE):
-            members = [i for i in groups[key] if np.sign(rollouts[i].advantage) == sign]
             unit = []
-            for i in members:
+            for i in groups[key]:
+                if signs[i] != sign:
+                    continue
                 r = rollouts[i]
                 unit.append(len(sequences))
                 sequences.append(r.prompt_token_ids + r.completion_token_ids)
-                coefficients.append([0.0] * len(r.prompt_token_ids) + [coefficient[i]] * r.n_tokens)
+                coefficients.append(token_coefficients[i])
             units.append(unit)
             unit_prompt.append(p)
             unit_sign.append(sign)
@@ -132,7 +179,7 @@ def build_units(
         prompt_task=np.array([tasks.index(task) for task, _ in keys]),
         unit_prompt=np.array(unit_prompt),
         unit_sign=np.array(unit_sign),
-        task_weights=_scaled_weights(aggregation.mix_weights(n_completions, n_tokens), tasks, mix_weights),
+        task_weights=np.asarray(task_weights, float),
         prompt_rollouts=[groups[key] for key in keys],
     )
     return UnitBatch(sequences, coefficients, units), layout
