@@ -4,7 +4,8 @@ The CLI's scan samples (or reads) rollouts and scores them, then calls `measure`
 callback calls it on one step's batch; `measure_tensors` takes a trainer's padded batch with its
 loss's per-token coefficients instead and shares the path from the engine's units on. The result
 carries the figures under the names scan.json uses, and writes a scan directory
-(`Measurement.write`) that `gradprobe report` and `compare` read. The model is left as it was found (`gradprobe.model_state`).
+(`Measurement.write`) that `gradprobe report` and `compare` read. The model is left as it was
+found (`gradprobe.model_state`).
 """
 
 from __future__ import annotations

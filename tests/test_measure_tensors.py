@@ -206,12 +206,14 @@ def test_bad_input_is_one_clear_line():
             gradprobe.measure_tensors(model, **{**batch, **changes}, intervals="none")
         assert "\n" not in str(caught.value)
 
-    fails(r"coefficients must be a 2-D tensor \[18, 10\] like input_ids, not shape \[18, 9\]", coefficients=batch["coefficients"][:, :-1])
+    fails(r"coefficients must be a 2-D tensor \[18, 10\] like input_ids, not shape \[18, 9\]",
+          coefficients=batch["coefficients"][:, :-1])
     fails("attention_mask must be a 2-D tensor", attention_mask=batch["attention_mask"][0])
     nan = batch["coefficients"].clone()
     nan[3, -1] = float("nan")
     fails("coefficients of row 3 are not all finite", coefficients=nan)
-    fails(r"group 'a0' spans tasks 'b' and 'a' \(row 1\)", groups=["a0"] + batch["groups"][1:], tasks=["b"] + batch["tasks"][1:])
+    fails(r"group 'a0' spans tasks 'b' and 'a' \(row 1\)", groups=["a0"] + batch["groups"][1:],
+          tasks=["b"] + batch["tasks"][1:])
     fails("tasks has 17 entries; input_ids has 18 rows", tasks=batch["tasks"][:-1])
     fails("rewards has 2 entries", rewards=[1.0, 0.0])
     fails("reward of row 1 is not finite", rewards=[0.0, float("inf")] + [0.0] * (n - 2))
