@@ -25,6 +25,7 @@ import argparse
 import json
 import multiprocessing as mp
 import resource
+import sys
 import time
 
 import numpy as np
@@ -301,10 +302,15 @@ def main() -> None:
         queue = context.Queue()
         process = context.Process(target=run_method, args=(name, args, queue))
         process.start()
-        results[name] = queue.get()
+        result = queue.get()
         process.join()
-        if "error" in results[name]:
-            raise SystemExit(f"{name} failed:\n{results[name]['error']}")
+        if "error" in result:  # reported, and the other methods still run
+            print(f"{name} failed:\n{result['error']}", file=sys.stderr, flush=True)
+            continue
+        results[name] = result
+        print(f"{name}: {result['seconds']:.3f} s, peak {result['peak_mib']:.1f} MiB", file=sys.stderr, flush=True)
+    if not results:
+        raise SystemExit("every method failed")
     first = next(iter(results.values()))
     flops = 6 * first["n_params"] * first["tokens"]
     print(f"model {args.model}: {first['n_params']:,} parameters, {first['tokens']:,} tokens, "
