@@ -169,6 +169,7 @@ def measure(
     pad_token_id: int | None = None,
     mix_weights: Mapping[str, float] | None = None,
     sums: str = "auto",
+    shard: str = "auto",
     chunk_size: int | None = None,
     checkpoint_activations: bool = False,
     max_memory_bytes: int | None = None,
@@ -186,24 +187,27 @@ def measure(
     group, or "given". `loss`: grpo, bnpo, dapo, dr_grpo or rloo (`max_new_tokens` is dr_grpo's L_max;
     default the longest completion). `temperature` divides the logits as the trainer's loss does.
     `task_grads_limit_mb` keeps the task gradients for `write` (exact up to that size, else a
-    count sketch); None keeps none. Raises UserInputError for bad input; the model's modes,
+    count sketch); None keeps none. `shard` (under torchrun, docs/engine.md): none, sums, params
+    (the model is sharded in place with FSDP2 `fully_shard` unless it already is) or auto.
+    Raises UserInputError for bad input; the model's modes,
     flags, gradients, attention implementation and the random number generators are restored.
     """
     from gradprobe.model_state import preserved_model_state
 
-    check_settings(advantage, loss, engine, intervals, sums)
+    check_settings(advantage, loss, engine, intervals, sums, shard)
     records = assign_advantage(to_rollouts(rollouts), advantage)
     start = time.perf_counter()
     with preserved_model_state(model):
         measurement = _measure(model, records, advantage, loss, list(params), intervals, engine, temperature,
-                               max_new_tokens, stats, pad_token_id, mix_weights, sums, chunk_size,
+                               max_new_tokens, stats, pad_token_id, mix_weights, sums, shard, chunk_size,
                                checkpoint_activations, max_memory_bytes, proxy_check, task_grads_limit_mb,
                                task_grads_seed, task_grads_free_disk_bytes, progress or SilentProgress())
     measurement.timings["measure_s"] = round(time.perf_counter() - start, 4)
     return measurement
 
 
-def check_settings(advantage: str, loss: str, engine: str, intervals: str, sums: str = "auto") -> None:
+def check_settings(advantage: str, loss: str, engine: str, intervals: str, sums: str = "auto",
+                   shard: str = "auto") -> None:
     """UserInputError for an unknown estimator, loss, engine, intervals or sums setting."""
     if advantage != GIVEN_ADVANTAGE:
         ADVANTAGES.get(advantage)
@@ -214,6 +218,10 @@ def check_settings(advantage: str, loss: str, engine: str, intervals: str, sums:
         raise UserInputError(f"intervals must be one of {', '.join(INTERVALS)}, not {intervals!r}")
     if sums not in ("auto", "device", "host"):
         raise UserInputError(f"sums must be auto, device or host, not {sums!r}")
+    from gradprobe.distributed.sharded import SHARD_MODES
+
+    if shard not in SHARD_MODES:
+        raise UserInputError(f"shard must be one of {', '.join(SHARD_MODES)}, not {shard!r}")
 
 
 def to_rollouts(records: Iterable[RolloutRecord]) -> list[Rollout]:
@@ -257,14 +265,14 @@ def assign_advantage(rollouts: list[Rollout], advantage: str) -> list[Rollout]:
 
 def _measure(model: torch.nn.Module, rollouts: list[Rollout], advantage: str, loss: str, params: list[str],
              intervals: str, engine: str, temperature: float, max_new_tokens: int | None, stats: bool,
-             pad_token_id: int | None, mix_weights: Mapping[str, float] | None, sums: str,
+             pad_token_id: int | None, mix_weights: Mapping[str, float] | None, sums: str, shard: str,
              chunk_size: int | None, checkpoint_activations: bool, max_memory_bytes: int | None,
              proxy_check: bool, task_grads_limit_mb: float | None, task_grads_seed: int,
              task_grads_free_disk_bytes: int | None, progress: Progress) -> Measurement:
     from gradprobe.caveats import scan_caveats
     from gradprobe.gradients.layout import build_units
     from gradprobe.gradients.params import select_parameters
-    from gradprobe.gradients.stage import StageSettings
+    from gradprobe.gradients.stage import StageSettings, choose_shard
     from gradprobe.gradients.summary import proxy_fidelity, summarise_gradients
 
     from gradprobe import distributed
@@ -278,8 +286,13 @@ def _measure(model: torch.nn.Module, rollouts: list[Rollout], advantage: str, lo
     longest = max(r.n_tokens for r in rollouts)
     batch, layout = build_units(rollouts, LOSSES.get(loss), max_new_tokens or longest, mix_weights)
     settings = StageSettings(engine, temperature, _pad_token_id(model, pad_token_id), checkpoint_activations,
-                             chunk_size, intervals=intervals, sums=sums)
+                             chunk_size, intervals=intervals, sums=sums, shard=shard)
     budget = max_memory_bytes or available_memory(next(model.parameters()).device)
+    settings.shard = choose_shard(model, param_names, batch, layout, settings, budget, session.world)
+    if settings.shard == "params":
+        from gradprobe.distributed.sharded import shard_parameters
+
+        shard_parameters(model, session)
     passes = 2 if intervals == "exact" else 1
     # The engines report whole prompts' units, once per pass.
     active = passes * sum(len(units) for units in layout.prompt_units()
@@ -305,6 +318,7 @@ def _measure(model: torch.nn.Module, rollouts: list[Rollout], advantage: str, lo
         estimators={"grad_sq_norm_unbiased_ci": _interval_method(intervals)},
         engine={"name": result.engine, "chunk_size": result.micro_batch, "passes": result.passes,
                 "intervals": intervals, "sums_device": result.sums_device, "processes": session.world,
+                "shard": settings.shard,
                 **({"fallback": fallback} if fallback else {})},
         model=model_info(model, int(sum(result.group_sizes))),
         config={"advantage": advantage, "loss": loss, "params": params, "intervals": intervals, "engine": engine,
@@ -325,6 +339,15 @@ def _measure(model: torch.nn.Module, rollouts: list[Rollout], advantage: str, lo
                              [full.tasks[t]["grad_norm"] for t in layout.tasks]),
             "full_norm_ratio": {t: full.tasks[t]["norm_ratio"] for t in layout.tasks},
         }
+    sharded_grads = None
+    if task_grads_limit_mb is not None and result.sum_shards is not None:  # every rank holds a shard
+        from gradprobe.distributed.sharded import task_gradients
+
+        start = time.perf_counter()
+        sharded_grads = task_gradients(result.sums, dict(zip(result.param_names, result.param_shapes)),
+                                       result.sum_shards, layout.tasks, task_grads_limit_mb, task_grads_seed,
+                                       task_grads_free_disk_bytes, session)
+        timings["task_grads_s"] = round(time.perf_counter() - start, 4)
     if not session.is_writer:  # under torchrun: rank 0 has every reduction
         return measurement
     if stats:
@@ -333,7 +356,9 @@ def _measure(model: torch.nn.Module, rollouts: list[Rollout], advantage: str, lo
         measurement.verdict = dominance_verdict(tasks, measurement.stats["dominance"])
         timings["stats_s"] = round(time.perf_counter() - start, 4)
     measurement.caveats = scan_caveats(tasks, rows, measurement.stats)
-    if task_grads_limit_mb is not None:
+    if sharded_grads is not None:
+        measurement.task_grads = sharded_grads
+    elif task_grads_limit_mb is not None:
         from gradprobe import task_grads
 
         start = time.perf_counter()
@@ -391,7 +416,8 @@ def run_stage(model: Any, names: list[str], batch: Any, layout: Any, settings: A
     from gradprobe.gradients.stage import EngineUnavailable, run_gradient_stage
 
     session = distributed.current()  # under torchrun each process takes its share of the prompts
-    parallel = DataParallel(session) if session.is_distributed else None
+    sharded = settings.shard in ("sums", "params")
+    parallel = DataParallel(session, sharded_sums=sharded, lockstep=sharded) if session.is_distributed else None
     try:
         return run_gradient_stage(model, names, batch, layout, settings, budget, advance, keep_sums, parallel)
     except EngineUnavailable as exc:

@@ -52,18 +52,26 @@ def _collective(kind: str) -> Iterator[None]:
 
 @dataclass
 class CommunicationLog:
-    """Payload bytes handed to each kind of collective (what this rank sends into it)."""
+    """Payload bytes handed to each kind of collective (what this rank sends into it), and the
+    bytes each rank sends on the wire by the ring algorithms: all-reduce 2 (N - 1) / N x payload,
+    reduce-scatter (N - 1) / N x its input, all-gather (N - 1) x its input (its shard)."""
 
     bytes_by_kind: dict[str, int] = field(default_factory=dict)
     calls_by_kind: dict[str, int] = field(default_factory=dict)
+    wire_by_kind: dict[str, float] = field(default_factory=dict)
 
-    def add(self, kind: str, n_bytes: int) -> None:
+    def add(self, kind: str, n_bytes: int, wire: float = 0.0) -> None:
         self.bytes_by_kind[kind] = self.bytes_by_kind.get(kind, 0) + n_bytes
         self.calls_by_kind[kind] = self.calls_by_kind.get(kind, 0) + 1
+        self.wire_by_kind[kind] = self.wire_by_kind.get(kind, 0.0) + wire
 
     @property
     def total_bytes(self) -> int:
         return sum(self.bytes_by_kind.values())
+
+    @property
+    def wire_bytes(self) -> float:
+        return sum(self.wire_by_kind.values())
 
 
 @dataclass
@@ -105,14 +113,40 @@ class Session:
         current CUDA device under nccl)."""
         if not self.is_distributed:
             return
-        self.log.add(kind, tensor.numel() * tensor.element_size())
+        n_bytes = tensor.numel() * tensor.element_size()
+        self.log.add(kind, n_bytes, 2 * (self.world - 1) / self.world * n_bytes)
         with _collective(kind):
-            if self.backend == "nccl" and tensor.device.type != "cuda":
-                staged = tensor.to(torch.device("cuda", torch.cuda.current_device()))
-                torch.distributed.all_reduce(staged)
+            staged = self._staged(tensor)
+            torch.distributed.all_reduce(staged)
+            if staged is not tensor:
                 tensor.copy_(staged)
-            else:
-                torch.distributed.all_reduce(tensor)
+
+    def reduce_scatter(self, output: torch.Tensor, chunks: torch.Tensor, kind: str) -> None:
+        """output <- sum over ranks of their chunks[rank] (chunks: [world, *output.shape],
+        contiguous): the ring sends (N - 1) / N of the chunks."""
+        n_bytes = chunks.numel() * chunks.element_size()
+        self.log.add(kind, n_bytes, (self.world - 1) / self.world * n_bytes)
+        with _collective(kind):
+            staged_out, staged_in = self._staged(output), self._staged(chunks)
+            torch.distributed.reduce_scatter_tensor(staged_out, staged_in.reshape(-1, *output.shape[1:]))
+            if staged_out is not output:
+                output.copy_(staged_out)
+
+    def all_gather(self, output: torch.Tensor, shard: torch.Tensor, kind: str) -> None:
+        """output [world, *shard.shape] <- every rank's shard, in rank order."""
+        n_bytes = shard.numel() * shard.element_size()
+        self.log.add(kind, n_bytes, (self.world - 1) * n_bytes)
+        with _collective(kind):
+            staged_out, staged_in = self._staged(output), self._staged(shard.contiguous())
+            torch.distributed.all_gather_into_tensor(staged_out.reshape(-1, *shard.shape[1:]), staged_in)
+            if staged_out is not output:
+                output.copy_(staged_out)
+
+    def _staged(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The tensor, or under nccl a CPU tensor's copy on the current CUDA device."""
+        if self.backend == "nccl" and tensor.device.type != "cuda":
+            return tensor.to(torch.device("cuda", torch.cuda.current_device()))
+        return tensor
 
     def all_gather_objects(self, value: Any, kind: str) -> list[Any]:
         """Every rank's `value`, in rank order (pickled; for small data such as rollouts)."""
