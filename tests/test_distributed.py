@@ -1,7 +1,8 @@
 """The scan under torchrun (gloo, CPU): equal to the one-process scan, and failing together.
 
 Each distributed scan runs `python -m torch.distributed.run ... -m gradprobe scan` as a
-subprocess. Models run in float64 so the sums' rounding (float32 sums add in another order when
+subprocess, replicated (`--shard none`) or sharded (`--shard params`: FSDP2 weights and
+reduce-scattered sums; `--shard sums`). Models run in float64 so the sums' rounding (float32 sums add in another order when
 ranks share the prompts) stays far below the 1e-6 relative tolerance every number is held to;
 one float32 run checks the default precision with its own tolerance.
 """
@@ -32,8 +33,9 @@ from gradprobe.rollouts import batch_seed
 ROOT = Path(__file__).resolve().parents[1]
 SCAN = ["-k", "3", "--max-new-tokens", "5", "--prompts-per-task", "5", "--reward", "add=numeric",
         "--reward", "regex:[a-m]", "--generate-batch-size", "2", "--no-stats"]
-# Not compared: when and where it ran, how long, and rank 0's own largest micro-batch.
-NOT_COMPARED = {("created",), ("timings",), ("config", "out"), ("engine", "chunk_size"), ("engine", "processes")}
+# Not compared: when and where it ran, how long, rank 0's own largest micro-batch, how it was shared.
+NOT_COMPARED = {("created",), ("timings",), ("config", "out"), ("engine", "chunk_size"), ("engine", "processes"),
+                ("config", "shard"), ("engine", "shard")}
 
 
 def one_process(*args: object) -> None:
@@ -78,9 +80,10 @@ def scan_json(directory: Path) -> dict:
     return json.loads((directory / "scan.json").read_text())
 
 
-def assert_same_scan(one: Path, many: Path, n: int, rel: float = 1e-6, abs_tol: float = 1e-12) -> None:
+def assert_same_scan(one: Path, many: Path, n: int, rel: float = 1e-6, abs_tol: float = 1e-12,
+                     shard: str = "none") -> None:
     a, b = scan_json(one), scan_json(many)
-    assert b["engine"]["processes"] == n
+    assert b["engine"]["processes"] == n and b["engine"]["shard"] == shard
     found = differences(a, b, rel, abs_tol)
     assert not found, found[:20]
 
@@ -103,18 +106,22 @@ def scans(tiny_llama, tmp_path_factory) -> dict[str, Path]:
     rows = [json.loads(line) for line in (root / "one" / "rollouts.jsonl").read_text().splitlines()]
     keys = ("task", "prompt_id", "prompt", "completion", "reward", "prompt_token_ids", "completion_token_ids")
     offline = write_jsonl(root / "offline.jsonl", [{k: r[k] for k in keys} for r in rows])
+    # a projection of the task gradients (limit 0), whose sharded form is sketched per shard
     offline_args = ["--rollouts", offline, "--max-new-tokens", "5", "--no-stats", "--dtype", "float64",
-                    "--intervals", "none", "--params", "last-block"]
+                    "--params", "last-block", "--task-grads-limit", "0", "--intervals", "sketch"]
     one_process(tiny_llama, "--out", root / "one_offline", *offline_args)
-    return {"root": root, "mix": mix, "one": root / "one", "offline_args": offline_args,
-            "one_offline": root / "one_offline"}
+    return {"root": root, "mix": mix, "one": root / "one", "offline_args": offline_args}
 
 
-def test_two_processes_sample_and_scan_as_one(tiny_llama, scans):
-    out = scans["root"] / "two"
-    run = torchrun(2, tiny_llama, scans["mix"], "--out", out, *SCAN, "--dtype", "float64")
+# Sampled rollouts, exact intervals (a second pass), saved exact task gradients and compare:
+# replicated, and with FSDP2 weights and sharded sums (tied embeddings: the tiny Llama's).
+@pytest.mark.parametrize("shard", ["none", "params"])
+def test_two_processes_sample_and_scan_as_one(tiny_llama, scans, shard):
+    out = scans["root"] / f"two_{shard}"
+    run = torchrun(2, tiny_llama, scans["mix"], "--out", out, *SCAN, "--dtype", "float64", "--shard", shard)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert_same_scan(scans["one"], out, 2)
+    assert_same_scan(scans["one"], out, 2, shard=shard)
+    assert scan_json(out)["modules"]  # the per-module breakdown, compared above
     # the rollouts themselves: rank 1 sampled batches 1, 3, 5 from their own seeds
     assert rollout_rows(out) == rollout_rows(scans["one"])
     one, two = task_grads.read(scans["one"] / "task_grads.safetensors"), task_grads.read(out / "task_grads.safetensors")
@@ -132,23 +139,30 @@ def test_two_processes_sample_and_scan_as_one(tiny_llama, scans):
     assert len(itself.get("warnings", [])) == len(two_doc.get("warnings", []))
 
 
-def test_three_processes_offline_rollouts_no_intervals_and_a_proxy(tiny_llama, scans):
-    """3 ranks do not divide the 10 prompts; parameter subset with the full-model proxy check."""
+def test_three_processes_offline_rollouts_sharded_sketches_and_a_proxy(tiny_llama, scans):
+    """3 ranks do not divide the 10 prompts (some step empty on some rank), FSDP2 and sharded
+    sums; sketched intervals; parameter subset with the full-model proxy check; the task
+    gradients' projection made from the shards. (`--intervals none` is this pass 1 alone.)"""
     out = scans["root"] / "three"
-    run = torchrun(3, tiny_llama, "--out", out, *scans["offline_args"])
+    run = torchrun(3, tiny_llama, "--out", out, *scans["offline_args"], "--shard", "params")
     assert run.returncode == 0, run.stderr[-3000:]
-    assert_same_scan(scans["one_offline"], out, 3)
+    one = scans["root"] / "one_offline"
+    assert_same_scan(one, out, 3, shard="params")
     assert scan_json(out)["proxy_fidelity"]["params"] == ["last-block"]
+    a, b = task_grads.read(one / "task_grads.safetensors"), task_grads.read(out / "task_grads.safetensors")
+    assert a.kind == b.kind == "projected" and (a.dim, a.seed, a.params) == (b.dim, b.seed, b.params)
+    torch.testing.assert_close(b.tensors["projection"], a.tensors["projection"], rtol=1e-6, atol=1e-9)
 
 
-def test_float32_sketch_intervals_on_three_processes(tiny_llama, scans, tmp_path):
+def test_float32_sketch_intervals_on_three_processes_with_sharded_sums(tiny_llama, scans, tmp_path):
     """The default precision: the float32 sums add in another order across ranks, so numbers that
-    come from cancellation (a cosine near 0, an unbiased norm) agree to 1e-6 of their scale."""
+    come from cancellation (a cosine near 0, an unbiased norm) agree to 1e-6 of their scale.
+    Sums sharded, weights whole on every rank (`--shard sums`)."""
     args = [tiny_llama, scans["mix"], *SCAN, "--intervals", "sketch"]
     one_process(*args, "--out", tmp_path / "one")
-    run = torchrun(3, *args, "--out", tmp_path / "three")
+    run = torchrun(3, *args, "--out", tmp_path / "three", "--shard", "sums")
     assert run.returncode == 0, run.stderr[-3000:]
-    assert_same_scan(tmp_path / "one", tmp_path / "three", 3, rel=1e-5, abs_tol=1e-6)
+    assert_same_scan(tmp_path / "one", tmp_path / "three", 3, rel=1e-5, abs_tol=1e-6, shard="sums")
 
 
 REWARD_MODULE = '''
@@ -232,3 +246,28 @@ def test_a_failure_reported_by_any_rank_is_raised_on_every_rank():
         raise_shared_failure([("failed", ("internal", "MemoryError: x")), ("done", None)])
     with pytest.raises(DistributedFailure, match="out of step"):
         raise_shared_failure([("gradients pass 1", None), ("gradients pass 2", None)])
+
+
+def test_count_sketches_of_shards_add_up_to_the_whole():
+    from gradprobe.gradients.projection import add_count_sketch
+
+    value = torch.randn(3, 7, 5, dtype=torch.float64)
+    whole = torch.zeros(3, 64, dtype=torch.float64)
+    add_count_sketch(value, "w", 4, whole)
+    flat, parts = value.reshape(3, -1), torch.zeros(3, 64, dtype=torch.float64)
+    for start in range(0, 35, 12):  # 3 shards of ceil(35 / 3) = 12 coordinates
+        add_count_sketch(flat[:, start:start + 12], "w", 4, parts, first=start)
+    torch.testing.assert_close(parts, whole)
+
+
+def test_each_step_exchanges_the_sums_and_targets_any_rank_needs():
+    from gradprobe.distributed.sharded import step_needs
+    from gradprobe.gradients.engine import Reductions
+
+    # 3 prompts of 2 units; prompt p of task p // 2 (sums 2t, 2t + 1 are task t's signs)
+    weights = torch.zeros(4, 6)
+    for unit in range(6):
+        weights[2 * (unit // 4) + unit % 2, unit] = 1.0
+    reductions = Reductions([[0, 1], [2, 3], [4, 5]], weights, torch.eye(4)[:2], [0, 0, 0, 0, 1, 1])
+    sums, targets = step_needs([[[0], [1]], [[2], None]], reductions)
+    assert sums == [[0, 1, 2, 3], [0, 1]] and targets == [[0, 1], [0]]
