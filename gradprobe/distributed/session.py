@@ -128,7 +128,9 @@ class Session:
         self.log.add(kind, n_bytes, (self.world - 1) / self.world * n_bytes)
         with _collective(kind):
             staged_out, staged_in = self._staged(output), self._staged(chunks)
-            torch.distributed.reduce_scatter_tensor(staged_out, staged_in.reshape(-1, *output.shape[1:]))
+            reduce_scatter = getattr(torch.distributed, "reduce_scatter_single", None) or \
+                torch.distributed.reduce_scatter_tensor  # the older name
+            reduce_scatter(staged_out, staged_in.reshape(-1, *output.shape[1:]))
             if staged_out is not output:
                 output.copy_(staged_out)
 
@@ -138,7 +140,8 @@ class Session:
         self.log.add(kind, n_bytes, (self.world - 1) * n_bytes)
         with _collective(kind):
             staged_out, staged_in = self._staged(output), self._staged(shard.contiguous())
-            torch.distributed.all_gather_into_tensor(staged_out.reshape(-1, *shard.shape[1:]), staged_in)
+            gather = getattr(torch.distributed, "all_gather_single", None) or torch.distributed.all_gather_into_tensor
+            gather(staged_out.reshape(-1, *shard.shape[1:]), staged_in)
             if staged_out is not output:
                 output.copy_(staged_out)
 
