@@ -714,12 +714,20 @@ def main() -> None:
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
+    from gradprobe.distributed.session import launched_by_torchrun, leave_process
+
     try:
-        app()
-    except (Stopped, KeyboardInterrupt) as exc:
-        signum = exc.signum if isinstance(exc, Stopped) else signal.SIGINT
-        stderr.print("interrupted" if signum == signal.SIGINT else "terminated", highlight=False)
-        sys.exit(128 + signum)
+        try:
+            app()
+        except (Stopped, KeyboardInterrupt) as exc:
+            signum = exc.signum if isinstance(exc, Stopped) else signal.SIGINT
+            stderr.print("interrupted" if signum == signal.SIGINT else "terminated", highlight=False)
+            sys.exit(128 + signum)
+    except SystemExit as exc:
+        if not launched_by_torchrun():
+            raise
+        # a torchrun rank leaves without finalizing the interpreter (`leave_process` says why)
+        leave_process(exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1))
 
 
 if __name__ == "__main__":

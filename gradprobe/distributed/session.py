@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -212,6 +212,27 @@ def collective_timeout() -> timedelta:
 
 def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def leave_process(code: int) -> NoReturn:
+    """End this rank now with `code`, output flushed, without the interpreter's finalization.
+
+    Why: a rank that leaves normally finalizes the interpreter while C++ threads (gloo's workers,
+    the autograd engine's) may still release objects that hold Python references; doing so while
+    the interpreter is torn down aborts the process ("terminate called without an active
+    exception", pytorch/pytorch#190489), which torchrun then reports as a failed rank after a
+    scan that succeeded. Everything the scan owns is closed by then: its files are written and
+    renamed, its process group destroyed, its workers stopped (each in a `finally`)."""
+    import logging
+    import sys
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 @contextmanager
