@@ -14,6 +14,11 @@ for a projection ``projection`` (countsketch or gaussian; absent in the older fi
 all gaussian), ``dim``, ``seed``, ``method`` and ``cosine_error_bound_95``; ``tasks`` and
 ``params`` (names and shapes) as JSON. Two files are comparable when kind, projection, dim, seed
 and params agree.
+
+A torchrun scan writes the same file from rank 0 whether its sums were replicated or sharded
+(`--shard`): exact tensors are gathered from the shards one parameter at a time, a projection is
+the sum of the ranks' sketches of their shards (`gradprobe.distributed.sharded.task_gradients`);
+so `compare` reads one layout.
 """
 
 from __future__ import annotations
