@@ -25,19 +25,12 @@ units x parameter bytes, and a step has more units than targets.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
 from gradprobe.distributed.session import Session
-from gradprobe.gradients.engine import (
-    Reductions,
-    SelectedParameters,
-    StreamingReductions,
-    SumShards,
-    UnitBatch,
-    float64_gram,
-)
+from gradprobe.gradients.engine import PassCompletion, Reductions, SelectedParameters, StreamingReductions, SumShards
 from gradprobe.gradients.unit_rules import PerUnit, add_weighted
 
 SHARD_MODES = {
@@ -57,7 +50,7 @@ class ShardedReductions(StreamingReductions):
     def __init__(self, selected: SelectedParameters, reductions: Reductions, session: Session,
                  step_sums: Sequence[list[int]], step_targets: Sequence[list[int]],
                  sums_device: torch.device | None = None, sketch_dim: int | None = None,
-                 completion: object | None = None) -> None:
+                 completion: PassCompletion | None = None) -> None:
         self.session = session
         self.shards = SumShards(session.rank, session.world)
         super().__init__(selected, reductions, sums_device, sketch_dim, completion=completion)
