@@ -334,3 +334,68 @@ def test_sharded_engine_in_lockstep_with_empty_steps(tmp_path):
         torch.testing.assert_close(got[key], getattr(want, key), rtol=1e-9, atol=1e-12)
     for name, value in want.sums.items():
         torch.testing.assert_close(got["sums"][name], value, rtol=1e-9, atol=1e-12)
+
+
+def _failing_rank_worker(rank: int, world: int, port: int, out: str) -> None:
+    """Rank 1 fails inside its second step of a sharded pass; writes what each rank raised."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), GRADPROBE_COLLECTIVE_TIMEOUT="300")
+    torch.set_num_threads(1)
+    from test_gradients_exact import TEMPERATURE, make_model
+    from test_gradients_hooked import units_of
+
+    from gradprobe.distributed import open_session
+    from gradprobe.distributed.data_parallel import DataParallel
+    from gradprobe.distributed.session import leave_process
+    from gradprobe.distributed.sharded import shard_parameters
+    from gradprobe.gradients.hooked import HookedEngine
+    from gradprobe.gradients.params import select_parameters
+
+    raised = "nothing"
+    try:
+        with open_session("cpu") as session:
+            model = make_model("llama")
+            batch, layout = units_of(3)
+            reductions = layout.reductions()
+            parallel = DataParallel(session, sharded_sums=True, lockstep=True)
+            local = parallel.local_batch(batch, reductions.prompts)
+            shard_parameters(model, session)
+            engine = HookedEngine(model, select_parameters(model, ["all"]), TEMPERATURE,
+                                  accumulate_dtype=torch.float64, completion=parallel)
+            if rank == 1:
+                calls, forward_backward = [0], engine._forward_backward
+
+                def failing(*args):
+                    calls[0] += 1
+                    if calls[0] == 2:
+                        raise RuntimeError("out of memory on this device")
+                    forward_backward(*args)
+
+                engine._forward_backward = failing
+            engine.run(local, reductions, max_tokens=1)
+    except Exception as error:
+        raised = f"{type(error).__name__}: {error}"
+    Path(f"{out}.{rank}").write_text(raised)
+    leave_process(0)
+
+
+def test_a_rank_failing_inside_a_sharded_pass_ends_every_rank_at_once(tmp_path):
+    """The others wait inside a step's collective: the failing rank leaves at once, and their
+    collective fails then, well before the (here 300 s) collective timeout."""
+    import socket
+    import time
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    start = time.monotonic()
+    context = mp.spawn(_failing_rank_worker, args=(2, port, str(tmp_path / "raised")), nprocs=2, join=False)
+    while not context.join(timeout=120):
+        pass
+    assert time.monotonic() - start < 120
+    assert (tmp_path / "raised.1").read_text() == "RuntimeError: out of memory on this device"
+    # rank 0 waited in one of FSDP2's gathers or in a sums exchange: either is a CollectiveFailure
+    other = (tmp_path / "raised.0").read_text()
+    assert other.startswith("CollectiveFailure: ") and "between ranks" in other and "peer is gone" in other

@@ -83,6 +83,9 @@ class Session:
     local_rank: int = 0
     backend: str | None = None
     log: CommunicationLog = field(default_factory=CommunicationLog)
+    in_lockstep: bool = False
+    """Inside a pass whose ranks exchange within every step (sharded sums, FSDP2): a failure
+    there cannot be reported at an `agree`, the others wait in another collective."""
 
     @property
     def is_distributed(self) -> bool:
@@ -160,6 +163,19 @@ class Session:
             torch.distributed.all_gather_object(gathered, value)
         self.log.add(kind, len(_pickled(value)))
         return gathered
+
+
+def peer_failure(error: BaseException) -> CollectiveFailure | None:
+    """A backend's error raised outside `Session`'s collectives (FSDP2's gathers inside a step)
+    because a peer is gone or timed out, as CollectiveFailure; None for any other error."""
+    text = str(error)
+    backend = isinstance(error, getattr(torch.distributed, "DistError", ())) or (
+        isinstance(error, RuntimeError) and ("gloo" in text or "NCCL" in text))
+    if not backend:
+        return None
+    first_line = (text.splitlines() or [""])[0]
+    return CollectiveFailure(f"an exchange between ranks inside a gradient pass failed (a peer is gone or "
+                             f"timed out after {collective_timeout().total_seconds():.0f} s): {first_line[:300]}")
 
 
 def raise_shared_failure(reports: list[tuple[str, tuple[str, str] | None]]) -> None:
@@ -265,6 +281,15 @@ def open_session(device: str = "auto", report: Callable[[BaseException], None] |
             session.agree("done")
         except BaseException as error:
             shared = getattr(error, "shared", False)
+            if session.in_lockstep and not shared and not isinstance(error, CollectiveFailure):
+                # The others wait inside a step's collective, which no report can meet: say it
+                # here and leave; their collective then fails at once (this process is gone).
+                failure = peer_failure(error)
+                if report is not None:
+                    report(failure or error)
+                if failure is not None:
+                    raise failure from None
+                raise
             if not shared and not isinstance(error, CollectiveFailure):
                 shared = _tell_others(session, error)
             if report is not None and (session.is_writer or isinstance(error, CollectiveFailure)):

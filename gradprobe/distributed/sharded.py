@@ -67,6 +67,7 @@ class ShardedReductions(StreamingReductions):
         return self.shards
 
     def begin_step(self, step: int) -> None:
+        self.session.in_lockstep = True  # until the pass ends (`end_pass_one`, `end_pass_two`)
         self.rows = torch.tensor(self.step_sums[step] if step < len(self.step_sums) else [], dtype=torch.long)
         self.row_position = {k: i for i, k in enumerate(self.rows.tolist())}
         self.target_indices = self.step_targets[step] if step < len(self.step_targets) else []
@@ -114,7 +115,12 @@ class ShardedReductions(StreamingReductions):
 
     def end_pass_one(self) -> None:
         self.in_pass_two = True
+        self.session.in_lockstep = False
         super().end_pass_one()
+
+    def end_pass_two(self) -> None:
+        self.session.in_lockstep = False
+        super().end_pass_two()
 
     def prepare_use(self, names: list[str]) -> None:
         """All-gather, for each of these parameters, the targets this step's units need."""
