@@ -171,6 +171,7 @@ def measure(
     pad_token_id: int | None = None,
     mix_weights: Mapping[str, float] | None = None,
     sums: str = "auto",
+    shard: str = "auto",
     chunk_size: int | None = None,
     checkpoint_activations: bool = False,
     max_memory_bytes: int | None = None,
@@ -188,14 +189,16 @@ def measure(
     group, or "given". `loss`: grpo, bnpo, dapo, dr_grpo or rloo (`max_new_tokens` is dr_grpo's L_max;
     default the longest completion). `temperature` divides the logits as the trainer's loss does.
     `task_grads_limit_mb` keeps the task gradients for `write` (exact up to that size, else a
-    count sketch); None keeps none. Raises UserInputError for bad input; the model's modes,
+    count sketch); None keeps none. `shard` (under torchrun, docs/engine.md): none, sums, params
+    (the model is sharded in place with FSDP2 `fully_shard` unless it already is) or auto.
+    Raises UserInputError for bad input; the model's modes,
     flags, gradients, attention implementation and the random number generators are restored.
     """
     from gradprobe.model_state import preserved_model_state
 
     from gradprobe.gradients.layout import build_units
 
-    check_settings(advantage, loss, engine, intervals, sums)
+    check_settings(advantage, loss, engine, intervals, sums, shard)
     records = assign_advantage(to_rollouts(rollouts), advantage)
     start = time.perf_counter()
     longest = max(r.n_tokens for r in records)
@@ -209,7 +212,7 @@ def measure(
     }
     with preserved_model_state(model):
         measurement = _measure(model, records, batch, layout, described, list(params), intervals, engine,
-                               temperature, stats, pad_token_id, sums, chunk_size, checkpoint_activations,
+                               temperature, stats, pad_token_id, sums, shard, chunk_size, checkpoint_activations,
                                max_memory_bytes, proxy_check, task_grads_limit_mb, task_grads_seed,
                                task_grads_free_disk_bytes, progress or SilentProgress())
     measurement.timings["measure_s"] = round(time.perf_counter() - start, 4)
@@ -238,6 +241,7 @@ def measure_tensors(
     stats: bool = True,
     pad_token_id: int | None = None,
     sums: str = "auto",
+    shard: str = "auto",
     chunk_size: int | None = None,
     checkpoint_activations: bool = False,
     max_memory_bytes: int | None = None,
@@ -274,7 +278,7 @@ def measure_tensors(
     from gradprobe.gradients.layout import build_coefficient_units
     from gradprobe.model_state import preserved_model_state
 
-    check_settings(None, None, engine, intervals, sums)
+    check_settings(None, None, engine, intervals, sums, shard)
     records, token_coefficients = _tensor_rollouts(input_ids, coefficients, tasks, groups, attention_mask,
                                                    completion_mask, rewards)
     if stats:
@@ -296,7 +300,7 @@ def measure_tensors(
     }
     with preserved_model_state(model):
         measurement = _measure(model, records, batch, layout, described, list(params), intervals, engine,
-                               temperature, stats, pad_token_id, sums, chunk_size, checkpoint_activations,
+                               temperature, stats, pad_token_id, sums, shard, chunk_size, checkpoint_activations,
                                max_memory_bytes, proxy_check, task_grads_limit_mb, task_grads_seed,
                                task_grads_free_disk_bytes, progress or SilentProgress())
     measurement.timings["measure_s"] = round(time.perf_counter() - start, 4)
@@ -409,8 +413,8 @@ def _task_weight_vector(task_weights: Mapping[str, float], tasks: list[str]) -> 
 
 
 def check_settings(advantage: str | None, loss: str | None, engine: str, intervals: str,
-                   sums: str = "auto") -> None:
-    """UserInputError for an unknown estimator, loss, engine, intervals or sums setting (None:
+                   sums: str = "auto", shard: str = "auto") -> None:
+    """UserInputError for an unknown estimator, loss, engine, intervals, sums or shard setting (None:
     no estimator or loss to check, as with coefficients given directly)."""
     if advantage is not None and advantage != GIVEN_ADVANTAGE:
         ADVANTAGES.get(advantage)
@@ -422,6 +426,10 @@ def check_settings(advantage: str | None, loss: str | None, engine: str, interva
         raise UserInputError(f"intervals must be one of {', '.join(INTERVALS)}, not {intervals!r}")
     if sums not in ("auto", "device", "host"):
         raise UserInputError(f"sums must be auto, device or host, not {sums!r}")
+    from gradprobe.distributed.sharded import SHARD_MODES
+
+    if shard not in SHARD_MODES:
+        raise UserInputError(f"shard must be one of {', '.join(SHARD_MODES)}, not {shard!r}")
 
 
 def to_rollouts(records: Iterable[RolloutRecord]) -> list[Rollout]:
@@ -465,7 +473,7 @@ def assign_advantage(rollouts: list[Rollout], advantage: str) -> list[Rollout]:
 
 def _measure(model: torch.nn.Module, rollouts: list[Rollout], batch: Any, layout: Any,
              described: dict[str, Any], params: list[str], intervals: str, engine: str, temperature: float,
-             stats: bool, pad_token_id: int | None, sums: str, chunk_size: int | None,
+             stats: bool, pad_token_id: int | None, sums: str, shard: str, chunk_size: int | None,
              checkpoint_activations: bool, max_memory_bytes: int | None, proxy_check: bool,
              task_grads_limit_mb: float | None, task_grads_seed: int, task_grads_free_disk_bytes: int | None,
              progress: Progress) -> Measurement:
@@ -473,20 +481,23 @@ def _measure(model: torch.nn.Module, rollouts: list[Rollout], batch: Any, layout
     to every figure. `described` holds scan.json's `advantage`, `loss` and `config`."""
     from gradprobe.caveats import scan_caveats
     from gradprobe.gradients.params import select_parameters
-    from gradprobe.gradients.stage import StageSettings
+    from gradprobe.gradients.stage import StageSettings, choose_shard
     from gradprobe.gradients.summary import proxy_fidelity, summarise_gradients
 
     from gradprobe import distributed
 
     session = distributed.current()
     timings: dict[str, float] = {}
-    if engine == "hooks" and checkpoint_activations:
-        raise UserInputError("activation checkpointing runs on the vmap engine; use engine auto or vmap")
     param_names = select_parameters(model, params)
     all_names = select_parameters(model, ["all"])  # before the engine freezes every parameter
     settings = StageSettings(engine, temperature, _pad_token_id(model, pad_token_id), checkpoint_activations,
-                             chunk_size, intervals=intervals, sums=sums)
+                             chunk_size, intervals=intervals, sums=sums, shard=shard)
     budget = max_memory_bytes or available_memory(next(model.parameters()).device)
+    settings.shard = choose_shard(model, param_names, batch, layout, settings, budget, session.world)
+    if settings.shard == "params":
+        from gradprobe.distributed.sharded import shard_parameters
+
+        shard_parameters(model, session)
     passes = 2 if intervals == "exact" else 1
     # The engines report whole prompts' units, once per pass.
     active = passes * sum(len(units) for units in layout.prompt_units()
@@ -512,6 +523,7 @@ def _measure(model: torch.nn.Module, rollouts: list[Rollout], batch: Any, layout
         estimators={"grad_sq_norm_unbiased_ci": _interval_method(intervals)},
         engine={"name": result.engine, "chunk_size": result.micro_batch, "passes": result.passes,
                 "intervals": intervals, "sums_device": result.sums_device, "processes": session.world,
+                "shard": settings.shard,
                 **({"fallback": fallback} if fallback else {})},
         model=model_info(model, int(sum(result.group_sizes))),
         config=described["config"],
@@ -531,6 +543,15 @@ def _measure(model: torch.nn.Module, rollouts: list[Rollout], batch: Any, layout
                              [full.tasks[t]["grad_norm"] for t in layout.tasks]),
             "full_norm_ratio": {t: full.tasks[t]["norm_ratio"] for t in layout.tasks},
         }
+    sharded_grads = None
+    if task_grads_limit_mb is not None and result.sum_shards is not None:  # every rank holds a shard
+        from gradprobe.distributed.sharded import task_gradients
+
+        start = time.perf_counter()
+        sharded_grads = task_gradients(result.sums, dict(zip(result.param_names, result.param_shapes)),
+                                       result.sum_shards, layout.tasks, task_grads_limit_mb, task_grads_seed,
+                                       task_grads_free_disk_bytes, session)
+        timings["task_grads_s"] = round(time.perf_counter() - start, 4)
     if not session.is_writer:  # under torchrun: rank 0 has every reduction
         return measurement
     if stats:
@@ -539,7 +560,9 @@ def _measure(model: torch.nn.Module, rollouts: list[Rollout], batch: Any, layout
         measurement.verdict = dominance_verdict(tasks, measurement.stats["dominance"])
         timings["stats_s"] = round(time.perf_counter() - start, 4)
     measurement.caveats = scan_caveats(tasks, rows, measurement.stats)
-    if task_grads_limit_mb is not None:
+    if sharded_grads is not None:
+        measurement.task_grads = sharded_grads
+    elif task_grads_limit_mb is not None:
         from gradprobe import task_grads
 
         start = time.perf_counter()
@@ -597,7 +620,8 @@ def run_stage(model: Any, names: list[str], batch: Any, layout: Any, settings: A
     from gradprobe.gradients.stage import EngineUnavailable, run_gradient_stage
 
     session = distributed.current()  # under torchrun each process takes its share of the prompts
-    parallel = DataParallel(session) if session.is_distributed else None
+    sharded = settings.shard in ("sums", "params")
+    parallel = DataParallel(session, sharded_sums=sharded, lockstep=sharded) if session.is_distributed else None
     try:
         return run_gradient_stage(model, names, batch, layout, settings, budget, advance, keep_sums, parallel)
     except EngineUnavailable as exc:

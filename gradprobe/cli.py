@@ -157,6 +157,7 @@ def scan(
     checkpoint_activations: Annotated[bool, typer.Option("--checkpoint-activations", help="Keep only each decoder layer's input and recompute the layer in backward: much less memory for long completions, about one more forward (benchmarks/RESULTS.md).")] = False,
     intervals: Annotated[str, typer.Option(help="exact: a second pass gives every prompt's dot with its task gradient, for exact jackknife intervals (about 2x one pass); none: one pass, point estimates only.")] = "exact",
     sums: Annotated[str, typer.Option(help="Where the float32 task sums live: device, host (pinned memory, added per micro-batch: for models whose sums do not fit the GPU) or auto.")] = "auto",
+    shard: Annotated[str, typer.Option(help="Under torchrun: params (weights sharded with FSDP2, task sums sharded by reduce-scatter), sums (only the sums), none (both whole on every rank, sums all-reduced) or auto (none when the plan fits one device, else params). Hooks engine.")] = "auto",
     proxy_check: Annotated[bool, typer.Option("--proxy-check/--no-proxy-check", help="With a --params subset on a model of at most 50M parameters, also run all parameters and report how well the subset ranks the tasks.")] = True,
     stats: Annotated[bool, typer.Option("--stats/--no-stats", help="Test per-prompt norms against reward, advantage, length and task.")] = True,
     allow_pickle: Annotated[bool, typer.Option(help="Allow pickled (.bin) weights, which can run code: only for files you trust.")] = False,
@@ -211,7 +212,7 @@ def scan(
         task_field=task_field, prompt_field=prompt_field, answer_field=answer_field, split=split,
         top_p=top_p, seed=seed, rewards=rewards, advantage=advantage, loss=loss,
         params=list(params or (["lora"] if adapter else ["all"])), device=device, dtype=dtype, engine=engine, chunk_size=chunk_size, max_memory_gib=max_memory,
-        checkpoint_activations=checkpoint_activations, intervals=intervals, sums=sums,
+        checkpoint_activations=checkpoint_activations, intervals=intervals, sums=sums, shard=shard,
         stats=stats, proxy_check=proxy_check,
         allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
         adapter=None if adapter is None else str(adapter), reward_workers=reward_workers,
@@ -577,7 +578,8 @@ def plan(
     completion_len: Annotated[int, typer.Option(help="Longest completion, in tokens (scan's --max-new-tokens).")] = 256,
     dtype: Annotated[str, typer.Option(help="Model weights: bfloat16, float16 or float32. Sums are float32.")] = "bfloat16",
     host_memory: Annotated[Optional[float], typer.Option(help="GiB of host memory for host-resident sums, shared by the devices; by default this machine's.")] = None,
-    devices: Annotated[int, typer.Option(help="Devices, weights and sums sharded with FSDP2; activations per device.")] = 1,
+    devices: Annotated[int, typer.Option(help="Devices (torchrun ranks); each holds its micro-batch's activations.")] = 1,
+    shard: Annotated[str, typer.Option(help="With several devices: params (weights sharded with FSDP2, task sums sharded), sums (only the sums), none (both whole on each), or auto (none when that fits, else params).")] = "auto",
     params: Annotated[Optional[list[str]], typer.Option(help="Parameters to differentiate, as scan's --params: all, last-block, attention, mlp, or globs (repeatable).  [default: all]")] = None,
     intervals: Annotated[str, typer.Option(help="exact (a second pass), sketch (per-unit sketches) or none.")] = "exact",
     checkpoint_activations: Annotated[bool, typer.Option("--checkpoint-activations", help="Keep only each decoder layer's input; recompute one layer at a time in backward.")] = False,
@@ -608,7 +610,7 @@ def plan(
         settings = PlanSettings(
             dtype_bytes=dtype_bytes(dtype), device_memory=_gib_bytes(device_memory, "--device-memory"),
             host_memory=_host_memory_bytes(host_memory), devices=devices, intervals=intervals,
-            checkpoint_activations=checkpoint_activations, sums=sums, device_kind=device)
+            checkpoint_activations=checkpoint_activations, sums=sums, device_kind=device, shard=shard)
         planned = plan_for_config(_model_config(model), list(params or ["all"]), rollout, settings)
     except UserInputError as exc:
         fail(str(exc))
@@ -712,12 +714,20 @@ def main() -> None:
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
+    from gradprobe.distributed.session import launched_by_torchrun, leave_process
+
     try:
-        app()
-    except (Stopped, KeyboardInterrupt) as exc:
-        signum = exc.signum if isinstance(exc, Stopped) else signal.SIGINT
-        stderr.print("interrupted" if signum == signal.SIGINT else "terminated", highlight=False)
-        sys.exit(128 + signum)
+        try:
+            app()
+        except (Stopped, KeyboardInterrupt) as exc:
+            signum = exc.signum if isinstance(exc, Stopped) else signal.SIGINT
+            stderr.print("interrupted" if signum == signal.SIGINT else "terminated", highlight=False)
+            sys.exit(128 + signum)
+    except SystemExit as exc:
+        if not launched_by_torchrun():
+            raise
+        # a torchrun rank leaves without finalizing the interpreter (`leave_process` says why)
+        leave_process(exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1))
 
 
 if __name__ == "__main__":

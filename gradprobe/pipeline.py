@@ -65,6 +65,7 @@ class ScanConfig:
     checkpoint_activations: bool = False
     intervals: str = "exact"
     sums: str = "auto"
+    shard: str = "auto"
     proxy_check: bool = True
     stats: bool = True
     generate_batch_size: int = 16
@@ -120,6 +121,13 @@ def validate(config: ScanConfig) -> None:
         raise UserInputError(f"--intervals must be one of {', '.join(INTERVALS)}, not {config.intervals!r}")
     if config.sums not in ("auto", "device", "host"):
         raise UserInputError(f"--sums must be auto, device or host, not {config.sums!r}")
+    from gradprobe.distributed.sharded import SHARD_MODES
+
+    if config.shard not in SHARD_MODES:
+        raise UserInputError(f"--shard must be one of {', '.join(SHARD_MODES)}, not {config.shard!r}")
+    if config.shard in ("sums", "params") and (config.engine == "vmap" or config.checkpoint_activations):
+        raise UserInputError(f"--shard {config.shard} runs on the hooks engine; drop --engine vmap and "
+                             "--checkpoint-activations, or use --shard none")
     if config.engine == "hooks" and config.checkpoint_activations:
         raise UserInputError("--checkpoint-activations runs on the vmap engine; use --engine auto or vmap")
     if config.chunk_size is not None and config.chunk_size < 1:
@@ -179,7 +187,7 @@ def scan(config: ScanConfig, progress: Progress | None = None) -> ScanResult:
     budget = int(config.max_memory_gib * 2**30) if config.max_memory_gib else available_memory(next(model.parameters()).device)
     settings = StageSettings(config.engine, config.temperature, tokenizer.pad_token_id or 0,
                              config.checkpoint_activations, config.chunk_size, intervals=config.intervals,
-                             sums=config.sums)
+                             sums=config.sums, shard=config.shard)
     notes: list[str] = []
     if config.rollouts is None:
         if any(isinstance(p.prompt, list) for p in prompts) and not getattr(tokenizer, "chat_template", None):
@@ -214,7 +222,7 @@ def scan(config: ScanConfig, progress: Progress | None = None) -> ScanResult:
         model, rollouts, advantage=config.advantage, loss=config.loss, params=config.params,
         intervals=config.intervals, engine=config.engine, temperature=config.temperature,
         max_new_tokens=config.max_new_tokens, stats=config.stats, pad_token_id=tokenizer.pad_token_id or 0,
-        mix_weights=None if mix is None else mix.weights, sums=config.sums, chunk_size=config.chunk_size,
+        mix_weights=None if mix is None else mix.weights, sums=config.sums, shard=config.shard, chunk_size=config.chunk_size,
         checkpoint_activations=config.checkpoint_activations, max_memory_bytes=budget,
         proxy_check=config.proxy_check, task_grads_limit_mb=config.task_grads_limit_mb,
         task_grads_seed=config.task_grads_seed,
@@ -285,6 +293,7 @@ def _check_plan_before_sampling(model: Any, param_names: list[str], prompts: lis
                                 config: ScanConfig, settings: Any, budget: int) -> None:
     """Plan the gradient stage for the longest completions `--max-new-tokens` allows before any
     sampling: a scan that cannot fit exits 2 now, not after the rollouts."""
+    from gradprobe import distributed
     from gradprobe.gradients.plan import RolloutShape
     from gradprobe.gradients.stage import plan_stage
 
@@ -295,4 +304,4 @@ def _check_plan_before_sampling(model: Any, param_names: list[str], prompts: lis
         counts[p.task] = counts.get(p.task, 0) + 1
     shape = RolloutShape(len(counts), max(counts.values()), config.group_size,
                          max(1, max(len(ids) for ids in encoded)), max(1, config.max_new_tokens))
-    plan_stage(model, param_names, shape, settings, budget)
+    plan_stage(model, param_names, shape, settings, budget, distributed.current().world)

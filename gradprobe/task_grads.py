@@ -14,6 +14,11 @@ for a projection ``projection`` (countsketch or gaussian; absent in the older fi
 all gaussian), ``dim``, ``seed``, ``method`` and ``cosine_error_bound_95``; ``tasks`` and
 ``params`` (names and shapes) as JSON. Two files are comparable when kind, projection, dim, seed
 and params agree.
+
+A torchrun scan writes the same file from rank 0 whether its sums were replicated or sharded
+(`--shard`): exact tensors are gathered from the shards one parameter at a time, a projection is
+the sum of the ranks' sketches of their shards (`gradprobe.distributed.sharded.task_gradients`);
+so `compare` reads one layout.
 """
 
 from __future__ import annotations
@@ -100,8 +105,7 @@ def from_sums(sums: Mapping[str, torch.Tensor], tasks: list[str], limit_mb: floa
     gradients or the [T, dim] sketch come to the CPU.
     """
     params = [(name, list(value.shape[1:])) for name, value in sums.items()]
-    exact_bytes = _exact_bytes(len(tasks), sum(_numel(shape) for _, shape in params))
-    reason = _projection_reason(exact_bytes, limit_mb, free_disk_bytes)
+    reason = projection_reason(len(tasks), params, limit_mb, free_disk_bytes)
     if reason is None:
         tensors = {name: value.detach().to("cpu", torch.float32).contiguous() for name, value in sums.items()}
         return TaskGradients("exact", list(tasks), params, tensors)
@@ -110,8 +114,10 @@ def from_sums(sums: Mapping[str, torch.Tensor], tasks: list[str], limit_mb: floa
                          projection.COUNT_SKETCH, reason)
 
 
-def _projection_reason(exact_bytes: int, limit_mb: float, free_disk_bytes: int | None) -> str | None:
-    """Why the exact gradients cannot be saved, or None when they can."""
+def projection_reason(n_tasks: int, params: list[tuple[str, list[int]]], limit_mb: float,
+                      free_disk_bytes: int | None) -> str | None:
+    """Why the exact gradients (n_tasks x parameters x 4 B) cannot be saved, or None when they can."""
+    exact_bytes = _exact_bytes(n_tasks, sum(_numel(shape) for _, shape in params))
     if exact_bytes > limit_mb * 1e6:
         return f"the exact task gradients need {exact_bytes / 1e6:.1f} MB, over --task-grads-limit {limit_mb:g} MB"
     if free_disk_bytes is not None and exact_bytes > free_disk_bytes - DISK_MARGIN_BYTES:

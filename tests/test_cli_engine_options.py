@@ -55,3 +55,12 @@ def test_checkpointing_runs_on_either_engine(tiny_llama, tiny_mix, tmp_path):
         assert a["tasks"][task]["grad_norm"] == pytest.approx(row["grad_norm"], rel=1e-4), task
     unknown = scan(tiny_llama, tiny_mix, tmp_path / "unknown", "--engine", "fast")
     assert unknown.exit_code == 2 and "auto, hooks or vmap" in unknown.output
+
+
+def test_shard_is_checked_before_any_work(tiny_llama, tiny_mix, tmp_path):
+    vmap = scan(tiny_llama, tiny_mix, tmp_path / "vmap", "--shard", "params", "--engine", "vmap")
+    assert vmap.exit_code == 2 and "--shard params runs on the hooks engine" in vmap.output
+    unknown = scan(tiny_llama, tiny_mix, tmp_path / "unknown", "--shard", "layers")
+    assert unknown.exit_code == 2 and "auto, none, sums, params" in unknown.output
+    assert "Traceback" not in vmap.output + unknown.output
+    assert not (tmp_path / "vmap").exists() and not (tmp_path / "unknown").exists()

@@ -94,8 +94,12 @@ def workspace(tmp_path_factory, demo_scan_dir) -> Path:
 
 def write_config_folders(folder: Path) -> None:
     """Folders holding only a config.json, as `gradprobe plan`'s examples name them."""
-    from transformers import Qwen2Config
+    from transformers import LlamaConfig, Qwen2Config
 
+    # Llama-3-70B's public dimensions
+    LlamaConfig(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                num_attention_heads=64, num_key_value_heads=8, max_position_embeddings=8192,
+                tie_word_embeddings=False).save_pretrained(folder / "llama-3-70b-config")
     Qwen2Config(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                 num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True).save_pretrained(folder / "qwen2-0.5b")
     Qwen2Config(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,

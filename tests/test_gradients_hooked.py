@@ -253,3 +253,19 @@ def test_checkpointed_activations_give_the_same_result(arch, generic_norms, monk
                                 checkpoint_activations=True).run(batch, layout.reductions(), max_tokens=40)
     assert recomputed, "no layer was checkpointed"
     assert_same_result(checkpointed, plain)
+
+
+def test_buffer_pool_lends_the_first_fitting_buffer_of_several_sizes():
+    """Buffers of one key but different lengths: a request is served from the first that fits
+    (found by position; comparing tensors with == would be elementwise and fail)."""
+    from gradprobe.gradients.hooked import _BufferPool
+
+    pool = _BufferPool()
+    small = pool.allocate((15, 4, 3), torch.float32, torch.device("cpu"))
+    large = pool.allocate((16, 4, 3), torch.float32, torch.device("cpu"))
+    pool.give_back(small)
+    pool.give_back(large)
+    lent = pool.allocate((16, 4, 3), torch.float32, torch.device("cpu"))
+    assert lent.data_ptr() == large.data_ptr() and lent.shape == (16, 4, 3)
+    again = pool.allocate((8, 4, 3), torch.float32, torch.device("cpu"))
+    assert again.data_ptr() == small.data_ptr() and again.shape == (8, 4, 3)

@@ -231,12 +231,26 @@ def test_checkpointing_devices_and_the_cpu_cap():
     assert on_cpu.micro_batch_prompts == 4 and on_cpu.micro_batch_tokens == 4000  # at most 4096
     assert on_cpu.micro_batches == 32
     one = planned.plan(rollout, replace(settings, device_kind="cuda"))
-    two = planned.plan(rollout, replace(settings, device_kind="cuda", devices=2))
+    two = planned.plan(rollout, replace(settings, device_kind="cuda", devices=2, shard="params"))
+    assert two.shard == "params"
     assert two.buffers["model weights"].bytes == math.ceil(one.buffers["model weights"].bytes / 2)
     assert two.buffers["task sign sums"].bytes == math.ceil(one.buffers["task sign sums"].bytes / 2)
     assert one.micro_batch_prompts == 128 and two.micro_batch_prompts == 64  # the prompts each device gets
     assert two.micro_batches == one.micro_batches == 1
-    hosted = planned.plan(rollout, replace(settings, device_kind="cuda", devices=2, sums="host", intervals="sketch"))
+    # auto: replicated when that fits (the least exchanged); sums only: weights whole, sums halved
+    replicated = planned.plan(rollout, replace(settings, device_kind="cuda", devices=2))
+    assert replicated.shard == "none" and replicated.fits
+    assert replicated.buffers["task sign sums"].bytes == one.buffers["task sign sums"].bytes
+    assert "gathered weights (FSDP2)" not in replicated.buffers
+    sums_only = planned.plan(rollout, replace(settings, device_kind="cuda", devices=2, shard="sums"))
+    assert sums_only.buffers["model weights"].bytes == one.buffers["model weights"].bytes
+    assert sums_only.buffers["task sign sums"].bytes == two.buffers["task sign sums"].bytes
+    fixed = sum(b.bytes for n, b in replicated.buffers.items()
+                if b.where == "device" and n not in ("activations", "head logits"))
+    tight = planned.plan(rollout, replace(settings, device_kind="cuda", devices=2, device_memory=fixed))
+    assert tight.shard == "params"  # replicated does not fit: auto shards
+    hosted = planned.plan(rollout, replace(settings, device_kind="cuda", devices=2, sums="host", intervals="sketch",
+                                           shard="params"))
     shards = {name: hosted.buffers[name].bytes for name in ("task sign sums", "unit sketches", "per-unit scalars")}
     assert shards["unit sketches"] == 128 * 7 * 1024 * 8  # each device sketches its 128 of the 256 units
     assert hosted.host_peak_bytes == 2 * shards["task sign sums"] + 2 * shards["unit sketches"] + shards["per-unit scalars"]
@@ -334,7 +348,7 @@ def test_cli_fits_from_a_config_only_folder(config_only):
 
 def test_cli_json_matches_its_schema_and_devices_shard(config_only):
     one = plan_cli(config_only, "--device-memory", "2", "--json")
-    two = plan_cli(config_only, "--device-memory", "2", "--json", "--devices", "2")
+    two = plan_cli(config_only, "--device-memory", "2", "--json", "--devices", "2", "--shard", "params")
     assert one.exit_code == two.exit_code == 0, one.output + two.output
     first, second = json.loads(one.output), json.loads(two.output)
     for document in (first, second):
@@ -342,7 +356,22 @@ def test_cli_json_matches_its_schema_and_devices_shard(config_only):
         assert {"fits", "peak_bytes", "passes", "buffers"} <= set(document)
     for name in ("model weights", "task sign sums"):
         assert second["buffers"][name]["bytes"] == math.ceil(first["buffers"][name]["bytes"] / 2)
-    assert "gathered weights (FSDP2)" in second["buffers"]
+    assert "gathered weights (FSDP2)" in second["buffers"] and second["shard"] == "params"
+    assert first["shard"] == "none"
+
+
+def test_checkpointing_on_several_devices_is_planned_replicated(config_only):
+    """Sharded passes do not follow the recomputation's order: --checkpoint-activations with
+    --shard sums|params is refused, auto plans it replicated, and advice never combines them."""
+    refused = plan_cli(config_only, "--device-memory", "2", "--devices", "2", "--shard", "params",
+                       "--checkpoint-activations")
+    assert refused.exit_code == 2 and "--shard none" in refused.output and "Traceback" not in refused.output
+    auto = plan_cli(config_only, "--device-memory", "2", "--devices", "2", "--checkpoint-activations", "--json")
+    assert auto.exit_code == 0 and json.loads(auto.output)["shard"] == "none"
+    advised = plan_cli(config_only, "--device-memory", "0.09", "--completion-len", "1024", "--devices", "2",
+                       "--shard", "params", "--json")
+    assert advised.exit_code == 1, advised.output
+    assert any("--checkpoint-activations" in o["flags"] for o in json.loads(advised.output)["advice"]["options"])
 
 
 def test_cli_exit_1_says_what_would_fit(config_only):

@@ -10,16 +10,20 @@ partial reductions is the whole:
     s_k     = sum_r s_k^(r),
     row_dots[g, a] = sum_r row_dots_r[g, a]   (pass 2, against the complete s_k).
 
-The sums are made whole (all-reduced) before pass 2, which needs every task gradient complete.
+The sums are made whole (all-reduced) before pass 2, which needs every task gradient complete;
+or, sharded (`--shard sums|params`, `gradprobe.distributed.sharded`), each rank keeps 1/N of
+them, filled by a reduce-scatter per micro-batch, with the ranks stepping in lockstep.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
 
 from gradprobe.distributed.session import Session
-from gradprobe.gradients.engine import StreamingReductions, UnitBatch
+from gradprobe.gradients.engine import Reductions, SelectedParameters, StreamingReductions, UnitBatch
 
 
 def assign_prompts(costs: Sequence[int], world: int) -> list[int]:
@@ -60,20 +64,58 @@ def generation_batches(n_batches: int, session: Session) -> list[int]:
 
 @dataclass
 class DataParallel:
-    """The gradient stage's share for this rank, and the completion of its reductions."""
+    """The gradient stage's share for this rank, and the completion of its reductions.
+
+    `sharded_sums`: the task sums kept sharded (reduce-scatter per step); `lockstep`: every rank
+    runs as many forward and backward passes as the busiest (needed by sharded sums and by
+    FSDP2's gathers; plain replicated ranks each run their own)."""
 
     session: Session
+    sharded_sums: bool = False
+    lockstep: bool = False
+    _full: UnitBatch | None = field(default=None, repr=False)
+    _prompts: Sequence[Sequence[int]] = field(default=(), repr=False)
+    _owner: list[int] = field(default_factory=list, repr=False)
+    _plans: list[list[list[int] | None]] = field(default_factory=list, repr=False)
 
     def local_batch(self, batch: UnitBatch, prompt_units: Sequence[Sequence[int]]) -> UnitBatch:
-        owner = assign_prompts(prompt_costs(batch, prompt_units), self.session.world)
-        return restrict_to_prompts(batch, prompt_units, {p for p, r in enumerate(owner) if r == self.session.rank})
+        self._full, self._prompts = batch, prompt_units
+        self._owner = assign_prompts(prompt_costs(batch, prompt_units), self.session.world)
+        return self.batch_of(self.session.rank)
+
+    def batch_of(self, rank: int) -> UnitBatch:
+        """Rank `rank`'s batch: the prompts it owns carry their loss, the others none."""
+        assert self._full is not None, "local_batch first"
+        return restrict_to_prompts(self._full, self._prompts, {p for p, r in enumerate(self._owner) if r == rank})
+
+    def schedule(self, plan: Callable[[UnitBatch], list[list[int]]]) -> list[list[int] | None]:
+        """This rank's micro-batches; in lockstep, padded with empty steps (None) to the busiest
+        rank's count, every rank's plan kept for `new_reductions`."""
+        if not self.lockstep:
+            return list(plan(self.batch_of(self.session.rank)))
+        plans = [plan(self.batch_of(r)) for r in range(self.session.world)]
+        steps = max(len(p) for p in plans)
+        self._plans = [[p[s] if s < len(p) else None for s in range(steps)] for p in plans]
+        return self._plans[self.session.rank]
+
+    def new_reductions(self, selected: SelectedParameters, reductions: Reductions,
+                       sums_device: torch.device | None, sketch_dim: int | None) -> StreamingReductions:
+        if not self.sharded_sums:
+            return StreamingReductions(selected, reductions, sums_device, sketch_dim, completion=self)
+        from gradprobe.distributed.sharded import ShardedReductions, step_needs
+
+        sums, targets = step_needs(self._plans, reductions)
+        return ShardedReductions(selected, reductions, self.session, sums, targets, sums_device, sketch_dim,
+                                 completion=self)
 
     def complete_sums(self, totals: StreamingReductions) -> None:
-        """All-reduce the prompt Grams, every parameter's sums and the unit sketches."""
+        """All-reduce the prompt Grams, every parameter's sums (unless sharded: complete already)
+        and the unit sketches."""
         self.session.agree("gradients pass 1")
         self.session.all_reduce_sum(totals.prompt_gram, "prompt_gram")
-        for value in totals.sums.values():
-            self.session.all_reduce_sum(value, "sums")
+        if not self.sharded_sums:
+            for value in totals.sums.values():
+                self.session.all_reduce_sum(value, "sums")
         if totals.sketch_dim is not None:
             self.session.all_reduce_sum(totals.unit_sketch, "unit_sketch")
 

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -52,18 +52,26 @@ def _collective(kind: str) -> Iterator[None]:
 
 @dataclass
 class CommunicationLog:
-    """Payload bytes handed to each kind of collective (what this rank sends into it)."""
+    """Payload bytes handed to each kind of collective (what this rank sends into it), and the
+    bytes each rank sends on the wire by the ring algorithms: all-reduce 2 (N - 1) / N x payload,
+    reduce-scatter (N - 1) / N x its input, all-gather (N - 1) x its input (its shard)."""
 
     bytes_by_kind: dict[str, int] = field(default_factory=dict)
     calls_by_kind: dict[str, int] = field(default_factory=dict)
+    wire_by_kind: dict[str, float] = field(default_factory=dict)
 
-    def add(self, kind: str, n_bytes: int) -> None:
+    def add(self, kind: str, n_bytes: int, wire: float = 0.0) -> None:
         self.bytes_by_kind[kind] = self.bytes_by_kind.get(kind, 0) + n_bytes
         self.calls_by_kind[kind] = self.calls_by_kind.get(kind, 0) + 1
+        self.wire_by_kind[kind] = self.wire_by_kind.get(kind, 0.0) + wire
 
     @property
     def total_bytes(self) -> int:
         return sum(self.bytes_by_kind.values())
+
+    @property
+    def wire_bytes(self) -> float:
+        return sum(self.wire_by_kind.values())
 
 
 @dataclass
@@ -75,6 +83,9 @@ class Session:
     local_rank: int = 0
     backend: str | None = None
     log: CommunicationLog = field(default_factory=CommunicationLog)
+    in_lockstep: bool = False
+    """Inside a pass whose ranks exchange within every step (sharded sums, FSDP2): a failure
+    there cannot be reported at an `agree`, the others wait in another collective."""
 
     @property
     def is_distributed(self) -> bool:
@@ -105,14 +116,43 @@ class Session:
         current CUDA device under nccl)."""
         if not self.is_distributed:
             return
-        self.log.add(kind, tensor.numel() * tensor.element_size())
+        n_bytes = tensor.numel() * tensor.element_size()
+        self.log.add(kind, n_bytes, 2 * (self.world - 1) / self.world * n_bytes)
         with _collective(kind):
-            if self.backend == "nccl" and tensor.device.type != "cuda":
-                staged = tensor.to(torch.device("cuda", torch.cuda.current_device()))
-                torch.distributed.all_reduce(staged)
+            staged = self._staged(tensor)
+            torch.distributed.all_reduce(staged)
+            if staged is not tensor:
                 tensor.copy_(staged)
-            else:
-                torch.distributed.all_reduce(tensor)
+
+    def reduce_scatter(self, output: torch.Tensor, chunks: torch.Tensor, kind: str) -> None:
+        """output <- sum over ranks of their chunks[rank] (chunks: [world, *output.shape],
+        contiguous): the ring sends (N - 1) / N of the chunks."""
+        n_bytes = chunks.numel() * chunks.element_size()
+        self.log.add(kind, n_bytes, (self.world - 1) / self.world * n_bytes)
+        with _collective(kind):
+            staged_out, staged_in = self._staged(output), self._staged(chunks)
+            reduce_scatter = getattr(torch.distributed, "reduce_scatter_single", None) or \
+                torch.distributed.reduce_scatter_tensor  # the older name
+            reduce_scatter(staged_out, staged_in.reshape(-1, *output.shape[1:]))
+            if staged_out is not output:
+                output.copy_(staged_out)
+
+    def all_gather(self, output: torch.Tensor, shard: torch.Tensor, kind: str) -> None:
+        """output [world, *shard.shape] <- every rank's shard, in rank order."""
+        n_bytes = shard.numel() * shard.element_size()
+        self.log.add(kind, n_bytes, (self.world - 1) * n_bytes)
+        with _collective(kind):
+            staged_out, staged_in = self._staged(output), self._staged(shard.contiguous())
+            gather = getattr(torch.distributed, "all_gather_single", None) or torch.distributed.all_gather_into_tensor
+            gather(staged_out.reshape(-1, *shard.shape[1:]), staged_in)
+            if staged_out is not output:
+                output.copy_(staged_out)
+
+    def _staged(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The tensor, or under nccl a CPU tensor's copy on the current CUDA device."""
+        if self.backend == "nccl" and tensor.device.type != "cuda":
+            return tensor.to(torch.device("cuda", torch.cuda.current_device()))
+        return tensor
 
     def all_gather_objects(self, value: Any, kind: str) -> list[Any]:
         """Every rank's `value`, in rank order (pickled; for small data such as rollouts)."""
@@ -123,6 +163,19 @@ class Session:
             torch.distributed.all_gather_object(gathered, value)
         self.log.add(kind, len(_pickled(value)))
         return gathered
+
+
+def peer_failure(error: BaseException) -> CollectiveFailure | None:
+    """A backend's error raised outside `Session`'s collectives (FSDP2's gathers inside a step)
+    because a peer is gone or timed out, as CollectiveFailure; None for any other error."""
+    text = str(error)
+    backend = isinstance(error, getattr(torch.distributed, "DistError", ())) or (
+        isinstance(error, RuntimeError) and ("gloo" in text or "NCCL" in text))
+    if not backend:
+        return None
+    first_line = (text.splitlines() or [""])[0]
+    return CollectiveFailure(f"an exchange between ranks inside a gradient pass failed (a peer is gone or "
+                             f"timed out after {collective_timeout().total_seconds():.0f} s): {first_line[:300]}")
 
 
 def raise_shared_failure(reports: list[tuple[str, tuple[str, str] | None]]) -> None:
@@ -177,6 +230,27 @@ def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def leave_process(code: int) -> NoReturn:
+    """End this rank now with `code`, output flushed, without the interpreter's finalization.
+
+    Why: a rank that leaves normally finalizes the interpreter while C++ threads (gloo's workers,
+    the autograd engine's) may still release objects that hold Python references; doing so while
+    the interpreter is torn down aborts the process ("terminate called without an active
+    exception", pytorch/pytorch#190489), which torchrun then reports as a failed rank after a
+    scan that succeeded. Everything the scan owns is closed by then: its files are written and
+    renamed, its process group destroyed, its workers stopped (each in a `finally`)."""
+    import logging
+    import sys
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
 @contextmanager
 def open_session(device: str = "auto", report: Callable[[BaseException], None] | None = None) -> Iterator[Session]:
     """Join torchrun's process group for the block (nccl when CUDA is used, else gloo), make it
@@ -207,6 +281,15 @@ def open_session(device: str = "auto", report: Callable[[BaseException], None] |
             session.agree("done")
         except BaseException as error:
             shared = getattr(error, "shared", False)
+            if session.in_lockstep and not shared and not isinstance(error, CollectiveFailure):
+                # The others wait inside a step's collective, which no report can meet: say it
+                # here and leave; their collective then fails at once (this process is gone).
+                failure = peer_failure(error)
+                if report is not None:
+                    report(failure or error)
+                if failure is not None:
+                    raise failure from None
+                raise
             if not shared and not isinstance(error, CollectiveFailure):
                 shared = _tell_others(session, error)
             if report is not None and (session.is_writer or isinstance(error, CollectiveFailure)):

@@ -67,6 +67,20 @@ class Reductions:
         return len(self.prompts[0]) if self.prompts else 1
 
 
+@dataclass(frozen=True)
+class SumShards:
+    """Sums sharded over `world` processes: this one (`rank`) holds, per parameter of n
+    coordinates, [n_sums, ceil(n / world)], the flat coordinates [rank x shard, (rank + 1) x shard)
+    of the [n_sums, n] sums, zero past n."""
+
+    rank: int
+    world: int
+
+    def length(self, numel: int) -> int:
+        """Coordinates per shard: ceil(numel / world)."""
+        return -(-numel // self.world)
+
+
 @dataclass
 class UnitGradients:
     """What an engine returns (float64 on the CPU unless said otherwise)."""
@@ -93,6 +107,8 @@ class UnitGradients:
     """The most units one forward and backward (or vmapped call) held."""
     engine: str = "hooks"
     sums_device: str = "cpu"
+    sum_shards: SumShards | None = None
+    """When set, `sums` hold this process's shard of each parameter's flattened sums."""
 
     def total_prompt_gram(self) -> torch.Tensor:
         """[n_prompts, k, k] over all selected parameters."""
@@ -282,6 +298,16 @@ class PassCompletion(Protocol):
     def complete_row_dots(self, totals: StreamingReductions) -> None:
         """After pass 2: row dots made whole."""
 
+    def schedule(self, plan: Callable[[UnitBatch], list[list[int]]]) -> list[list[int] | None]:
+        """This process's micro-batches, given how one process's prompts are planned (`plan` of
+        a batch whose other prompts carry no loss); None at a step where it has none but must
+        still run a forward and backward, to meet the others' collectives inside them (FSDP2's,
+        and the sharded sums'). Every process gets the same number of steps when any does."""
+
+    def new_reductions(self, selected: SelectedParameters, reductions: Reductions,
+                       sums_device: torch.device | None, sketch_dim: int | None) -> StreamingReductions:
+        """The reductions the engine fills (sharded sums, or the plain ones)."""
+
 
 class StreamingReductions:
     """The running reductions of one engine run: prompt Grams and sums (pass 1), row dots (pass 2).
@@ -308,9 +334,7 @@ class StreamingReductions:
         self.prompt_gram = torch.zeros((n_groups, len(reductions.prompts), self.k, self.k),
                                        dtype=torch.float64, device=device)
         self.weights = reductions.sum_weights.to(device, selected.dtype)
-        pinned = self.sums_device.type == "cpu" and device.type == "cuda"
-        self.sums = {n: torch.zeros((n_sums, *selected.shapes[n]), dtype=selected.dtype,
-                                    device=self.sums_device, pin_memory=pinned) for n in selected.names}
+        self.sums = self.allocate_sums(n_sums)
         self.row_dots = torch.zeros((n_groups, reductions.sum_weights.shape[1]), dtype=torch.float64, device=device)
         self.targets = reductions.targets.to(self.sums_device, selected.dtype)
         self.unit_target = torch.as_tensor(reductions.unit_target, device=device)
@@ -318,6 +342,23 @@ class StreamingReductions:
         if sketch_dim is not None:  # bucket sums of each sign, [units, 2 x dim] (projection.add_count_sketch)
             self.unit_sketch = torch.zeros((reductions.sum_weights.shape[1], 2 * sketch_dim),
                                            dtype=torch.float64, device=device)
+
+    def allocate_sums(self, n_sums: int) -> dict[str, torch.Tensor]:
+        """Per parameter, [n_sums, *shape] zeros where the sums live (pinned when on the host
+        for a CUDA model)."""
+        pinned = self.sums_device.type == "cpu" and self.selected.device.type == "cuda"
+        return {n: torch.zeros((n_sums, *self.selected.shapes[n]), dtype=self.selected.dtype,
+                               device=self.sums_device, pin_memory=pinned) for n in self.selected.names}
+
+    # Steps and uses: hooks for sums kept elsewhere (`gradprobe.distributed.sharded`); no-ops here.
+    def begin_step(self, step: int) -> None:
+        """Micro-batch `step` of the pass begins (the same step on every process)."""
+
+    def prepare_use(self, names: list[str]) -> None:
+        """One use of these parameters is about to be reduced (every process, every step)."""
+
+    def end_use(self, names: list[str]) -> None:
+        """That use of these parameters is reduced (every process, every step)."""
 
     def prompt_units(self, prompt_ids: list[int]) -> torch.Tensor:
         """Global unit indices of these prompts, in order."""
@@ -432,10 +473,7 @@ class StreamingReductions:
     def result(self, keep_sums: bool, with_row_dots: bool, engine: str, passes: int,
                micro_batch: int) -> UnitGradients:
         """The run's `UnitGradients`; the sums' dot products accumulated in float64 per group."""
-        n_sums = self.reductions.sum_weights.shape[0]
-        sum_dots = torch.zeros((len(self.selected.groups), n_sums, n_sums), dtype=torch.float64)
-        for name, value in self.sums.items():
-            sum_dots[self.selected.group_of[name]] += float64_gram(value.reshape(n_sums, -1)).cpu()
+        sum_dots = self.sum_dots()
         return UnitGradients(
             param_names=self.selected.names,
             param_shapes=[self.selected.shapes[n] for n in self.selected.names],
@@ -452,7 +490,20 @@ class StreamingReductions:
             micro_batch=micro_batch,
             engine=engine,
             sums_device=str(self.sums_device),
+            sum_shards=self.sum_shards(),
         )
+
+    def sum_dots(self) -> torch.Tensor:
+        """[groups, n_sums, n_sums]: <s_i, s_j> per group, in float64."""
+        n_sums = self.reductions.sum_weights.shape[0]
+        sum_dots = torch.zeros((len(self.selected.groups), n_sums, n_sums), dtype=torch.float64)
+        for name, value in self.sums.items():
+            sum_dots[self.selected.group_of[name]] += float64_gram(value.reshape(n_sums, -1)).cpu()
+        return sum_dots
+
+    def sum_shards(self) -> SumShards | None:
+        """How the sums are split over processes; None: each holds them whole."""
+        return None
 
 
 def float64_gram(rows: torch.Tensor, chunk: int = 1 << 22) -> torch.Tensor:

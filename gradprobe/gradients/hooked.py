@@ -165,9 +165,15 @@ class HookedEngine:
             row_dots: bool = True) -> UnitGradients:
         """Pass 1 (prompt Grams and sums), then with `row_dots` pass 2; `on_chunk(n_units)` after
         each micro-batch of each pass."""
-        micro_batches = self.plan(batch, reductions.prompts, max_tokens)
-        totals = StreamingReductions(self.selected, reductions, self.sums_device, self.sketch_dim,
-                                     completion=self.completion)
+        def plan(local: UnitBatch) -> list[list[int]]:
+            return self.plan(local, reductions.prompts, max_tokens)
+
+        if self.completion is None:
+            steps: list[list[int] | None] = list(plan(batch))
+            totals = StreamingReductions(self.selected, reductions, self.sums_device, self.sketch_dim)
+        else:
+            steps = self.completion.schedule(plan)
+            totals = self.completion.new_reductions(self.selected, reductions, self.sums_device, self.sketch_dim)
         passes = ["sums", "row_dots"] if row_dots else ["sums"]
         for mode in passes:
             state = _PassState(self, totals, mode)
@@ -176,7 +182,13 @@ class HookedEngine:
                             if self.checkpoint_activations else nullcontext())
             try:
                 with checkpointed:
-                    for prompt_ids in micro_batches:
+                    for step, prompt_ids in enumerate(steps):
+                        totals.begin_step(step)
+                        if prompt_ids is None:  # nothing of ours: an empty step, in lockstep with the others
+                            state.begin_idle()
+                            self._idle_forward_backward()
+                            state.end()
+                            continue
                         state.begin(batch, prompt_ids)
                         self._forward_backward(batch, state.units)
                         state.end()
@@ -186,7 +198,7 @@ class HookedEngine:
                 for handle in handles:
                     handle.remove()
             totals.end_pass_one() if mode == "sums" else totals.end_pass_two()
-        largest = max((len(p) * reductions.units_per_prompt for p in micro_batches), default=0)
+        largest = max((len(p) * reductions.units_per_prompt for p in steps if p is not None), default=0)
         return totals.result(keep_sums, row_dots, "hooks", len(passes), largest)
 
     def _forward_backward(self, batch: UnitBatch, units: list[int]) -> None:
@@ -204,6 +216,16 @@ class HookedEngine:
             logits = self.model(ids, use_cache=False, logits_to_keep=length - first + 1).logits
             logp = token_logprobs(logits.to(self.dtype), ids[:, first - 1 :], self.temperature)
             loss = (coef[:, first:] * logp).sum()
+            if loss.requires_grad:
+                loss.backward()
+
+    def _idle_forward_backward(self) -> None:
+        """A forward and backward of two padding tokens with zero loss: every hook and FSDP2's
+        gathers run as in a real step, and nothing is added."""
+        ids = torch.full((1, 2), self.pad_token_id, dtype=torch.long, device=self.device)
+        with torch.enable_grad():
+            logits = self.model(ids, use_cache=False, logits_to_keep=1).logits
+            loss = (logits.to(self.dtype) * 0).sum()
             if loss.requires_grad:
                 loss.backward()
 
@@ -230,10 +252,10 @@ class _BufferPool:
         """A [shape[0], ...] view of a pooled buffer, lent until `give_back`."""
         key = (tuple(shape[1:]), dtype, device)
         free = self.free.setdefault(key, [])
-        fitting = [b for b in free if b.shape[0] >= shape[0]]
-        if fitting:
-            base = fitting[0]
-            free.remove(base)
+        # By position: list.remove would compare tensors with ==, elementwise.
+        fitting = next((i for i, b in enumerate(free) if b.shape[0] >= shape[0]), None)
+        if fitting is not None:
+            base = free.pop(fitting)
         else:
             base = torch.empty(shape, dtype=dtype, device=device)
         self.lent[base.data_ptr()] = (key, base)
@@ -264,6 +286,7 @@ class _PassState:
         self.unit_bytes = {n: selected.size(n) * element for n in selected.names}
 
     def begin(self, batch: UnitBatch, prompt_ids: list[int]) -> None:
+        self.idle = False
         self.prompt_ids = prompt_ids
         self.units = [u for p in prompt_ids for u in self.totals.reductions.prompts[p]]
         self.unit_rows, self.row_unit, row = [], [], 0
@@ -294,6 +317,12 @@ class _PassState:
             yield
         finally:
             self.phase = outer
+
+    def begin_idle(self) -> None:
+        """An empty step: hooks only meet the other processes' collectives."""
+        self.idle = True
+        self.prompt_ids, self.units = [], []
+        self.inputs, self.kept, self.waiting, self.called = {}, {}, {}, set()
 
     def before(self, owner: _Owner, module: torch.nn.Module, args: tuple, kwargs: dict):
         """Forward pre-hook: one tensor input, called once (a recomputation aside); make it a
@@ -401,6 +430,13 @@ class _PassState:
         self._reduce_module(owner, x, grad)
 
     def _reduce_module(self, owner: _Owner, x: torch.Tensor, grad: torch.Tensor) -> None:
+        names = owner.global_names
+        self.totals.prepare_use(names)
+        if not self.idle:
+            self._reduce_use(owner, x, grad)
+        self.totals.end_use(names)
+
+    def _reduce_use(self, owner: _Owner, x: torch.Tensor, grad: torch.Tensor) -> None:
         if self._uses_ghost(owner):
             self._reduce_ghost(owner, x, grad)
         elif not self._row_dots_by_rule(owner, x, grad):

@@ -45,6 +45,12 @@ PER_DEVICE = frozenset({"task sign sums", "unit sketches"})
 Where = Literal["device", "host"]
 INTERVALS = ("exact", "sketch", "none")
 SUMS = ("auto", "device", "host")
+SHARD = ("auto", "none", "sums", "params")
+"""--shard with several devices: none (weights and sums whole on each), sums (sums 1/N each),
+params (FSDP2: weights and sums 1/N each, one layer gathered at a time), auto (none when that
+fits, else params: replicated ranks exchange least)."""
+CHECKPOINT_REPLICATED = ("--checkpoint-activations runs with --shard none on several devices (the sharded "
+                         "exchanges do not yet follow the recomputation's order)")
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2,
                "float64": 8}
 
@@ -379,6 +385,7 @@ class PlanSettings:
     sums: str = "auto"
     device_kind: Literal["cuda", "cpu"] = "cuda"
     sketch_dim: int = DEFAULT_SKETCH_DIM
+    shard: str = "auto"
 
     def __post_init__(self) -> None:
         if self.intervals not in INTERVALS:
@@ -387,6 +394,18 @@ class PlanSettings:
             raise UserInputError(f"--sums {self.sums!r}: choose {', '.join(SUMS)}")
         if self.devices < 1:
             raise UserInputError(f"--devices must be at least 1, got {self.devices}")
+        if self.shard not in SHARD:
+            raise UserInputError(f"--shard {self.shard!r}: choose {', '.join(SHARD)}")
+        if self.checkpoint_activations and self.devices > 1 and self.shard in ("sums", "params"):
+            raise UserInputError(CHECKPOINT_REPLICATED)
+
+    @property
+    def sharded_weights(self) -> bool:
+        return self.devices > 1 and self.shard == "params"
+
+    @property
+    def sharded_sums(self) -> bool:
+        return self.devices > 1 and self.shard in ("sums", "params")
         if self.device_memory <= 0 or self.host_memory <= 0:
             raise UserInputError("--device-memory and --host-memory must be positive")
 
@@ -444,6 +463,8 @@ class ScanPlan:
     selected_parameters: int
     total_parameters: int
     prompt_bytes: int
+    shard: str = "none"
+    """none, sums or params (auto resolved); none with one device."""
     advice: Advice | None = None
     rollout: RolloutShape | None = field(default=None, compare=False)
 
@@ -461,6 +482,7 @@ class ScanPlan:
             "host_memory_bytes": self.host_memory,
             "host_peak_bytes": self.host_peak_bytes,
             "devices": self.devices,
+            "shard": self.shard,
             "passes": self.passes,
             "intervals": self.intervals,
             "checkpoint_activations": self.checkpoint_activations,
@@ -488,20 +510,26 @@ def _fixed_buffers(shape: ModelShape, selected: Sequence[str], rollout: RolloutS
                    settings: PlanSettings, sums_where: Where) -> dict[str, Buffer]:
     """Every buffer but the micro-batch's activations, per device."""
     b, n = settings.dtype_bytes, settings.devices
+    n_weights, n_sums = (n if settings.sharded_weights else 1), (n if settings.sharded_sums else 1)
     chosen = sum(shape.parameters[name].numel for name in selected)
     groups = len({module_group(name) for name in selected})
     work = largest_work_buffer(shape, selected, rollout)
     largest = max(shape.parameters[name].numel for name in selected)
-    shard = f" / {n} devices" if n > 1 else ""
-    buffers = {"model weights": Buffer(math.ceil(shape.total_parameters * b / n), "device",
+    shard = f" / {n} devices" if n_weights > 1 else ""
+    buffers = {"model weights": Buffer(math.ceil(shape.total_parameters * b / n_weights), "device",
                                        f"{shape.total_parameters:,} parameters x {b} B{shard}")}
-    if n > 1:
+    if n_weights > 1:
         gathered = (shape.root_parameters() + 2 * shape.largest_block_parameters()) * b
         buffers["gathered weights (FSDP2)"] = Buffer(
             gathered, "device", "unsharded: embeddings and head, plus the current and next block")
+    shard = f" / {n} devices" if n_sums > 1 else ""
     buffers["task sign sums"] = Buffer(
-        math.ceil(sums_bytes(rollout.tasks, chosen) / n), sums_where,
+        math.ceil(sums_bytes(rollout.tasks, chosen) / n_sums), sums_where,
         f"2 x {rollout.tasks} tasks x {chosen:,} parameters x 4 B{shard}")
+    if n_sums > 1:  # one layer's contributions of a step, and (exact pass) its gathered targets
+        buffers["sum exchange (reduce-scatter)"] = Buffer(
+            2 * rollout.tasks * largest * FLOAT32, "device",
+            f"largest selected layer's touched sums, up to 2 x {rollout.tasks} x {largest:,} x 4 B")
     if sums_where == "host":
         buffers["host-sum staging"] = Buffer(
             2 * largest * FLOAT32, "device", "one layer's sum, double-buffered for the copy to host")
@@ -566,11 +594,26 @@ def _plan_at(shape: ModelShape, selected: Sequence[str], rollout: RolloutShape, 
         devices=settings.devices, intervals=settings.intervals,
         checkpoint_activations=settings.checkpoint_activations,
         selected_parameters=sum(shape.parameters[n].numel for n in selected),
-        total_parameters=shape.total_parameters, prompt_bytes=prompt_bytes, rollout=rollout)
+        total_parameters=shape.total_parameters, prompt_bytes=prompt_bytes, rollout=rollout,
+        shard=settings.shard if settings.devices > 1 else "none")
 
 
 def _plan_without_advice(shape: ModelShape, selected: Sequence[str], rollout: RolloutShape,
                          settings: PlanSettings) -> ScanPlan:
+    """`--shard auto` with several devices: replicated (none) when that fits or activations are
+    checkpointed (`CHECKPOINT_REPLICATED`), else params."""
+    if settings.shard == "auto" and settings.checkpoint_activations:
+        return _plan_placed(shape, selected, rollout, replace(settings, shard="none"))
+    if settings.shard == "auto":
+        replicated = _plan_placed(shape, selected, rollout, replace(settings, shard="none"))
+        if replicated.fits or settings.devices == 1:
+            return replicated
+        return _plan_placed(shape, selected, rollout, replace(settings, shard="params"))
+    return _plan_placed(shape, selected, rollout, settings)
+
+
+def _plan_placed(shape: ModelShape, selected: Sequence[str], rollout: RolloutShape,
+                 settings: PlanSettings) -> ScanPlan:
     """`--sums auto`: on the device when the scan fits so, else in host memory when that fits;
     failing both, where it comes closer (host when the host can hold them). On CPU the device is
     the host: sums stay put."""
@@ -631,6 +674,8 @@ def _option(flags: str, plan: ScanPlan) -> PlanOption:
 def _advise(shape: ModelShape, selected: Sequence[str], rollout: RolloutShape, settings: PlanSettings,
             plan: ScanPlan, subsets: Mapping[str, Sequence[str]]) -> Advice:
     def planned(flags: str, chosen: Sequence[str] = selected, **changes: Any) -> PlanOption:
+        if changes.get("checkpoint_activations") and settings.devices > 1:
+            changes["shard"] = "none"  # CHECKPOINT_REPLICATED
         return _option(flags, _plan_without_advice(shape, chosen, rollout, replace(settings, **changes)))
 
     options = []
@@ -664,8 +709,9 @@ def _fewest_devices(shape: ModelShape, selected: Sequence[str], rollout: Rollout
     found = []
     for checkpoint in sorted({settings.checkpoint_activations, True}):
         for devices in range(settings.devices + 1, MAX_DEVICES_ADVISED + 1):
-            tried = _plan_without_advice(shape, selected, rollout,
-                                         replace(settings, devices=devices, checkpoint_activations=checkpoint))
+            shard = "none" if checkpoint else settings.shard  # CHECKPOINT_REPLICATED
+            tried = _plan_without_advice(shape, selected, rollout, replace(
+                settings, devices=devices, checkpoint_activations=checkpoint, shard=shard))
             if tried.fits:
                 extra = " --checkpoint-activations" if checkpoint and not settings.checkpoint_activations else ""
                 found.append(_option(f"--devices {devices}{extra}", tried))
@@ -690,7 +736,7 @@ def subset_selections(model: torch.nn.Module) -> dict[str, list[str]]:
 def plan_for_model(model: torch.nn.Module, param_names: Sequence[str], rollout: RolloutShape,
                    device_memory: int, host_memory: int | None = None, *, devices: int = 1, intervals: str = "exact",
                    checkpoint_activations: bool = False, sums: str = "auto",
-                   sketch_dim: int = DEFAULT_SKETCH_DIM) -> ScanPlan:
+                   sketch_dim: int = DEFAULT_SKETCH_DIM, shard: str = "auto") -> ScanPlan:
     """The plan of scanning `param_names` of a loaded (or meta) `model` over `rollout`.
 
     The dtype and the device kind are the model's (CPU caps micro-batches at 4096 padded tokens);
@@ -702,7 +748,7 @@ def plan_for_model(model: torch.nn.Module, param_names: Sequence[str], rollout: 
         dtype_bytes=first.element_size(), device_memory=device_memory,
         host_memory=physical_host_memory() if host_memory is None else host_memory,
         devices=devices, intervals=intervals, checkpoint_activations=checkpoint_activations, sums=sums,
-        device_kind="cpu" if first.device.type == "cpu" else "cuda", sketch_dim=sketch_dim)
+        device_kind="cpu" if first.device.type == "cpu" else "cuda", sketch_dim=sketch_dim, shard=shard)
     return plan_scan(ModelShape.of(model), list(param_names), rollout, settings, subset_selections(model))
 
 

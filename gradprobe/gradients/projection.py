@@ -109,24 +109,28 @@ def _signed_buckets(start: int, count: int, key: int, dim: int, device: torch.de
     return counter_hash(counters, key) & (2 * dim - 1)
 
 
-def add_count_sketch(value: torch.Tensor, name: str, seed: int, halves: torch.Tensor) -> None:
+def add_count_sketch(value: torch.Tensor, name: str, seed: int, halves: torch.Tensor, first: int = 0) -> None:
     """Add one parameter's signed bucket sums to `halves` [T, 2 dim] float64 (on value's device):
     halves[t, k] += sum_{i : h(i) mod 2 dim = k} value[t].flat[i], h the `counter_hash` of
     i mod 2^32 keyed by `parameter_key(seed, name, i // 2^32)`. The sketch is then
     S x = halves[:, :dim] - halves[:, dim:]: bucket h mod dim, sign from bit (h // dim) mod 2.
+    With `first`, value holds the parameter's flat coordinates first, first + 1, ... (a shard):
+    the sketches of a parameter's shards add up to the sketch of the whole.
 
     Adds in value's dtype promoted to at least float32 within a chunk, then in float64.
     """
     flat = value.detach().reshape(value.shape[0], -1)
     width = halves.shape[1]
     chunk = torch.empty((width,), dtype=torch.promote_types(flat.dtype, torch.float32), device=flat.device)
-    for start in range(0, flat.shape[1], SKETCH_CHUNK_ELEMENTS):
-        count = min(SKETCH_CHUNK_ELEMENTS, flat.shape[1] - start)
-        block, offset = divmod(start, COUNTER_BLOCK)
+    start = 0
+    while start < flat.shape[1]:
+        block, offset = divmod(first + start, COUNTER_BLOCK)
+        count = min(SKETCH_CHUNK_ELEMENTS, flat.shape[1] - start, COUNTER_BLOCK - offset)
         index = _signed_buckets(offset, count, parameter_key(seed, name, block), width // 2, flat.device)
         for t in range(flat.shape[0]):
             chunk.zero_().index_add_(0, index, flat[t, start : start + count].to(chunk.dtype))
             halves[t] += chunk
+        start += count
 
 
 def add_count_sketch_rows(values: torch.Tensor, rows: torch.Tensor, shape: tuple[int, ...], name: str,

@@ -46,6 +46,8 @@ class StageSettings:
     intervals: str = "exact"
     sums: str = "auto"
     """Where the task sums live: device, host (pinned memory) or auto (the plan decides)."""
+    shard: str = "auto"
+    """Under torchrun: none, sums, params or auto (`choose_shard`)."""
 
 
 def run_gradient_stage(
@@ -76,7 +78,8 @@ def run_gradient_stage(
     if settings.engine != "vmap":
         try:
             shape = rollout_shape(full_batch, layout)
-            plan = None if shape is None else plan_stage(model, param_names, shape, settings, max_memory)
+            devices = 1 if parallel is None else parallel.session.world
+            plan = None if shape is None else plan_stage(model, param_names, shape, settings, max_memory, devices)
             hosted = plan is not None and plan.sums_location == "host" and next(model.parameters()).device.type != "cpu"
             engine = HookedEngine(model, param_names, settings.temperature, settings.accumulate_dtype,
                                   settings.pad_token_id, "cpu" if hosted or settings.sums == "host" else None,
@@ -90,6 +93,8 @@ def run_gradient_stage(
             return engine.run_adaptive(batch, reductions, tokens, on_chunk,
                                        keep_sums=keep_sums, row_dots=row_dots), None
         except UnsupportedModel as exc:
+            if parallel is not None and parallel.lockstep:
+                raise EngineUnavailable(f"{exc}; --shard {settings.shard} needs the hooks engine") from None
             if settings.engine == "hooks":
                 raise EngineUnavailable(str(exc)) from None
             fallback = str(exc)
@@ -102,6 +107,33 @@ def run_gradient_stage(
                               engine.device), fallback
     result = engine.run_adaptive(batch, reductions, chunk_size, on_chunk, keep_sums=keep_sums, row_dots=row_dots)
     return result, fallback
+
+
+def choose_shard(model: torch.nn.Module, param_names: list[str], batch: UnitBatch, layout: UnitLayout,
+                 settings: StageSettings, max_memory: int, world: int) -> str:
+    """`--shard` resolved for `world` processes: none for one; params for a model already sharded
+    with FSDP2 (by the caller's trainer); as asked, or under auto none when the replicated plan
+    fits each device (one all-reduce of the sums per pass, no exchange per micro-batch), else
+    params. Sharding needs the hooks engine: auto never shards for vmap."""
+    if world == 1:
+        return "none"
+    from torch.distributed.fsdp import FSDPModule
+
+    from gradprobe.gradients.plan import CHECKPOINT_REPLICATED
+
+    already = any(isinstance(m, FSDPModule) for m in model.modules())
+    if settings.checkpoint_activations and (already or settings.shard in ("sums", "params")):
+        raise UserInputError(CHECKPOINT_REPLICATED)
+    if already:
+        return "params"
+    if settings.shard != "auto":
+        return settings.shard
+    shape = rollout_shape(batch, layout)
+    if settings.engine == "vmap" or settings.checkpoint_activations or shape is None:
+        return "none"
+    replicated = plan_for_model(model, param_names, shape, max_memory, intervals=settings.intervals,
+                                checkpoint_activations=False, sums=settings.sums, devices=world, shard="none")
+    return "none" if replicated.fits else "params"
 
 
 def _without_retry(attempt: Callable[[], UnitGradients], device: torch.device) -> UnitGradients:
@@ -131,14 +163,14 @@ def _loss_start(coefficients: list[float]) -> int:
 
 
 def plan_stage(model: torch.nn.Module, param_names: list[str], shape: RolloutShape,
-               settings: StageSettings, max_memory: int) -> ScanPlan:
+               settings: StageSettings, max_memory: int, devices: int = 1) -> ScanPlan:
     """The memory plan of the hooked run; a scan that cannot fit is a one-line error with what
     it needs and what would make it fit (`gradprobe plan` tells more). The scan calls it before
     sampling, with the longest completion `--max-new-tokens` allows, and the stage again with the
     rollouts' real lengths."""
     plan = plan_for_model(model, param_names, shape, max_memory,
                           intervals=settings.intervals, checkpoint_activations=settings.checkpoint_activations,
-                          sums=settings.sums)
+                          sums=settings.sums, devices=devices, shard=settings.shard)
     if plan.fits:
         return plan
     from gradprobe.views.plan_view import gib

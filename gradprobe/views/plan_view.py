@@ -36,6 +36,10 @@ def _buffer_table(plan: ScanPlan) -> Table:
 def _summary_lines(plan: ScanPlan) -> list[str]:
     rollout = plan.rollout
     device = f" on each of {plan.devices} devices" if plan.devices > 1 else ""
+    sharing = {"none": "weights and task sums whole on each device (sums all-reduced per pass)",
+               "sums": "task sums sharded 1/N (reduce-scatter per micro-batch), weights whole",
+               "params": "weights sharded with FSDP2 (one layer gathered at a time) and task sums "
+                         "sharded 1/N (reduce-scatter per micro-batch)"}[plan.shard]
     tokens = f"{plan.micro_batch_tokens:,} padded tokens"
     group = f" of {rollout.group_size} completions" if rollout else ""
     interval = {"exact": "exact intervals: a second pass for the row sums",
@@ -48,6 +52,7 @@ def _summary_lines(plan: ScanPlan) -> list[str]:
         f"{gib(plan.prompt_bytes)} of activations and logits per prompt",
         f"passes: {plan.passes} ({interval}), {plan.micro_batches} micro-batches each",
         f"task sign sums: {sums}",
+        *([f"{plan.devices} devices: {sharing}"] if plan.devices > 1 else []),
         f"peak per device: {gib(plan.peak_bytes)} of {gib(plan.usable_device_memory)} usable "
         f"({gib(plan.device_memory)} less a {margin} margin); host: {gib(plan.host_peak_bytes)} "
         f"of {gib(plan.host_memory)}",
