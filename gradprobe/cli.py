@@ -14,11 +14,11 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
@@ -301,6 +301,17 @@ def report(
     _deliver(document, "scan", checks, figures, as_json, markdown, html, plots)
 
 
+def _print_document(document: dict, as_json: bool, markdown: bool, to_markdown: Callable[[dict], str],
+                    render: Callable[[dict], Any]) -> None:
+    """A report document as JSON, markdown or a rich view, as the flags ask."""
+    if as_json:
+        print(json.dumps(document, indent=2))
+    elif markdown:
+        print(to_markdown(document), end="")
+    else:
+        stdout.print(render(document))
+
+
 def _report_track_or_weights(path: Path, tracked: Optional[dict], policy: Optional[str],
                              weights_out: Optional[Path], as_json: bool, markdown: bool) -> None:
     """`report TRACK` (its series), or `report SCAN_OR_TRACK --weights POLICY` (weights, written
@@ -308,12 +319,7 @@ def _report_track_or_weights(path: Path, tracked: Optional[dict], policy: Option
     if policy is None:
         from gradprobe.views.track_view import render_track, track_markdown
 
-        if as_json:
-            print(json.dumps(tracked, indent=2))
-        elif markdown:
-            print(track_markdown(tracked), end="")
-        else:
-            stdout.print(render_track(tracked))
+        _print_document(tracked, as_json, markdown, track_markdown, render_track)
         return
     from gradprobe.artifacts import read_scan
     from gradprobe.views.weights_view import render_weights, weights_markdown
@@ -324,12 +330,7 @@ def _report_track_or_weights(path: Path, tracked: Optional[dict], policy: Option
         written = write_weights(weights_out, document) if weights_out is not None else []
     except UserInputError as exc:
         fail(str(exc))
-    if as_json:
-        print(json.dumps(document, indent=2))
-    elif markdown:
-        print(weights_markdown(document), end="")
-    else:
-        stdout.print(render_weights(document))
+    _print_document(document, as_json, markdown, weights_markdown, render_weights)
     if written:
         stderr.print(f"wrote {', '.join(map(str, written))}", style="dim", highlight=False)
 

@@ -110,21 +110,36 @@ def register_unit_rule(*module_types: type | str) -> Callable[[Rule], Rule]:
     """Decorator: `rule(module, names, x, g, units, dtype)` gives per-unit gradients of `names`
     for modules of these types (classes, or class names for classes that live in many files)."""
 
-    def register(rule: Rule) -> Rule:
+    return _registering(UNIT_RULES, module_types)
+
+
+def _registering(table: dict, module_types: tuple[type | str, ...]) -> Callable:
+    """A decorator that enters its function in `table` under each of `module_types`."""
+
+    def register(rule: Callable) -> Callable:
         for module_type in module_types:
-            UNIT_RULES[module_type] = rule
+            table[module_type] = rule
         return rule
 
     return register
 
 
+def _registered(table: dict, module: torch.nn.Module) -> Callable | None:
+    """`table`'s entry for the module's type or a base type (classes, or class names for
+    classes that live in many files), else None."""
+    for cls in type(module).__mro__:
+        for key in (cls, cls.__name__):
+            if key in table:
+                return table[key]
+    return None
+
+
 def rule_for(module: torch.nn.Module) -> Rule | None:
     """The registered rule for the module's type (or a base type), else the generic one for leaf
     modules; None for a module with children, whose parameters no single call describes."""
-    for cls in type(module).__mro__:
-        for key in (cls, cls.__name__):
-            if key in UNIT_RULES:
-                return UNIT_RULES[key]
+    rule = _registered(UNIT_RULES, module)
+    if rule is not None:
+        return rule
     if next(module.children(), None) is None:
         return generic_rule
     return None
@@ -213,22 +228,13 @@ def register_row_dot_rule(*module_types: type | str) -> Callable[[RowDotRule], R
     local name, [units] the inner products <grad_a, target of a> of each unit's gradient with its
     target, without building the per-unit gradients (exact intervals' second pass)."""
 
-    def register(rule: RowDotRule) -> RowDotRule:
-        for module_type in module_types:
-            ROW_DOT_RULES[module_type] = rule
-        return rule
-
-    return register
+    return _registering(ROW_DOT_RULES, module_types)
 
 
 def row_dot_rule_for(module: torch.nn.Module) -> RowDotRule | None:
     """The registered row-dot rule for the module's type (or a base type), else None: the engine
     then builds the per-unit gradients with `rule_for` and takes their inner products."""
-    for cls in type(module).__mro__:
-        for key in (cls, cls.__name__):
-            if key in ROW_DOT_RULES:
-                return ROW_DOT_RULES[key]
-    return None
+    return _registered(ROW_DOT_RULES, module)
 
 
 def _rows_by_target(units: MicroBatchUnits, unit_target: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
